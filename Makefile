@@ -1,0 +1,57 @@
+# gatehouse: two commands set everything up.
+#   make run    build and start the daemon on the demo site (no hardware needed)
+#   make test   install what the tests need, then fmt, clippy and every test
+SHELL := /bin/bash
+CARGO ?= cargo
+VENV := .venv
+PY := $(VENV)/bin/python
+# Seconds of proptest-style fuzzing of the sync parser in `make test` (more by hand).
+FUZZ_SECS ?= 20
+
+.PHONY: run test deps venv fmt-check clippy cargo-test schema-check bench-access clean
+
+run:
+	$(CARGO) build --release --bin gatehouse
+	./target/release/gatehouse run --config config/demo.toml
+
+## System packages the tests need, installed only when missing (needs root for apt-get).
+deps:
+	@missing=""; \
+	command -v python3 >/dev/null || missing="$$missing python3"; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system packages:$$missing (install them, or run make test as root)"; exit 1; fi; \
+	fi
+
+## Python venv for test peers and schema checks; pinned in tests/requirements.txt.
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+cargo-test:
+	$(CARGO) test --all-targets
+
+schema-check: venv
+	$(PY) tests/schemas/check_examples.py
+
+test: deps venv fmt-check clippy cargo-test schema-check
+	@echo "make test: all checks passed"
+
+bench-access:
+	$(CARGO) run --release --bin gatehouse-bench -- access
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) var

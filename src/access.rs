@@ -1,0 +1,146 @@
+//! The access engine: the I/O edge around [`crate::policy::decide`]. It applies keypad lockout,
+//! asks the policy, and appends the decision (and a `keypad_locked_out` event when a lockout
+//! starts) to the durable event log *before* returning, so that a device is never told "open"
+//! for an event that is not on disk.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use ed25519_dalek::VerifyingKey;
+use serde_json::json;
+
+use crate::events::EventKind;
+use crate::policy::lockout::Lockouts;
+use crate::policy::{self, Context, Decision, Direction, Presented, Reason, Request, Target};
+use crate::store::{NewEvent, Store};
+
+/// One access attempt from a device.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub request: Request<'a>,
+    /// The keypad or reader the attempt came from (lockout is per keypad).
+    pub device: Option<&'a str>,
+}
+
+pub struct AccessEngine {
+    store: Arc<Store>,
+    lockouts: Mutex<Lockouts>,
+    digital_key_public: Option<VerifyingKey>,
+}
+
+impl AccessEngine {
+    pub fn new(store: Arc<Store>, digital_key_public: Option<VerifyingKey>) -> Self {
+        AccessEngine {
+            store,
+            lockouts: Mutex::new(Lockouts::default()),
+            digital_key_public,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Decides an attempt without recording it (for `gatehouse access check`).
+    pub fn evaluate(&self, req: &Request, at: DateTime<Utc>) -> Decision {
+        let site = self.store.site();
+        let ctx = Context {
+            code_key: self.store.code_key(),
+            digital_key_public: self.digital_key_public.as_ref(),
+        };
+        policy::decide(&site, &ctx, req, at)
+    }
+
+    /// Decides an attempt, records it durably, and returns the decision.
+    pub fn check(&self, attempt: &Attempt, at: DateTime<Utc>) -> anyhow::Result<Decision> {
+        let req = &attempt.request;
+        let site = self.store.site();
+        let tables = &site.tables;
+        let lockout_policy = tables.facility.wire.keypad_lockout;
+        let tz = tables.facility.tz;
+        let is_code = matches!(req.credential, Presented::Code(_));
+        let mut lockout_started = None;
+        let decision = {
+            let mut lockouts = self.lockouts.lock().unwrap_or_else(|e| e.into_inner());
+            match attempt.device {
+                Some(kp) if is_code && lockouts.locked_until(kp, at).is_some() => {
+                    Decision::denied(Reason::KeypadLockedOut)
+                }
+                _ => {
+                    let ctx = Context {
+                        code_key: self.store.code_key(),
+                        digital_key_public: self.digital_key_public.as_ref(),
+                    };
+                    let d = policy::decide(&site, &ctx, req, at);
+                    if let (true, Reason::UnknownCredential, Some(kp)) =
+                        (is_code, d.reason, attempt.device)
+                    {
+                        lockout_started = lockouts.record_failure(kp, at, lockout_policy);
+                        lockouts.prune(at, lockout_policy);
+                    }
+                    d
+                }
+            }
+        };
+        drop(site);
+        let local = at.with_timezone(&tz).to_rfc3339();
+        let (target_kind, target_id) = match req.target {
+            Target::Entry(e) => ("entry", e),
+            Target::Unit(u) => ("unit", u),
+        };
+        let mut payload = json!({
+            "reason": decision.reason,
+            "credential": req.credential.kind(),
+            target_kind: target_id,
+            "direction": match req.direction { Direction::In => "in", Direction::Out => "out" },
+            "units": decision.units,
+        });
+        let obj = payload.as_object_mut().expect("object");
+        if let Some(u) = &decision.user {
+            obj.insert("user".into(), json!(u));
+        }
+        if let Some(c) = &decision.credential_id {
+            obj.insert("credential_id".into(), json!(c));
+        }
+        if let Some(d) = attempt.device {
+            obj.insert("device".into(), json!(d));
+        }
+        // Unknown fobs and cards are worth seeing; keypad codes never leave the keypad.
+        if decision.credential_id.is_none() {
+            match req.credential {
+                Presented::Fob(f) => {
+                    obj.insert("fob".into(), json!(f));
+                }
+                Presented::Card(c) => {
+                    obj.insert("card".into(), json!(c));
+                }
+                _ => {}
+            }
+        }
+        let mut events = vec![NewEvent {
+            at,
+            local: local.clone(),
+            kind: if decision.granted {
+                EventKind::AccessGranted
+            } else {
+                EventKind::AccessDenied
+            },
+            payload,
+        }];
+        if let Some(until) = lockout_started {
+            events.push(NewEvent {
+                at,
+                local,
+                kind: EventKind::KeypadLockedOut,
+                payload: json!({
+                    "device": attempt.device,
+                    "until": until,
+                    "failures": lockout_policy.max_failures,
+                    "window_minutes": lockout_policy.window_minutes,
+                }),
+            });
+        }
+        self.store.events().append(&events)?;
+        Ok(decision)
+    }
+}

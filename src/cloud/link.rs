@@ -1,0 +1,677 @@
+//! The MQTT connection and the outbox drain.
+//!
+//! # Design (see also docs/guarantees.md)
+//!
+//! The event log *is* the outbox: records keyed by sequence number in sled ([`EventLog`]). This
+//! task reads events from the oldest unacknowledged one, publishes them at QoS 1 in order, and
+//! deletes each record only when the broker's PUBACK for it arrives. Nothing about delivery is
+//! kept anywhere else, so there is no second ledger to disagree with the log.
+//!
+//! rumqttc keeps unacknowledged QoS 1 publishes only in memory and drops them on a reconnect
+//! without a resumed session. So each connection gets a *fresh* client and event loop (clean
+//! session): rumqttc never replays anything itself, and after every (re)connection this task
+//! starts again from the oldest record still in the log. An event whose PUBACK was lost is sent
+//! again: delivery is at least once, in order of first delivery, and the cloud drops duplicates by
+//! the event's `id` (`<database epoch>-<seq>`).
+//!
+//! Mapping acknowledgements to records: rumqttc reports `Outgoing::Publish(pkid)` for each publish
+//! in the order they were requested; a FIFO of what was requested (an event's sequence number, or
+//! nothing for status and results) turns that into `pkid -> seq`, and `PubAck(pkid)` into a delete.
+//!
+//! At risk: nothing that was appended. A crash between a PUBACK and the (unflushed) delete only
+//! sends that event again. The event loop is polled by this task alone and never waits on
+//! anything else: publishing uses `try_publish`, snapshots are applied on a blocking thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::cloud::commands::{self, Effect, Outcome};
+use crate::cloud::messages::{EventMessage, SnapshotChunk, Status, SyncResult, Topics};
+use crate::cloud::mqtt::{self, Client, Ev, Loop};
+use crate::config::{CloudConfig, Transport};
+use crate::events::EventKind;
+use crate::store::{Applied, ApplyError, Store};
+use crate::sync::{self, SyncMessage};
+
+/// What the link needs to serve commands: the router to the devices and the checks' settings.
+pub struct Commands {
+    pub router: Arc<commands::Router>,
+    pub cfg: commands::CommandConfig,
+}
+
+/// Requests queued in rumqttc's channel at most; the outbox window is kept below it.
+const REQUEST_CAPACITY: usize = 1024;
+/// Largest snapshot the gateway assembles from chunks.
+const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+/// Most parts a snapshot may come in (the part table is allocated from the announced count).
+const MAX_SNAPSHOT_PARTS: u32 = 65_536;
+
+/// What the rest of the daemon sees of the link.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    pub connected: AtomicBool,
+}
+
+pub struct CloudLink {
+    cfg: CloudConfig,
+    site: String,
+    gateway: String,
+    store: Arc<Store>,
+    topics: Topics,
+    session: u64,
+    started_at: DateTime<Utc>,
+    appended: Arc<Notify>,
+    commands: Option<Arc<Commands>>,
+    pub state: Arc<LinkState>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// A publish requested from rumqttc, in order: an event (its sequence number) or anything else.
+type Requested = Option<u64>;
+
+struct Outbox {
+    /// Requested publishes not yet reported as written, in order.
+    requested: VecDeque<Requested>,
+    /// pkid -> what was written and awaits its PUBACK (an event's seq, or nothing).
+    inflight: HashMap<u16, Requested>,
+    /// The next sequence number to read from the log.
+    cursor: u64,
+    acked: Vec<u64>,
+    window: usize,
+    /// The database epoch (for event ids), read once per session.
+    epoch: String,
+}
+
+/// Snapshot parts being assembled.
+struct Assembly {
+    id: String,
+    count: u32,
+    sha256: String,
+    parts: Vec<Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl CloudLink {
+    pub fn new(
+        cfg: CloudConfig,
+        site: &str,
+        gateway: &str,
+        store: Arc<Store>,
+        session: u64,
+        commands: Option<Arc<Commands>>,
+    ) -> Self {
+        let appended = store.events().appended();
+        CloudLink {
+            topics: Topics::new(&cfg.topic_prefix, site, gateway),
+            cfg,
+            site: site.to_string(),
+            gateway: gateway.to_string(),
+            store,
+            session,
+            started_at: Utc::now(),
+            appended,
+            commands,
+            state: Arc::new(LinkState::default()),
+        }
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    fn status(&self, online: bool) -> Status {
+        Status {
+            online,
+            site: self.site.clone(),
+            gateway: self.gateway.clone(),
+            session: self.session,
+            started_at: online.then_some(self.started_at),
+            gatehouse_version: online.then(|| env!("CARGO_PKG_VERSION").to_string()),
+            site_version: online.then(|| self.store.site().version),
+            outbox: online.then(|| self.store.events().len()),
+        }
+    }
+
+    fn settings(&self) -> anyhow::Result<mqtt::Settings> {
+        let c = &self.cfg;
+        let tls = match &c.transport {
+            Transport::Tls {
+                ca_file,
+                use_system_roots,
+                cert_file,
+                key_file,
+            } => Some(super::tls::client_config(
+                ca_file.as_deref(),
+                *use_system_roots,
+                cert_file,
+                key_file,
+            )?),
+            Transport::Tcp => None,
+        };
+        Ok(mqtt::Settings {
+            protocol: c.protocol,
+            client_id: c.client_id.clone(),
+            host: c.host.clone(),
+            port: c.port,
+            keep_alive: c.keep_alive,
+            inflight: c.inflight,
+            // Large enough for snapshot chunks; commands are held to max_message_bytes by the
+            // handler, which answers `malformed` rather than losing the connection.
+            max_packet_bytes: c.max_message_bytes.max(16 << 20) * 2,
+            will: (
+                self.topics.status(),
+                serde_json::to_vec(&self.status(false))?,
+            ),
+            tls,
+        })
+    }
+
+    /// Runs until `shutdown`: connects, drains the outbox, serves commands and sync, reconnects
+    /// with capped exponential backoff and jitter.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut delay = self.cfg.reconnect_min;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let mut connected = false;
+            let end = self.session_once(&shutdown, &mut connected).await;
+            self.state.connected.store(false, Ordering::Relaxed);
+            match end {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Lost(why)) => tracing::warn!("cloud connection lost: {why}"),
+                Err(e) => tracing::warn!("cloud connection failed: {e:#}"),
+            }
+            if connected {
+                delay = self.cfg.reconnect_min;
+            }
+            let wait = jitter(delay);
+            tracing::info!(
+                broker = %format!("{}:{}", self.cfg.host, self.cfg.port),
+                retry_in_ms = wait.as_millis() as u64,
+                queued_events = self.store.events().len(),
+                "cloud unreachable: events stay queued in the outbox"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            delay = (delay * 2).min(self.cfg.reconnect_max);
+        }
+    }
+
+    async fn session_once(
+        &self,
+        shutdown: &CancellationToken,
+        connected: &mut bool,
+    ) -> anyhow::Result<SessionEnd> {
+        let (client, mut el) = mqtt::connect(&self.settings()?, REQUEST_CAPACITY);
+        // Connect: poll until the broker accepts (or refuses) us.
+        let connack = tokio::select! {
+            r = tokio::time::timeout(self.cfg.keep_alive.max(Duration::from_secs(5)), wait_connack(&mut el)) => r,
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        connack.context("no CONNACK in time")??;
+        *connected = true;
+        self.state.connected.store(true, Ordering::Relaxed);
+        // Events numbered below this were recorded before this connection: `historical`.
+        let connected_at = self.store.events().next_seq();
+        let mut out = Outbox {
+            requested: VecDeque::new(),
+            inflight: HashMap::new(),
+            cursor: 0,
+            acked: Vec::new(),
+            window: (self.cfg.inflight as usize).min(REQUEST_CAPACITY / 2),
+            epoch: self.store.epoch(),
+        };
+        let mut filters = vec![self.topics.sync_snapshot(), self.topics.sync_delta()];
+        if self.commands.is_some() {
+            filters.push(self.topics.commands_filter());
+        }
+        for t in filters {
+            client.try_subscribe(t).map_err(anyhow::Error::msg)?;
+        }
+        self.publish(
+            &client,
+            &mut out,
+            self.topics.status(),
+            true,
+            &self.status(true),
+        )?;
+        tracing::info!(
+            broker = %format!("{}:{}", self.cfg.host, self.cfg.port),
+            session = self.session,
+            queued_events = self.store.events().len(),
+            "cloud connected: draining the outbox"
+        );
+        let (sync_tx, mut sync_rx) = mpsc::channel::<SyncResult>(4);
+        // Sync documents are applied one after the other, in arrival order, on one blocking
+        // thread (deltas must not overtake each other).
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<(Vec<u8>, Option<String>)>();
+        {
+            let (store, tx) = (self.store.clone(), sync_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                for (doc, id) in job_rx {
+                    if tx.blocking_send(apply_document(&store, &doc, id)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let (cmd_tx, mut cmd_rx) = mpsc::channel::<Vec<Outcome>>(64);
+        // Commands are handled one after the other on one blocking thread: a second delivery of
+        // a command then finds the first one's result (and the devices see commands in order).
+        let (cmd_job_tx, cmd_job_rx) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+        if let Some(c) = &self.commands {
+            let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                for (name, payload) in cmd_job_rx {
+                    let o =
+                        commands::handle(&c.router, &store, &payload, &name, Utc::now(), &c.cfg);
+                    record_effects(&store, std::slice::from_ref(&o));
+                    if tx.blocking_send(vec![o]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut assembly: Option<Assembly> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            self.fill(&client, &mut out, connected_at)?;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.goodbye(&client, &mut el).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                ev = el.poll() => match ev {
+                    Ok(Ev::Written(pkid)) => {
+                        // rumqttc writes publishes in the order they were requested (it never
+                        // has to hold one back: the window stays below its in-flight limit).
+                        let Some(what) = out.requested.pop_front() else {
+                            return Ok(SessionEnd::Lost("publish written that was not requested".into()));
+                        };
+                        if out.inflight.insert(pkid, what).is_some() {
+                            return Ok(SessionEnd::Lost(format!("packet id {pkid} reused while in flight")));
+                        }
+                    }
+                    Ok(Ev::PubAck(pkid)) => {
+                        if let Some(Some(seq)) = out.inflight.remove(&pkid) {
+                            out.acked.push(seq);
+                        }
+                    }
+                    Ok(Ev::Message { topic, payload }) => {
+                        self.incoming(&client, &mut out, &topic, payload, &mut assembly, &job_tx, &cmd_job_tx)?;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ok(SessionEnd::Lost(e)),
+                },
+                Some(result) = sync_rx.recv() => {
+                    self.publish(&client, &mut out, self.topics.sync_result(), false, &result)?;
+                }
+                Some(outcomes) = cmd_rx.recv() => {
+                    for o in outcomes {
+                        if o.effects.iter().any(|e| matches!(e, Effect::Resync)) {
+                            // The cloud asked: say where the site stands.
+                            self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
+                        }
+                        let topic = self.topics.command_result(&o.result.name);
+                        self.publish(&client, &mut out, topic, false, &o.result)?;
+                    }
+                }
+                _ = self.appended.notified() => {}
+                _ = tick.tick() => {
+                    let now = Utc::now();
+                    if let Some(c) = &self.commands {
+                        let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let expired = commands::handle_expire(&c.router, &store, now);
+                            record_effects(&store, &expired);
+                            if let Err(e) = store.commands().prune(now) {
+                                tracing::warn!("pruning command ids: {e:#}");
+                            }
+                            if !expired.is_empty() {
+                                let _ = tx.blocking_send(expired);
+                            }
+                        });
+                    }
+                }
+            }
+            // Deletes go in batches (a quarter of the window), and whenever the link is idle.
+            if !out.acked.is_empty()
+                && (out.acked.len() >= out.window.div_ceil(4) || out.inflight.is_empty())
+            {
+                self.store.events().remove_delivered(&out.acked)?;
+                out.acked.clear();
+            }
+        }
+    }
+
+    /// Publishes more events while the window allows.
+    fn fill(&self, client: &Client, out: &mut Outbox, connected_at: u64) -> anyhow::Result<()> {
+        // Refill in batches, when at least a quarter of the window is free: one read of the log
+        // per batch rather than per acknowledgement.
+        let busy = out.requested.len() + out.inflight.len();
+        if busy >= out.window || (busy > 0 && out.window - busy < out.window.div_ceil(4)) {
+            return Ok(());
+        }
+        let records = self
+            .store
+            .events()
+            .read_raw_from(out.cursor, out.window - busy)?;
+        let epoch = &out.epoch;
+        for (seq, stored) in records {
+            // The stored record is an `Event` object; the message is the same object with the
+            // event's `id` and `historical` added (no parse, no re-serialisation).
+            let bytes = event_message(epoch, seq, seq < connected_at, &stored);
+            match client.try_publish(self.topics.events(), false, bytes) {
+                Ok(()) => {
+                    out.requested.push_back(Some(seq));
+                    out.cursor = seq + 1;
+                }
+                // rumqttc's queue is full: try again on the next turn.
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn publish<T: serde::Serialize>(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        topic: String,
+        retain: bool,
+        msg: &T,
+    ) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(msg)?;
+        client
+            .try_publish(topic, retain, bytes)
+            .map_err(|e| anyhow::anyhow!("publishing: {e}"))?;
+        out.requested.push_back(None);
+        Ok(())
+    }
+
+    /// A clean goodbye: `offline` retained (the will is not sent on a clean disconnect).
+    async fn goodbye(&self, client: &Client, el: &mut Loop) {
+        let offline = serde_json::to_vec(&self.status(false)).unwrap_or_default();
+        let _ = client.try_publish(self.topics.status(), true, offline);
+        client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match el.poll().await {
+                    Ok(Ev::Disconnected) | Err(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn incoming(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        topic: &str,
+        payload: Vec<u8>,
+        assembly: &mut Option<Assembly>,
+        sync_jobs: &std::sync::mpsc::Sender<(Vec<u8>, Option<String>)>,
+        cmd_jobs: &std::sync::mpsc::Sender<(String, Vec<u8>)>,
+    ) -> anyhow::Result<()> {
+        if let Some(name) = self.topics.command_name(topic) {
+            match &self.commands {
+                Some(_) => {
+                    let _ = cmd_jobs.send((name.to_string(), payload));
+                }
+                None => tracing::debug!(topic, "command ignored: no command router"),
+            }
+        } else if topic == self.topics.sync_delta() {
+            let _ = sync_jobs.send((payload, None));
+        } else if topic == self.topics.sync_snapshot() {
+            match add_chunk(assembly, &payload) {
+                Ok(Some((id, doc))) => {
+                    let _ = sync_jobs.send((doc, Some(id)));
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    let r = SyncResult {
+                        status: "refused".into(),
+                        kind: Some("snapshot".into()),
+                        id: None,
+                        version: None,
+                        current_version: self.store.site().version,
+                        reason: Some(reason),
+                    };
+                    self.publish(client, out, self.topics.sync_result(), false, &r)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An [`EventMessage`] from a stored event record: `{"id":…,"historical":…,` followed by the
+/// record's own fields. A record that is not a JSON object (corrupt) is sent wrapped, so that the
+/// cloud still sees its sequence number and can report it.
+fn event_message(epoch: &str, seq: u64, historical: bool, stored: &[u8]) -> Vec<u8> {
+    let id = format!("{epoch}-{seq}");
+    match stored.strip_prefix(b"{") {
+        Some(rest) if rest.len() > 1 => {
+            let mut v = Vec::with_capacity(stored.len() + id.len() + 32);
+            v.extend_from_slice(b"{\"id\":\"");
+            v.extend_from_slice(id.as_bytes());
+            v.extend_from_slice(b"\",\"historical\":");
+            v.extend_from_slice(if historical { b"true," } else { b"false," });
+            v.extend_from_slice(rest);
+            v
+        }
+        _ => serde_json::to_vec(&EventMessage {
+            id,
+            seq,
+            kind: "corrupt_record".into(),
+            at: Utc::now(),
+            local: String::new(),
+            historical,
+            payload: json!({"bytes": stored.len()}),
+        })
+        .unwrap_or_default(),
+    }
+}
+
+async fn wait_connack(el: &mut Loop) -> anyhow::Result<()> {
+    loop {
+        match el.poll().await.map_err(anyhow::Error::msg)? {
+            Ev::ConnAck(Ok(())) => return Ok(()),
+            Ev::ConnAck(Err(code)) => anyhow::bail!("broker refused the connection: {code}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Between 50 % and 100 % of `d`, so that gateways cut off together do not return together.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    let frac = 0.5 + (u16::from_le_bytes(b) as f64 / u16::MAX as f64) / 2.0;
+    d.mul_f64(frac)
+}
+
+/// Adds a snapshot part. Returns the whole document when the last part arrives.
+fn add_chunk(
+    assembly: &mut Option<Assembly>,
+    payload: &[u8],
+) -> Result<Option<(String, Vec<u8>)>, String> {
+    let chunk: SnapshotChunk =
+        serde_json::from_slice(payload).map_err(|e| format!("snapshot part is not valid: {e}"))?;
+    if chunk.count > MAX_SNAPSHOT_PARTS {
+        return Err(format!(
+            "snapshot announces {} parts (at most {MAX_SNAPSHOT_PARTS})",
+            chunk.count
+        ));
+    }
+    if chunk.count == 0 || chunk.index >= chunk.count {
+        return Err(format!(
+            "snapshot part {} of {} is out of range",
+            chunk.index, chunk.count
+        ));
+    }
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(&chunk.data)
+        .map_err(|_| "snapshot part data is not base64".to_string())?;
+    let fresh = match assembly {
+        Some(a) => a.id != chunk.id || a.count != chunk.count || a.sha256 != chunk.sha256,
+        None => true,
+    };
+    if fresh {
+        // A part of another transfer replaces an unfinished one.
+        *assembly = Some(Assembly {
+            id: chunk.id.clone(),
+            count: chunk.count,
+            sha256: chunk.sha256.to_lowercase(),
+            parts: vec![None; chunk.count as usize],
+            bytes: 0,
+        });
+    }
+    let a = assembly.as_mut().expect("set above");
+    if a.parts[chunk.index as usize].is_none() {
+        a.bytes += data.len();
+        if a.bytes > MAX_SNAPSHOT_BYTES {
+            *assembly = None;
+            return Err("snapshot exceeds 1 GiB".into());
+        }
+        a.parts[chunk.index as usize] = Some(data);
+    }
+    if a.parts.iter().any(Option::is_none) {
+        return Ok(None);
+    }
+    let a = assembly.take().expect("complete");
+    let doc: Vec<u8> = a.parts.into_iter().flatten().flatten().collect();
+    let digest = hex::encode(Sha256::digest(&doc));
+    if digest != a.sha256 {
+        return Err(format!(
+            "snapshot `{}` does not match its sha256 (got {digest})",
+            a.id
+        ));
+    }
+    Ok(Some((a.id, doc)))
+}
+
+/// Records what commands did: unlocks, override unlocks, install mode, refusals.
+fn record_effects(store: &Store, outcomes: &[Outcome]) {
+    for o in outcomes {
+        let mut events: Vec<(EventKind, serde_json::Value)> = Vec::new();
+        for e in &o.effects {
+            match e {
+                Effect::RemoteUnlock(u) => events.push((EventKind::RemoteUnlock, json!(u))),
+                Effect::OverrideUnlock { unlock, emergency } => {
+                    let mut v = json!(unlock);
+                    v["emergency"] = json!(emergency);
+                    events.push((EventKind::OverrideUnlock, v));
+                }
+                Effect::InstallMode { until } => events.push((
+                    EventKind::InstallModeRequested,
+                    json!({"command_id": o.result.id, "until": until, "active": until.is_some()}),
+                )),
+                Effect::Resync => {}
+            }
+        }
+        if !o.duplicate && matches!(o.result.status.as_str(), "refused" | "malformed") {
+            events.push((EventKind::CommandRefused, json!(o.result)));
+        }
+        for (kind, payload) in events {
+            if let Err(e) = crate::daemon::record(store, kind, payload) {
+                tracing::error!("recording a command outcome: {e:#}");
+            }
+        }
+    }
+}
+
+/// Parses and applies a snapshot or delta; records the outcome as an event; says what happened.
+pub fn apply_document(store: &Store, doc: &[u8], id: Option<String>) -> SyncResult {
+    let record = |kind: EventKind, payload: serde_json::Value| {
+        if let Err(e) = crate::daemon::record(store, kind, payload) {
+            tracing::error!("recording a sync outcome: {e:#}");
+        }
+    };
+    let msg = match sync::parse(doc) {
+        Ok(m) => m,
+        Err(e) => {
+            record(
+                EventKind::SyncRefused,
+                json!({"reason": e.to_string(), "source": "mqtt"}),
+            );
+            return SyncResult {
+                status: "refused".into(),
+                kind: None,
+                id,
+                version: None,
+                current_version: store.site().version,
+                reason: Some(e.to_string()),
+            };
+        }
+    };
+    let kind = match &msg {
+        SyncMessage::Snapshot(_) => "snapshot",
+        SyncMessage::Delta(_) => "delta",
+    };
+    let result = store.apply(&msg);
+    let current_version = store.site().version;
+    match result {
+        Ok(Applied {
+            version,
+            previous_version,
+            ..
+        }) => {
+            record(
+                EventKind::SyncApplied,
+                json!({"kind": kind, "version": version, "previous_version": previous_version, "source": "mqtt"}),
+            );
+            tracing::info!(kind, version, "sync applied");
+            SyncResult {
+                status: "applied".into(),
+                kind: Some(kind.into()),
+                id,
+                version: Some(version),
+                current_version,
+                reason: None,
+            }
+        }
+        Err(e) => {
+            let status = if e.is_resync_needed() {
+                "resync_needed"
+            } else {
+                "refused"
+            };
+            record(
+                EventKind::SyncRefused,
+                json!({"kind": kind, "version": msg.version(), "reason": e.to_string(), "source": "mqtt"}),
+            );
+            tracing::warn!(kind, version = msg.version(), "sync refused: {e}");
+            let _: &ApplyError = &e;
+            SyncResult {
+                status: status.into(),
+                kind: Some(kind.into()),
+                id,
+                version: Some(msg.version()),
+                current_version,
+                reason: Some(e.to_string()),
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The MQTT messages between the gateway and the cloud, as JSON. `docs/mqtt-api.md` and
+//! `docs/schemas/mqtt-*.schema.json` describe the same shapes for the cloud team; keep the three
+//! in step. Topics are under `<prefix>/<site>/<gateway>/` (see [`Topics`]).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Topic names for one gateway.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, site: &str, gateway: &str) -> Self {
+        Topics {
+            base: format!("{prefix}/{site}/{gateway}"),
+        }
+    }
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+    /// Retained; also the last will.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+    pub fn events(&self) -> String {
+        format!("{}/events", self.base)
+    }
+    pub fn device_state(&self, device: &str) -> String {
+        format!("{}/devices/{device}/state", self.base)
+    }
+    pub fn sync_snapshot(&self) -> String {
+        format!("{}/sync/snapshot", self.base)
+    }
+    pub fn sync_delta(&self) -> String {
+        format!("{}/sync/delta", self.base)
+    }
+    pub fn sync_result(&self) -> String {
+        format!("{}/sync/result", self.base)
+    }
+    /// Subscription filter for every command.
+    pub fn commands_filter(&self) -> String {
+        format!("{}/cmd/+", self.base)
+    }
+    pub fn command_result(&self, name: &str) -> String {
+        format!("{}/cmd/{name}/result", self.base)
+    }
+    /// The command name of a `.../cmd/<name>` topic.
+    pub fn command_name<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic.strip_prefix(&self.base)?.strip_prefix("/cmd/")?;
+        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+    }
+}
+
+/// `status`, retained. The last will is the same shape with `online: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub online: bool,
+    pub site: String,
+    pub gateway: String,
+    /// Increases by one at every daemon start, persisted (a late will of an older session can be
+    /// told apart from the current one).
+    pub session: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gatehouse_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub site_version: Option<u64>,
+    /// Events waiting in the outbox when this status was published.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub outbox: Option<u64>,
+}
+
+/// One event on `events` (QoS 1). At least once, in order; drop duplicates by `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventMessage {
+    /// Unique for this gateway's database forever: `<database epoch>-<seq>`.
+    pub id: String,
+    pub seq: u64,
+    pub kind: String,
+    /// When it happened on site (UTC), whenever it is delivered.
+    pub at: DateTime<Utc>,
+    /// The same instant in the facility's time zone.
+    pub local: String,
+    /// True when delivered late: recorded before the current connection came up.
+    pub historical: bool,
+    pub payload: serde_json::Value,
+}
+
+/// One part of a snapshot on `sync/snapshot`. A snapshot of any size is sent as `count` parts
+/// with the same `id`, each carrying a slice of the snapshot's JSON bytes in `data` (base64).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotChunk {
+    pub id: String,
+    pub index: u32,
+    pub count: u32,
+    /// Hex SHA-256 of the whole snapshot document (all parts joined).
+    pub sha256: String,
+    /// Standard base64 of this part's bytes.
+    pub data: String,
+}
+
+/// `sync/result`: what happened to a snapshot or delta.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResult {
+    /// `applied`, `resync_needed` or `refused`.
+    pub status: String,
+    /// `snapshot` or `delta` (absent when the document could not be read).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind: Option<String>,
+    /// The snapshot transfer id, for snapshots.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<String>,
+    /// The version the document carried, when readable.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<u64>,
+    /// The site's version after this message.
+    pub current_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// A signed command on `cmd/<name>`: `payload` is base64url (no padding) of the command's JSON
+/// ([`Command`]); `signature` is base64url Ed25519 over `"gatehouse-command-v1\0" || payload
+/// bytes`. The bytes signed are exactly the bytes carried: no canonical JSON is needed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedCommand {
+    pub payload: String,
+    pub signature: String,
+}
+
+pub const COMMAND_CONTEXT: &[u8] = b"gatehouse-command-v1\0";
+
+/// What a command asks, inside the signed payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub v: u32,
+    /// Unique per command; results echo it; replays of it are refused.
+    pub id: String,
+    /// Must equal the `<name>` of the topic.
+    pub name: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    #[serde(default)]
+    pub target: Option<CommandTarget>,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// Exactly one of `unit`, `entry`, `device` (+ `channel` for a relay output).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandTarget {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entry: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub channel: Option<u16>,
+}
+
+/// `cmd/<name>/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandResult {
+    /// The command's id; absent only for a `malformed` command whose id could not be read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<String>,
+    pub name: String,
+    /// `done`, `queued`, `refused`, `failed`, `expired` or `malformed`.
+    pub status: String,
+    /// Why, for `refused`, `failed`, `expired`, `malformed` (a stable snake_case word).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// Free-form details (e.g. a device's error text).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    pub at: DateTime<Utc>,
+}

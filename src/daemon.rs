@@ -1,0 +1,245 @@
+//! `gatehouse run`: opens the site database, imports the initial snapshot when the database has
+//! none, and runs until SIGTERM or SIGINT. Shutdown is a value: one `CancellationToken` goes to
+//! every task, a `TaskTracker` waits for them within the configured deadline, and the store is
+//! flushed last.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access::{AccessEngine, Attempt};
+use crate::config::Config;
+use crate::events::EventKind;
+use crate::policy::{Direction, Presented, Request, Target};
+use crate::store::{NewEvent, Store};
+
+/// Opens the store and brings it to a usable state (initial snapshot when empty).
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
+    let store = Store::open_with(&cfg.data_dir, cfg.log_limits)?;
+    if !store.has_snapshot() {
+        match &cfg.initial_snapshot {
+            Some(path) => {
+                let applied = crate::cli::import_file(&store, path)?;
+                tracing::info!(
+                    file = %path.display(),
+                    version = applied.version,
+                    "imported the initial snapshot"
+                );
+            }
+            None => tracing::warn!(
+                "the site database has no snapshot yet: every access is refused until the cloud \
+                 sends one (or set access.initial_snapshot)"
+            ),
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+/// Appends an event stamped now, in the facility's time zone.
+pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> anyhow::Result<u64> {
+    let at = Utc::now();
+    let tz = store.site().tables.facility.tz;
+    let seqs = store.events().append(&[NewEvent {
+        at,
+        local: at.with_timezone(&tz).to_rfc3339(),
+        kind,
+        payload,
+    }])?;
+    Ok(seqs[0])
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let store = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_store(&cfg)).await??
+    };
+    let stats = store.stats();
+    tracing::info!(
+        site = %cfg.site_id,
+        gateway = %cfg.gateway_id,
+        data_dir = %cfg.data_dir.display(),
+        version = stats.version,
+        units = stats.counts.units,
+        users = stats.counts.users,
+        credentials = stats.counts.credentials,
+        entries = stats.counts.entries,
+        events = stats.events,
+        "site database open"
+    );
+    let seq = record(
+        &store,
+        EventKind::GatewayStarted,
+        json!({"gatehouse": env!("CARGO_PKG_VERSION"), "site_version": stats.version}),
+    )?;
+    tracing::info!(seq, "recorded gateway_started");
+
+    let engine = Arc::new(AccessEngine::new(store.clone(), cfg.digital_key_public));
+    run_demo_attempts(&engine, &cfg);
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    // Each task gets a child token and is tracked; device drivers join here as they arrive.
+    match &cfg.cloud {
+        Some(cloud) => {
+            let session = store.next_session()?;
+            let link = crate::cloud::link::CloudLink::new(
+                cloud.clone(),
+                &cfg.site_id,
+                &cfg.gateway_id,
+                store.clone(),
+                session,
+                Some(Arc::new(command_router(&cfg, cloud, &store))),
+            );
+            tracing::info!(
+                session,
+                broker = %format!("{}:{}", cloud.host, cloud.port),
+                topics = %link.topics().base(),
+                "starting the cloud link"
+            );
+            tracker.spawn(link.run(shutdown.child_token()));
+        }
+        None => tracing::warn!(
+            "no [cloud] section: events are kept in the outbox until a cloud link is configured"
+        ),
+    }
+    // Housekeeping, whether or not a cloud link runs: the event log's age bound.
+    {
+        let (store, stop) = (store.clone(), shutdown.child_token());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let now = Utc::now();
+                    let local = now
+                        .with_timezone(&store.site().tables.facility.tz)
+                        .to_rfc3339();
+                    if let Err(e) = store.events().trim(now, &local) {
+                        tracing::warn!("trimming the event log: {e:#}");
+                    }
+                })
+                .await;
+            }
+        });
+    }
+    tracker.close();
+    tracing::info!("running; waiting for SIGTERM or SIGINT");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_s = cfg.drain_timeout.as_secs(),
+            "tasks did not stop in time; flushing anyway"
+        );
+    }
+    record(&store, EventKind::GatewayStopped, json!({}))?;
+    store.flush().context("final flush")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The command router: simulated devices for the demo, otherwise none until drivers exist.
+fn command_router(
+    cfg: &Config,
+    cloud: &crate::config::CloudConfig,
+    store: &Store,
+) -> crate::cloud::link::Commands {
+    use crate::cloud::commands::{
+        CommandConfig, NoDevices, Relays, Router, SimulatedRelays, SimulatedUnits, UnitControllers,
+    };
+    let (units, relays): (Arc<dyn UnitControllers>, Arc<dyn Relays>) = if cfg.simulate_devices {
+        let site = store.site();
+        let t = &site.tables;
+        let controllers: Vec<String> = t
+            .units
+            .values()
+            .filter_map(|u| u.controller.clone())
+            .collect();
+        let relay_devices: Vec<String> = t
+            .entries
+            .values()
+            .filter_map(|e| e.relay.as_ref().map(|r| r.device.clone()))
+            .collect();
+        tracing::info!(
+            controllers = controllers.len(),
+            relays = relay_devices.len(),
+            "commands reach simulated devices (demo.simulate_devices)"
+        );
+        (
+            Arc::new(SimulatedUnits::new(controllers)),
+            Arc::new(SimulatedRelays::new(relay_devices)),
+        )
+    } else {
+        (Arc::new(NoDevices), Arc::new(NoDevices))
+    };
+    crate::cloud::link::Commands {
+        router: Arc::new(Router::new(units, relays)),
+        cfg: CommandConfig {
+            public: cloud.command_public,
+            max_skew: chrono::Duration::from_std(cloud.command_max_skew)
+                .unwrap_or(chrono::Duration::seconds(30)),
+            max_bytes: cloud.max_message_bytes,
+        },
+    }
+}
+
+fn run_demo_attempts(engine: &AccessEngine, cfg: &Config) {
+    for a in &cfg.demo_attempts {
+        let credential = match (&a.code, &a.fob) {
+            (Some(c), _) => Presented::Code(c),
+            (_, Some(f)) => Presented::Fob(f),
+            _ => continue,
+        };
+        let target = match (&a.entry, &a.unit) {
+            (Some(e), _) => Target::Entry(e),
+            (_, Some(u)) => Target::Unit(u),
+            _ => continue,
+        };
+        let attempt = Attempt {
+            request: Request {
+                credential,
+                target,
+                direction: if a.exit {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+            },
+            device: a.keypad.as_deref(),
+        };
+        match engine.check(&attempt, Utc::now()) {
+            Ok(d) => tracing::info!(
+                credential = credential.kind(),
+                target = ?target,
+                granted = d.granted,
+                reason = %d.reason,
+                user = d.user.as_deref().unwrap_or("-"),
+                "demo attempt decided and recorded"
+            ),
+            Err(e) => tracing::error!("demo attempt failed: {e:#}"),
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

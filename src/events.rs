@@ -1,0 +1,71 @@
+//! The kinds of event the gateway records. Names are stable snake_case strings (the cloud keys
+//! on them); docs/events.md lists each with its payload.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The daemon started (payload: version, site version).
+    GatewayStarted,
+    /// The daemon stopped cleanly.
+    GatewayStopped,
+    AccessGranted,
+    AccessDenied,
+    /// A keypad refused codes after too many invalid ones (raised once per lockout).
+    KeypadLockedOut,
+    /// A snapshot or delta was applied.
+    SyncApplied,
+    /// A snapshot or delta was refused (payload: reason).
+    SyncRefused,
+    /// The event log was over its bounds: the oldest non-security events were dropped
+    /// (payload: how many, which sequence numbers).
+    OutboxOverflow,
+    /// A remote unlock from the cloud was carried out, failed, or was refused at the device.
+    RemoteUnlock,
+    /// An emergency unlock override (with its reason from the fixed list).
+    OverrideUnlock,
+    /// A command from the cloud was refused or malformed (payload: the result).
+    CommandRefused,
+    /// Install (pairing) mode was started or stopped from the cloud.
+    InstallModeRequested,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::GatewayStarted => "gateway_started",
+            EventKind::GatewayStopped => "gateway_stopped",
+            EventKind::AccessGranted => "access_granted",
+            EventKind::AccessDenied => "access_denied",
+            EventKind::KeypadLockedOut => "keypad_locked_out",
+            EventKind::SyncApplied => "sync_applied",
+            EventKind::SyncRefused => "sync_refused",
+            EventKind::OutboxOverflow => "outbox_overflow",
+            EventKind::RemoteUnlock => "remote_unlock",
+            EventKind::OverrideUnlock => "override_unlock",
+            EventKind::CommandRefused => "command_refused",
+            EventKind::InstallModeRequested => "install_mode_requested",
+        }
+    }
+
+    pub fn is_security(self) -> bool {
+        is_security_kind(self.as_str())
+    }
+}
+
+/// Security events are kept in the outbox even when it is over its bounds: refusals, lockouts,
+/// forced entry, override unlocks, tamper, and the record of what was dropped.
+pub fn is_security_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "access_denied"
+            | "keypad_locked_out"
+            | "forced_entry"
+            | "door_forced"
+            | "override_unlock"
+            | "tamper"
+            | "outbox_overflow"
+            | "command_refused"
+    )
+}

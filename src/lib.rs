@@ -1,0 +1,14 @@
+//! gatehouse: the site gateway of a self-storage facility. See ARCHITECTURE.md for the map.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod cli;
+pub mod cloud;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod policy;
+pub mod site;
+pub mod store;
+pub mod sync;

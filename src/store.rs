@@ -1,0 +1,1034 @@
+//! The site database. This module is the only one that touches sled.
+//!
+//! # Layout (tree `site`)
+//!
+//! ```text
+//! meta                      JSON Meta {format, gen, version, deltas, delta_bytes}
+//! g <gen:u64be> b           JSON snapshot of the small tables (no credentials)
+//! g <gen:u64be> c <n:u32be> postcard Vec<StoredGroup>: credentials grouped by user,
+//!                           at most CHUNK credentials per chunk
+//! g <gen:u64be> d <v:u64be> JSON delta (codes already hashed) applied on top, in version order
+//! ```
+//!
+//! A *generation* is one full copy of the site. A snapshot is written as a new generation next
+//! to the current one, flushed, and then made current by one atomic write of `meta`; the old
+//! generation is deleted afterwards. A process killed at any point reopens on the old or the new
+//! generation, never a mix; keys of a generation that `meta` does not name are garbage and are
+//! removed at open. A delta is one atomic batch (its record plus `meta`). When the delta log of
+//! a generation grows past [`COMPACT_DELTAS`] records, the site is rewritten as a new generation.
+//!
+//! Why chunks and not a key per record: sled at one key per credential took 40 s and 4.5 GB to
+//! import a million credentials and 2.7 s to scan them back; chunks of postcard take well under
+//! a second each way (see ARCHITECTURE.md).
+//!
+//! In memory the current [`Site`] sits behind a `RwLock`: a decision holds the read lock for its
+//! few microseconds; a writer checks and persists without it, then takes the write lock only to
+//! swap (snapshot) or commit (delta). Readers therefore see the old site or the new, never a mix.
+//!
+//! # Event log (tree `events`)
+//!
+//! `<seq:u64be>` → JSON [`Event`]. Sequence numbers increase by one per event and are never
+//! reused (the next number is recovered from the last key at open). [`EventLog::append`] flushes
+//! before it returns: an event is on disk before its effect is reported. The log is bounded by
+//! a count; the oldest events go first.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::events::EventKind;
+use crate::site::{
+    CodeKey, Counts, CredTable, LoadedGroup, PreparedDelta, Site, SiteError, StoredGroup,
+    stored_chunks,
+};
+use crate::sync::{self, SyncMessage};
+
+/// Credentials per stored chunk.
+const CHUNK: usize = 16_384;
+/// Deltas kept on top of a generation before it is rewritten.
+pub const COMPACT_DELTAS: u64 = 512;
+/// Chunks the loader may decode ahead of indexing (bounds memory at open).
+const LOAD_AHEAD: usize = 12;
+/// Version of the on-disk layout above.
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    gen_: u64,
+    version: u64,
+    deltas: u64,
+    /// Credentials in the generation's chunks (sizes the index at load).
+    #[serde(default)]
+    credentials: u64,
+}
+
+/// What an applied sync message did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub kind: &'static str,
+    pub version: u64,
+    pub previous_version: u64,
+    pub compacted: bool,
+}
+
+/// Why a sync message was not applied. In every case the database is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Site(#[from] SiteError),
+    /// The disk failed. The message was not applied; the daemon keeps the old data.
+    #[error("storage: {0:#}")]
+    Storage(anyhow::Error),
+}
+
+impl ApplyError {
+    pub fn is_resync_needed(&self) -> bool {
+        matches!(self, ApplyError::Site(SiteError::ResyncNeeded { .. }))
+    }
+}
+
+/// The site database: the current site in memory, its copy in sled, and the event log.
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    tree: sled::Tree,
+    key: CodeKey,
+    site: RwLock<Site>,
+    meta: Mutex<Option<Meta>>,
+    events: EventLog,
+    /// Keys of unfinished generations removed by this open (a killed snapshot import).
+    recovered_keys: usize,
+    /// Gateway state: database epoch, session counter (tree `state`).
+    state: sled::Tree,
+    commands: CommandLog,
+}
+
+fn gen_prefix(g: u64) -> Vec<u8> {
+    let mut k = vec![b'g'];
+    k.extend_from_slice(&g.to_be_bytes());
+    k
+}
+
+fn gen_key(g: u64, tag: u8, n: &[u8]) -> Vec<u8> {
+    let mut k = gen_prefix(g);
+    k.push(tag);
+    k.extend_from_slice(n);
+    k
+}
+
+/// Reads or creates the code key file, refusing one that others can read.
+fn load_code_key(path: &Path) -> anyhow::Result<CodeKey> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                bail!(
+                    "secret file `{}` has mode {mode:04o}; it must be readable by its owner only \
+                     (chmod 600 `{}`)",
+                    path.display(),
+                    path.display()
+                );
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading `{}`", path.display()))?;
+            let bytes = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .with_context(|| format!("`{}` does not hold 64 hex digits", path.display()))?;
+            Ok(CodeKey::from_bytes(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::getrandom(&mut key)
+                .map_err(|e| anyhow::anyhow!("no randomness for the code key: {e}"))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating `{}`", path.display()))?;
+            writeln!(f, "{}", hex::encode(key))?;
+            f.sync_all()?;
+            Ok(CodeKey::from_bytes(key))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading `{}`", path.display())),
+    }
+}
+
+fn empty_site() -> Site {
+    let s = sync::Snapshot {
+        schema_version: sync::SCHEMA_VERSION,
+        kind: sync::SnapshotKind::Snapshot,
+        version: 0,
+        code_key_id: None,
+        facility: sync::Facility {
+            name: None,
+            time_zone: "UTC".into(),
+            default_schedule: None,
+            grace_period_minutes: 0,
+            restrict_overlocked_entry: false,
+            use_blacklist: false,
+            fob_schedule_enabled: false,
+            fob_schedule: None,
+            offline_key_expiration_minutes: 0,
+            keypad_lockout: Default::default(),
+            temporary_code_enabled: false,
+            temporary_code_secret: None,
+        },
+        zones: vec![],
+        schedules: vec![],
+        entries: vec![],
+        units: vec![],
+        users: vec![],
+        credentials: vec![],
+        shares: vec![],
+        transfers: vec![],
+        blacklist: vec![],
+    };
+    Site::from_snapshot(&s, &CodeKey::from_bytes([0; 32])).expect("the empty site is valid")
+}
+
+/// Figures from [`Store::stats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub version: u64,
+    pub has_snapshot: bool,
+    pub generation: u64,
+    pub deltas_since_snapshot: u64,
+    pub counts: Counts,
+    pub events: u64,
+    pub first_event_seq: Option<u64>,
+    pub last_event_seq: Option<u64>,
+    pub size_on_disk_bytes: u64,
+    pub code_key_id: String,
+    /// Keys of an unfinished snapshot import removed when the database was opened.
+    pub recovered_keys_at_open: usize,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`: `dir/db` for sled, `dir/code.key` for the
+    /// keypad-code hashing key (created 0600 on first use).
+    pub fn open(dir: &Path, max_events: u64) -> anyhow::Result<Store> {
+        Store::open_with(dir, LogLimits::with_max_events(max_events))
+    }
+
+    /// [`Store::open`] with all the event log's bounds.
+    pub fn open_with(dir: &Path, limits: LogLimits) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory `{}`", dir.display()))?;
+        let key = load_code_key(&dir.join("code.key"))?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| {
+                // sled reports a held lock as an I/O error whose text says so.
+                if e.to_string().contains("could not acquire lock") {
+                    anyhow::anyhow!(
+                        "database `{}` is in use by another process (is the daemon running?)",
+                        dir.display()
+                    )
+                } else {
+                    anyhow::Error::new(e)
+                        .context(format!("opening database `{}`", dir.join("db").display()))
+                }
+            })?;
+        let tree = db.open_tree("site")?;
+        let events = EventLog::open(db.open_tree("events")?, limits)?;
+        let state = db.open_tree("state")?;
+        if state.get("epoch")?.is_none() {
+            let mut e = [0u8; 8];
+            getrandom::getrandom(&mut e).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            state.insert("epoch", hex::encode(e).as_bytes())?;
+            state.flush()?;
+        }
+        let commands = CommandLog {
+            tree: db.open_tree("commands")?,
+        };
+        let meta: Option<Meta> = match tree.get("meta")? {
+            Some(b) => Some(serde_json::from_slice(&b).context("database meta record is corrupt")?),
+            None => None,
+        };
+        if let Some(m) = &meta
+            && m.format != FORMAT
+        {
+            bail!(
+                "database `{}` has layout {} (this gatehouse reads {FORMAT}); export it with the \
+                 version that wrote it, or delete it and resync",
+                dir.display(),
+                m.format
+            );
+        }
+        // Remove any generation that meta does not name: left by a snapshot import that was
+        // killed, or by a clean-up that did not finish.
+        let current = meta.as_ref().map(|m| m.gen_);
+        let mut n_garbage = 0usize;
+        let mut from = gen_prefix(0);
+        // Visit one key per generation, skipping over the current one (reading its values
+        // would cost as much as loading it); remove any other generation whole.
+        while let Some((k, _)) = tree.range(from.clone()..).next().transpose()? {
+            let Some(g) = k
+                .get(1..9)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+            else {
+                break;
+            };
+            if k[0] != b'g' {
+                break;
+            }
+            if Some(g) != current {
+                let mut garbage = sled::Batch::default();
+                for k in tree.scan_prefix(gen_prefix(g)).keys() {
+                    garbage.remove(k?);
+                    n_garbage += 1;
+                }
+                tree.apply_batch(garbage)?;
+            }
+            match g.checked_add(1) {
+                Some(next) => from = gen_prefix(next),
+                None => break,
+            }
+        }
+        if n_garbage > 0 {
+            db.flush()?;
+            tracing::info!(keys = n_garbage, "removed an unfinished generation");
+        }
+        let store = Store {
+            dir: dir.to_path_buf(),
+            site: RwLock::new(empty_site()),
+            meta: Mutex::new(meta.clone()),
+            db,
+            tree,
+            key,
+            events,
+            recovered_keys: n_garbage,
+            state,
+            commands,
+        };
+        if let Some(m) = meta {
+            let started = Instant::now();
+            let site = store
+                .load_generation(&m)
+                .with_context(|| format!("loading the site from `{}`", dir.display()))?;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "site loaded"
+            );
+            *store.site.write().unwrap_or_else(|e| e.into_inner()) = site;
+        }
+        Ok(store)
+    }
+
+    fn load_generation(&self, m: &Meta) -> anyhow::Result<Site> {
+        // A loader thread reads, decodes and hashes the credential chunks (which needs no
+        // tables) while this thread parses the small tables; then this thread inserts.
+        let mut creds = CredTable::with_capacity(m.credentials as usize);
+        let (tree, prefix, hasher) = (
+            self.tree.clone(),
+            gen_key(m.gen_, b'c', &[]),
+            creds.hasher(),
+        );
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Result<Vec<LoadedGroup>, String>>(LOAD_AHEAD);
+        let loader = std::thread::spawn(move || {
+            for kv in tree.scan_prefix(prefix) {
+                let chunk = kv
+                    .map_err(|e| format!("reading a credential chunk: {e}"))
+                    .and_then(|(_, v)| {
+                        postcard::from_bytes::<Vec<StoredGroup>>(&v)
+                            .map_err(|e| format!("credential chunk is corrupt: {e}"))
+                    })
+                    .map(|groups| {
+                        groups
+                            .into_iter()
+                            .map(|g| LoadedGroup::hash(g, &hasher))
+                            .collect::<Vec<_>>()
+                    });
+                let stop = chunk.is_err();
+                if tx.send(chunk).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let tables = self
+            .tree
+            .get(gen_key(m.gen_, b'b', &[]))
+            .map_err(anyhow::Error::from)
+            .and_then(|base| {
+                let base = base.context("the current generation has no base record")?;
+                let small: sync::Snapshot =
+                    serde_json::from_slice(&base).context("base record is corrupt")?;
+                let version = small.version;
+                let t = Site::stored_tables(small)
+                    .map_err(|e| anyhow::anyhow!("stored site is inconsistent: {e}"))?;
+                Ok((version, t))
+            });
+        let mut failed = None;
+        for chunk in rx {
+            match (chunk, &tables) {
+                (Ok(groups), Ok((_, t))) => {
+                    for g in groups {
+                        if let Err(e) = g.insert_into(t, &mut creds) {
+                            failed.get_or_insert(format!("stored site is inconsistent: {e}"));
+                        }
+                    }
+                }
+                (Err(e), _) => {
+                    failed.get_or_insert(e);
+                }
+                (Ok(_), Err(_)) => {}
+            }
+        }
+        loader.join().expect("credential loader thread");
+        let (base_version, tables) = tables?;
+        if let Some(e) = failed {
+            bail!(e);
+        }
+        let mut site = Site::from_parts(base_version, Arc::new(tables), creds);
+        for kv in self.tree.scan_prefix(gen_key(m.gen_, b'd', &[])) {
+            let (_, v) = kv?;
+            let d: sync::Delta = serde_json::from_slice(&v).context("stored delta is corrupt")?;
+            let p = site
+                .prepare_delta(&d, &self.key)
+                .map_err(|e| anyhow::anyhow!("stored delta {} does not apply: {e}", d.version))?;
+            site.commit(p);
+        }
+        if site.version != m.version {
+            bail!(
+                "stored site is at version {} but meta says {}",
+                site.version,
+                m.version
+            );
+        }
+        Ok(site)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn code_key(&self) -> &CodeKey {
+        &self.key
+    }
+
+    /// The current site, for decisions. Hold the guard only for the decision itself.
+    pub fn site(&self) -> RwLockReadGuard<'_, Site> {
+        self.site.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub fn commands(&self) -> &CommandLog {
+        &self.commands
+    }
+
+    /// A random id made when the database was created: with an event's sequence number it makes
+    /// an id that stays unique even if the database is recreated and numbering starts again.
+    pub fn epoch(&self) -> String {
+        self.state
+            .get("epoch")
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Increments and returns the session counter (one per daemon start), durably.
+    pub fn next_session(&self) -> anyhow::Result<u64> {
+        let v = self.state.update_and_fetch("session", |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        self.state.flush()?;
+        let b = v.context("session counter")?;
+        Ok(u64::from_be_bytes(
+            b.as_ref().try_into().context("session counter")?,
+        ))
+    }
+
+    pub fn has_snapshot(&self) -> bool {
+        self.meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Applies a snapshot or a delta: all of it, or (with an error) nothing.
+    pub fn apply(&self, msg: &SyncMessage) -> Result<Applied, ApplyError> {
+        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let previous_version = self.site().version;
+        match msg {
+            SyncMessage::Snapshot(s) => {
+                let site = Site::from_snapshot(s, &self.key)?;
+                let new_meta = self
+                    .write_generation(&site, meta.as_ref())
+                    .map_err(ApplyError::Storage)?;
+                let old_gen = meta.as_ref().map(|m| m.gen_);
+                *self.site.write().unwrap_or_else(|e| e.into_inner()) = site;
+                *meta = Some(new_meta);
+                if let Some(g) = old_gen {
+                    self.drop_generation(g);
+                }
+                Ok(Applied {
+                    kind: "snapshot",
+                    version: s.version,
+                    previous_version,
+                    compacted: false,
+                })
+            }
+            SyncMessage::Delta(d) => {
+                let Some(m) = meta.clone() else {
+                    return Err(SiteError::ResyncNeeded {
+                        base: d.base_version,
+                        version: d.version,
+                        current: 0,
+                    }
+                    .into());
+                };
+                let prepared: PreparedDelta = self.site().prepare_delta(d, &self.key)?;
+                let mut new_meta = Meta {
+                    version: prepared.version,
+                    deltas: m.deltas + 1,
+                    ..m.clone()
+                };
+                self.persist_delta(&prepared.normalized, &new_meta)
+                    .map_err(ApplyError::Storage)?;
+                self.site
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .commit(prepared);
+                let mut compacted = false;
+                if new_meta.deltas >= COMPACT_DELTAS {
+                    // Rewrite as a fresh generation; on failure keep the delta log (still valid).
+                    let site = self.site();
+                    match self.write_generation(&site, Some(&new_meta)) {
+                        Ok(nm) => {
+                            drop(site);
+                            self.drop_generation(m.gen_);
+                            new_meta = nm;
+                            compacted = true;
+                        }
+                        Err(e) => tracing::warn!("compaction failed, keeping the delta log: {e:#}"),
+                    }
+                }
+                *meta = Some(new_meta);
+                Ok(Applied {
+                    kind: "delta",
+                    version: d.version,
+                    previous_version,
+                    compacted,
+                })
+            }
+        }
+    }
+
+    /// Writes a delta and its meta in one atomic batch. Once the batch is in, the delta is
+    /// applied (sled serves it), even if the flush that follows fails: that is logged, and the
+    /// background flush retries.
+    fn persist_delta(&self, d: &sync::Delta, meta: &Meta) -> anyhow::Result<()> {
+        let mut b = sled::Batch::default();
+        b.insert(
+            gen_key(meta.gen_, b'd', &d.version.to_be_bytes()),
+            serde_json::to_vec(d)?,
+        );
+        b.insert("meta", serde_json::to_vec(meta)?);
+        self.tree.apply_batch(b)?;
+        if let Err(e) = self.db.flush() {
+            tracing::error!(
+                version = d.version,
+                "delta applied but not yet on disk: {e}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes `site` as a new generation and makes it current. Returns the new meta.
+    fn write_generation(&self, site: &Site, current: Option<&Meta>) -> anyhow::Result<Meta> {
+        let g = current.map_or(1, |m| m.gen_ + 1);
+        let small = site.small_snapshot(&self.key);
+        self.tree
+            .insert(gen_key(g, b'b', &[]), serde_json::to_vec(&small)?)?;
+        for (n, chunk) in stored_chunks(&site.creds, CHUNK).iter().enumerate() {
+            self.tree.insert(
+                gen_key(g, b'c', &(n as u32).to_be_bytes()),
+                postcard::to_stdvec(chunk)?,
+            )?;
+        }
+        self.db.flush()?;
+        let meta = Meta {
+            format: FORMAT,
+            gen_: g,
+            version: site.version,
+            deltas: 0,
+            credentials: site.creds.len() as u64,
+        };
+        // Once `meta` names the new generation, sled serves it: the switch has happened even if
+        // the flush that follows fails (logged; the background flush retries).
+        self.tree.insert("meta", serde_json::to_vec(&meta)?)?;
+        if let Err(e) = self.db.flush() {
+            tracing::error!(
+                version = site.version,
+                "site switched but not yet on disk: {e}"
+            );
+        }
+        Ok(meta)
+    }
+
+    fn drop_generation(&self, g: u64) {
+        let mut b = sled::Batch::default();
+        for k in self.tree.scan_prefix(gen_prefix(g)).keys().flatten() {
+            b.remove(k);
+        }
+        if let Err(e) = self.tree.apply_batch(b) {
+            // Left behind keys are removed at the next open.
+            tracing::warn!("could not remove generation {g}: {e}");
+        }
+    }
+
+    /// The whole site as a snapshot.
+    pub fn export(&self) -> sync::Snapshot {
+        self.site().export(&self.key)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let site = self.site();
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (first, last) = self.events.bounds();
+        Stats {
+            version: site.version,
+            has_snapshot: meta.is_some(),
+            generation: meta.as_ref().map_or(0, |m| m.gen_),
+            deltas_since_snapshot: meta.as_ref().map_or(0, |m| m.deltas),
+            counts: site.counts(),
+            events: self.events.len(),
+            first_event_seq: first,
+            last_event_seq: last,
+            size_on_disk_bytes: self.db.size_on_disk().unwrap_or(0),
+            code_key_id: self.key.id(),
+            recovered_keys_at_open: self.recovered_keys,
+        }
+    }
+
+    /// Flushes everything to disk. Called at shutdown.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// One entry of the durable event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    /// When it happened, UTC.
+    pub at: DateTime<Utc>,
+    /// The same instant in the facility's local time, with its offset (RFC 3339).
+    pub local: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+}
+
+/// An event to append; the log assigns the sequence number.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub at: DateTime<Utc>,
+    pub local: String,
+    pub kind: EventKind,
+    pub payload: serde_json::Value,
+}
+
+/// Bounds of the event log (which is also the cloud outbox).
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    pub max_events: u64,
+    pub max_bytes: u64,
+    pub max_age: chrono::Duration,
+}
+
+impl LogLimits {
+    pub fn with_max_events(max_events: u64) -> Self {
+        LogLimits {
+            max_events,
+            ..LogLimits::default()
+        }
+    }
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            max_events: 1_000_000,
+            max_bytes: 256 << 20,
+            max_age: chrono::Duration::days(30),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LogState {
+    next: u64,
+    count: u64,
+    bytes: u64,
+}
+
+/// The durable, bounded event log. It is also the cloud outbox: an event leaves it only when the
+/// broker has acknowledged it ([`EventLog::remove_delivered`]) or when the log is over its bounds,
+/// and then the oldest events that are not security events go first
+/// ([`crate::events::is_security_kind`]); an `outbox_overflow` event counts what was dropped.
+pub struct EventLog {
+    tree: sled::Tree,
+    state: Mutex<LogState>,
+    limits: LogLimits,
+    appended: Arc<tokio::sync::Notify>,
+}
+
+/// Key of the next sequence number to assign: the empty key sorts before every 8-byte event key,
+/// so reads from a cursor never see it.
+const HIGH_WATER: &[u8] = b"";
+
+fn seq_of(k: &[u8]) -> anyhow::Result<u64> {
+    Ok(u64::from_be_bytes(
+        k.try_into().context("event log key is not 8 bytes")?,
+    ))
+}
+
+impl EventLog {
+    fn open(tree: sled::Tree, limits: LogLimits) -> anyhow::Result<EventLog> {
+        let next = match tree.range(0u64.to_be_bytes()..).next_back() {
+            Some(kv) => seq_of(&kv?.0)? + 1,
+            None => 1,
+        };
+        // Sequence numbers are never reused, even when the log was emptied by deliveries.
+        let floor = tree
+            .get(HIGH_WATER)?
+            .map(|v| seq_of(&v))
+            .transpose()?
+            .unwrap_or(1);
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for kv in tree.range(0u64.to_be_bytes()..) {
+            let (_, v) = kv?;
+            count += 1;
+            bytes += v.len() as u64;
+        }
+        Ok(EventLog {
+            tree,
+            state: Mutex::new(LogState {
+                next: next.max(floor),
+                count,
+                bytes,
+            }),
+            limits: LogLimits {
+                max_events: limits.max_events.max(1),
+                ..limits
+            },
+            appended: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// Appends events and flushes them to disk before returning their sequence numbers.
+    pub fn append(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
+        let seqs = self.append_unflushed(events)?;
+        self.tree.flush()?;
+        Ok(seqs)
+    }
+
+    /// Appends without waiting for the disk (the background flush, at most 500 ms later, makes
+    /// them durable). For events whose loss in a power cut is acceptable.
+    pub fn append_unflushed(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch = sled::Batch::default();
+        let mut seqs = Vec::with_capacity(events.len());
+        let (mut next, mut added) = (st.next, 0u64);
+        for e in events {
+            let ev = Event {
+                seq: next,
+                at: e.at,
+                local: e.local.clone(),
+                kind: e.kind.as_str().to_string(),
+                payload: e.payload.clone(),
+            };
+            let v = serde_json::to_vec(&ev)?;
+            added += v.len() as u64;
+            batch.insert(&next.to_be_bytes(), v);
+            seqs.push(next);
+            next += 1;
+        }
+        // The high-water mark of sequence numbers, in the same batch.
+        batch.insert(HIGH_WATER, &next.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        st.next = next;
+        st.count += events.len() as u64;
+        st.bytes += added;
+        self.appended.notify_one();
+        if st.count > self.limits.max_events || st.bytes > self.limits.max_bytes {
+            let at = events.last().map_or_else(Utc::now, |e| e.at);
+            let local = events.last().map(|e| e.local.clone()).unwrap_or_default();
+            self.trim_locked(&mut st, at, &local)?;
+        }
+        Ok(seqs)
+    }
+
+    /// Enforces the bounds now (also the maximum age). The cloud link calls it periodically.
+    pub fn trim(&self, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.trim_locked(&mut st, now, local)
+    }
+
+    /// Drops the oldest non-security events until the log is within 95 % of its bounds (so that
+    /// trimming is not repeated at every append) and nothing is older than the maximum age.
+    /// Security events are kept even beyond the bounds. Records one `outbox_overflow` event.
+    fn trim_locked(
+        &self,
+        st: &mut LogState,
+        now: DateTime<Utc>,
+        local: &str,
+    ) -> anyhow::Result<u64> {
+        let target_events = self.limits.max_events - self.limits.max_events / 20;
+        let target_bytes = self.limits.max_bytes - self.limits.max_bytes / 20;
+        let cutoff = now.checked_sub_signed(self.limits.max_age);
+        let over_bounds = st.count > self.limits.max_events || st.bytes > self.limits.max_bytes;
+        let (mut count, mut bytes) = (st.count, st.bytes);
+        let mut batch = sled::Batch::default();
+        let (mut dropped, mut first, mut last) = (0u64, None, 0u64);
+        for kv in self.tree.range(0u64.to_be_bytes()..) {
+            let (k, v) = kv?;
+            let shrinking = over_bounds && (count > target_events || bytes > target_bytes);
+            let ev: Option<Event> = serde_json::from_slice(&v).ok();
+            let too_old = match (&ev, cutoff) {
+                (Some(e), Some(c)) => e.at < c,
+                _ => false,
+            };
+            // Events are in time order: once one is neither needed for space nor too old,
+            // none after it is.
+            if !shrinking && !too_old {
+                break;
+            }
+            // A corrupt record is dropped like an ordinary one (and counted).
+            if ev
+                .as_ref()
+                .is_some_and(|e| crate::events::is_security_kind(&e.kind))
+            {
+                continue;
+            }
+            let seq = seq_of(&k)?;
+            batch.remove(k);
+            count = count.saturating_sub(1);
+            bytes = bytes.saturating_sub(v.len() as u64);
+            dropped += 1;
+            first.get_or_insert(seq);
+            last = seq;
+        }
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let overflow = Event {
+            seq: st.next,
+            at: now,
+            local: local.to_string(),
+            kind: crate::events::EventKind::OutboxOverflow
+                .as_str()
+                .to_string(),
+            payload: serde_json::json!({
+                "dropped": dropped,
+                "first_seq": first,
+                "last_seq": last,
+                "max_events": self.limits.max_events,
+                "max_bytes": self.limits.max_bytes,
+                "max_age_seconds": self.limits.max_age.num_seconds(),
+            }),
+        };
+        let v = serde_json::to_vec(&overflow)?;
+        count += 1;
+        bytes += v.len() as u64;
+        batch.insert(&st.next.to_be_bytes(), v);
+        batch.insert(HIGH_WATER, &(st.next + 1).to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        st.next += 1;
+        st.count = count;
+        st.bytes = bytes;
+        tracing::warn!(dropped, first_seq = ?first, last_seq = last, "event log over its bounds: dropped the oldest non-security events");
+        Ok(dropped)
+    }
+
+    /// Removes events the broker has acknowledged. Not flushed: an acknowledgement lost in a
+    /// crash only means the event is sent again (the cloud drops duplicates by id).
+    pub fn remove_delivered(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for s in seqs {
+            if let Some(v) = self.tree.remove(s.to_be_bytes())? {
+                st.count = st.count.saturating_sub(1);
+                st.bytes = st.bytes.saturating_sub(v.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Woken after every append (the cloud link waits on it).
+    pub fn appended(&self) -> Arc<tokio::sync::Notify> {
+        self.appended.clone()
+    }
+
+    /// Bytes of event records held.
+    pub fn bytes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// Flushes the log to disk.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// Up to `limit` stored records with `seq >= cursor`, in order, as their JSON bytes (an
+    /// [`Event`] object). The cloud link sends them without parsing them.
+    pub fn read_raw_from(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(u64, sled::IVec)>> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
+            let (k, v) = kv?;
+            out.push((seq_of(&k)?, v));
+        }
+        Ok(out)
+    }
+
+    /// The next sequence number to be assigned.
+    pub fn next_seq(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).next
+    }
+
+    /// Up to `limit` events with `seq >= cursor`, in order.
+    pub fn read_from(&self, cursor: u64, limit: usize) -> anyhow::Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v).context("event record is corrupt")?);
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (first, last) sequence numbers held.
+    pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
+        let mut events = self.tree.range(0u64.to_be_bytes()..);
+        let first = events
+            .next()
+            .and_then(|kv| kv.ok())
+            .and_then(|(k, _)| seq_of(&k).ok());
+        let last = events
+            .next_back()
+            .and_then(|kv| kv.ok())
+            .and_then(|(k, _)| seq_of(&k).ok());
+        (first, last.or(first))
+    }
+}
+
+/// Commands seen, by id, kept until they expire: a replayed or twice-delivered command is
+/// recognised and not executed again. Tree `commands`: id -> JSON [`SeenCommand`].
+pub struct CommandLog {
+    tree: sled::Tree,
+}
+
+/// What is remembered of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeenCommand {
+    pub expires_at: DateTime<Utc>,
+    /// The result last reported for it (JSON), if any.
+    pub result: Option<serde_json::Value>,
+}
+
+impl CommandLog {
+    /// Records a command id durably. Returns the earlier record if the id was already known
+    /// (nothing is changed then): the caller must not execute it again.
+    pub fn claim(
+        &self,
+        id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> anyhow::Result<Option<SeenCommand>> {
+        let new = serde_json::to_vec(&SeenCommand {
+            expires_at,
+            result: None,
+        })?;
+        match self
+            .tree
+            .compare_and_swap(id, None as Option<&[u8]>, Some(new))?
+        {
+            Ok(()) => {
+                self.tree.flush()?;
+                Ok(None)
+            }
+            Err(e) => {
+                let cur = e
+                    .current
+                    .context("compare_and_swap reported a missing value")?;
+                Ok(Some(
+                    serde_json::from_slice(&cur).context("command record is corrupt")?,
+                ))
+            }
+        }
+    }
+
+    /// Stores the result reported for a command (so that a duplicate can be answered with it).
+    pub fn set_result(&self, id: &str, result: serde_json::Value) -> anyhow::Result<()> {
+        if let Some(cur) = self.tree.get(id)? {
+            let mut seen: SeenCommand = serde_json::from_slice(&cur)?;
+            seen.result = Some(result);
+            self.tree.insert(id, serde_json::to_vec(&seen)?)?;
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> anyhow::Result<Option<SeenCommand>> {
+        Ok(match self.tree.get(id)? {
+            Some(v) => Some(serde_json::from_slice(&v)?),
+            None => None,
+        })
+    }
+
+    /// Forgets commands that expired before `now` (they are refused as expired anyway).
+    pub fn prune(&self, now: DateTime<Utc>) -> anyhow::Result<usize> {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            let expired =
+                serde_json::from_slice::<SeenCommand>(&v).map_or(true, |s| s.expires_at < now);
+            if expired {
+                b.remove(k);
+                n += 1;
+            }
+        }
+        self.tree.apply_batch(b)?;
+        Ok(n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
