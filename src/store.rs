@@ -56,6 +56,18 @@ const LOAD_AHEAD: usize = 12;
 /// Version of the on-disk layout above.
 const FORMAT: u32 = 1;
 
+/// Crash-test hook: when the environment variable `GATEHOUSE_CRASH_AT` names this point, the
+/// process aborts here (no destructor, no flush — what a power cut leaves on disk). It lets
+/// `tests/crash.rs` stop an import exactly inside the windows that matter (a new generation
+/// fully on disk but not current; current but the old one not yet removed) rather than hoping
+/// a timed SIGKILL lands there. Unset, it costs one environment lookup per generation written.
+fn crash_point(name: &str) {
+    if std::env::var_os("GATEHOUSE_CRASH_AT").is_some_and(|v| v == name) {
+        eprintln!("GATEHOUSE_CRASH_AT={name}: aborting");
+        std::process::abort();
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Meta {
     format: u32,
@@ -567,6 +579,7 @@ impl Store {
             )?;
         }
         self.db.flush()?;
+        crash_point("generation_written");
         let meta = Meta {
             format: FORMAT,
             gen_: g,
@@ -583,6 +596,7 @@ impl Store {
                 "site switched but not yet on disk: {e}"
             );
         }
+        crash_point("generation_switched");
         Ok(meta)
     }
 
