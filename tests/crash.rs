@@ -122,13 +122,14 @@ fn sigkill_during_snapshot_import_leaves_old_or_new() {
         ("generation_written", &f2, 1),
         ("generation_switched", &f2, 2),
     ] {
-        let status = import_crashing_at(&dir, file, Some(point))
-            .wait()
-            .unwrap();
+        let status = import_crashing_at(&dir, file, Some(point)).wait().unwrap();
         assert!(!status.success(), "{point}: the import was meant to die");
         let (version, removed) = check_consistent(&dir);
         assert_eq!(version, expect, "{point}");
-        assert!(removed > 0, "{point}: the leftover generation was removed at open");
+        assert!(
+            removed > 0,
+            "{point}: the leftover generation was removed at open"
+        );
         // Reopening again finds nothing left to remove.
         assert_eq!(check_consistent(&dir), (expect, 0), "{point}: second open");
     }
