@@ -34,6 +34,9 @@ pub struct RawConfig {
     pub cloud: Option<RawCloud>,
     #[serde(default)]
     pub outbox: RawOutbox,
+    /// RS-485 buses (`[[bus]]`), each one serial port with one protocol.
+    #[serde(default)]
+    pub bus: Vec<crate::rs485::config::RawBus>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +251,7 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     pub log_limits: crate::store::LogLimits,
     pub simulate_devices: bool,
+    pub buses: Vec<crate::rs485::config::BusConfig>,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -269,7 +273,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Identifiers that end up in topics and file names.
-fn valid_id(s: &str) -> bool {
+pub(crate) fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -450,6 +454,7 @@ impl Config {
                 format!("{} is out of range (expected 1 to 3650)", a.get_ref()),
             ));
         }
+        let buses = crate::rs485::config::check(&raw.bus, &resolve, &err)?;
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,
@@ -469,6 +474,7 @@ impl Config {
             cloud,
             log_limits,
             simulate_devices: raw.demo.simulate_devices,
+            buses,
         })
     }
 }

@@ -29,6 +29,30 @@ pub enum EventKind {
     CommandRefused,
     /// Install (pairing) mode was started or stopped from the cloud.
     InstallModeRequested,
+    /// A device (OSDP reader, Modbus board or sensor) answers again / stopped answering.
+    DeviceOnline,
+    DeviceOffline,
+    /// A device reported an error: a Modbus exception, a failed relay operation, an unreadable
+    /// card. Raised when the error starts or changes, not on every poll.
+    DeviceError,
+    /// A serial port came back (adapter plugged in) / went away (unplugged, I/O error).
+    BusConnected,
+    BusDisconnected,
+    /// A reader was given its own secure-channel key (OSDP install mode, KEYSET).
+    ReaderPaired,
+    /// A tamper input or a reader's tamper switch changed.
+    Tamper,
+    /// A door contact opened / closed.
+    DoorOpened,
+    DoorClosed,
+    /// A door contact opened while nothing had released its entry.
+    DoorForced,
+    /// A motion input became active.
+    Motion,
+    /// An exit button released its entry.
+    ExitRequest,
+    /// A sensor reading (temperature, humidity) worth reporting.
+    SensorReading,
 }
 
 impl EventKind {
@@ -46,6 +70,19 @@ impl EventKind {
             EventKind::OverrideUnlock => "override_unlock",
             EventKind::CommandRefused => "command_refused",
             EventKind::InstallModeRequested => "install_mode_requested",
+            EventKind::DeviceOnline => "device_online",
+            EventKind::DeviceOffline => "device_offline",
+            EventKind::DeviceError => "device_error",
+            EventKind::BusConnected => "bus_connected",
+            EventKind::BusDisconnected => "bus_disconnected",
+            EventKind::ReaderPaired => "reader_paired",
+            EventKind::Tamper => "tamper",
+            EventKind::DoorOpened => "door_opened",
+            EventKind::DoorClosed => "door_closed",
+            EventKind::DoorForced => "door_forced",
+            EventKind::Motion => "motion",
+            EventKind::ExitRequest => "exit_request",
+            EventKind::SensorReading => "sensor_reading",
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod policy;
+pub mod rs485;
 pub mod site;
 pub mod store;
 pub mod sync;

@@ -455,6 +455,37 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// The secure-channel base key an OSDP reader was given at install (KEYSET), if any, and
+    /// whether the reader was seen using it. Kept in the gateway's own state (tree `state`, key
+    /// `osdp_scbk/<reader id>`), not in the site data the cloud replaces.
+    pub fn reader_key(&self, reader: &str) -> Option<([u8; 16], bool)> {
+        let v = self.state.get(format!("osdp_scbk/{reader}")).ok()??;
+        let key = <[u8; 16]>::try_from(v.get(..16)?).ok()?;
+        Some((key, v.get(16) == Some(&1)))
+    }
+
+    /// Stores a reader's key durably (flushed). A new key is stored before the reader can be
+    /// given it, so a key a reader holds is never one the gateway could have lost.
+    pub fn set_reader_key(
+        &self,
+        reader: &str,
+        key: &[u8; 16],
+        confirmed: bool,
+    ) -> anyhow::Result<()> {
+        let mut v = key.to_vec();
+        v.push(confirmed as u8);
+        self.state.insert(format!("osdp_scbk/{reader}"), v)?;
+        self.state.flush()?;
+        Ok(())
+    }
+
+    /// Forgets a reader's key (the reader goes back to install mode).
+    pub fn clear_reader_key(&self, reader: &str) -> anyhow::Result<()> {
+        self.state.remove(format!("osdp_scbk/{reader}"))?;
+        self.state.flush()?;
+        Ok(())
+    }
+
     /// Increments and returns the session counter (one per daemon start), durably.
     pub fn next_session(&self) -> anyhow::Result<u64> {
         let v = self.state.update_and_fetch("session", |old| {

@@ -1,0 +1,431 @@
+//! RS-485: OSDP keypads and card readers, Modbus RTU relay boards, I/O boards and sensors.
+//!
+//! Each `[[bus]]` is one serial port with one protocol, driven by its own OS thread: one
+//! transaction at a time on the wire, and nothing another bus does (a silent device, a stuck
+//! adapter) can delay it. A bus whose port fails or disappears (USB adapter unplugged) records
+//! `bus_disconnected`, marks its devices offline, and reopens the port with capped backoff;
+//! `bus_connected` follows when it is back.
+//!
+//! - [`osdp`]: a LibOSDP control panel per bus. Key presses assemble into codes, card bits into
+//!   card numbers ([`wire`]); each goes to the [`AccessEngine`] for the reader's entry (the
+//!   decision is on disk before the reader is answered); the reader shows green/red and beeps;
+//!   on a grant the entry's relay pulses.
+//! - [`modbus`]: a tokio-modbus RTU master per bus (every call under a timeout) polling the
+//!   devices of [`profile`]s, driving relays, mapping inputs to door/motion/exit/tamper events
+//!   and readings to `sensor_reading` events.
+//! - [`Rs485`] owns the buses and routes relay jobs (grants, exit buttons, the cloud's `unlock`
+//!   and `relay` commands through [`Relays`]) to the bus that has the device.
+//! - [`sim`]: a simulated keypad and relay board on PTYs for the demo and the benchmark, spoken
+//!   to through the same bus code as real devices.
+
+pub mod config;
+pub mod modbus;
+pub mod osdp;
+pub mod profile;
+pub mod sim;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::access::AccessEngine;
+use crate::cloud::commands::{Execution, Online, RelayOp, Relays};
+use crate::events::EventKind;
+use crate::store::Store;
+use config::{BusConfig, BusKind};
+
+/// How long a relay command from the cloud waits for the bus to answer.
+const RELAY_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a release (grant, exit button, remote unlock) a door contact may open without it being
+/// forced, for the pulse plus this long.
+const DOOR_GRACE: Duration = Duration::from_secs(10);
+
+/// A relay operation for a bus thread.
+#[derive(Debug)]
+pub struct Job {
+    pub device: String,
+    pub channel: u16,
+    pub op: RelayOp,
+    /// The answer: `Ok(detail)` or `Err(device error)`. `None`: nobody waits (a grant's pulse;
+    /// a failure is recorded as `device_error`).
+    pub reply: Option<std::sync::mpsc::SyncSender<Result<String, String>>>,
+}
+
+pub type JobSender = tokio::sync::mpsc::UnboundedSender<Job>;
+
+/// What bus threads share: the access engine, the store for events, relay routing, device
+/// liveness, entry releases, and the stop flag.
+pub struct Shared {
+    pub engine: Arc<AccessEngine>,
+    pub store: Arc<Store>,
+    routes: Mutex<HashMap<String, JobSender>>,
+    online: Mutex<HashMap<String, bool>>,
+    released: Mutex<HashMap<String, Instant>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(engine: Arc<AccessEngine>) -> Arc<Self> {
+        Arc::new(Shared {
+            store: engine.store().clone(),
+            engine,
+            routes: Mutex::new(HashMap::new()),
+            online: Mutex::new(HashMap::new()),
+            released: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps up to `d`, returning early (true) when stopping.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if self.stopping() {
+                return true;
+            }
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+        }
+        self.stopping()
+    }
+
+    /// Appends an event (flushed). A failure to write is logged: a device thread must go on.
+    pub fn record(&self, kind: EventKind, payload: serde_json::Value) {
+        if let Err(e) = crate::daemon::record(&self.store, kind, payload) {
+            tracing::error!(kind = kind.as_str(), "could not record an event: {e:#}");
+        }
+    }
+
+    /// Sets a device's liveness; records `device_online`/`device_offline` on a change.
+    pub fn set_online(&self, device: &str, bus: &str, online: bool, detail: Option<String>) {
+        let changed = {
+            let mut m = self.online.lock().unwrap_or_else(|e| e.into_inner());
+            m.insert(device.to_string(), online) != Some(online)
+        };
+        if changed {
+            let mut p = json!({"device": device, "bus": bus});
+            if let Some(d) = detail {
+                p["detail"] = json!(d);
+            }
+            tracing::info!(device, bus, online, "device state");
+            self.record(
+                if online {
+                    EventKind::DeviceOnline
+                } else {
+                    EventKind::DeviceOffline
+                },
+                p,
+            );
+        }
+    }
+
+    pub fn is_online(&self, device: &str) -> Option<bool> {
+        self.online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .copied()
+    }
+
+    /// Sends a relay job to the bus that has `device`. False if no bus has it or it stopped.
+    pub fn send(&self, job: Job) -> bool {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        match routes.get(&job.device) {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Releases an entry: pulses its relay (from the site database) and notes the release so
+    /// that its door contact opening is not taken for a forced door. Returns what was done.
+    pub fn release_entry(&self, entry: &str, why: &str) -> Result<(), String> {
+        let relay = {
+            let site = self.store.site();
+            match site.tables.entries.get(entry) {
+                None => return Err(format!("no entry `{entry}` in the site database")),
+                Some(e) => e.relay.clone(),
+            }
+        };
+        let Some(relay) = relay else {
+            return Err(format!("entry `{entry}` has no relay"));
+        };
+        self.note_release(
+            entry,
+            Duration::from_millis(u64::from(relay.pulse_ms)) + DOOR_GRACE,
+        );
+        let job = Job {
+            device: relay.device.clone(),
+            channel: relay.channel,
+            op: RelayOp::Pulse { ms: relay.pulse_ms },
+            reply: None,
+        };
+        if self.send(job) {
+            tracing::debug!(entry, why, device = %relay.device, "relay pulse sent");
+            Ok(())
+        } else {
+            let msg = format!("relay device `{}` is not on any bus", relay.device);
+            self.record(
+                EventKind::DeviceError,
+                json!({"device": relay.device, "entry": entry, "error": msg}),
+            );
+            Err(msg)
+        }
+    }
+
+    fn note_release(&self, entry: &str, for_: Duration) {
+        self.released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry.to_string(), Instant::now() + for_);
+    }
+
+    /// Whether the entry was released recently enough for its door to open.
+    pub fn recently_released(&self, entry: &str) -> bool {
+        self.released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(entry)
+            .is_some_and(|&until| Instant::now() <= until)
+    }
+
+    /// Notes a release made outside this module (the cloud's `unlock` of an entry).
+    pub fn released_by_relay(&self, device: &str, channel: u16, ms: u32) {
+        let entries: Vec<String> = {
+            let site = self.store.site();
+            site.tables
+                .entries
+                .values()
+                .filter(|e| {
+                    e.relay
+                        .as_ref()
+                        .is_some_and(|r| r.device == device && r.channel == channel)
+                })
+                .map(|e| e.id.clone())
+                .collect()
+        };
+        for e in entries {
+            self.note_release(&e, Duration::from_millis(u64::from(ms)) + DOOR_GRACE);
+        }
+    }
+}
+
+/// The running buses.
+pub struct Rs485 {
+    shared: Arc<Shared>,
+    threads: Vec<(String, JoinHandle<()>)>,
+}
+
+impl Rs485 {
+    /// Starts one thread per bus.
+    pub fn start(buses: &[BusConfig], engine: Arc<AccessEngine>) -> anyhow::Result<Rs485> {
+        Self::start_with(buses, Shared::new(engine))
+    }
+
+    pub fn start_with(buses: &[BusConfig], shared: Arc<Shared>) -> anyhow::Result<Rs485> {
+        let mut threads = Vec::new();
+        for bus in buses {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            {
+                let mut routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
+                for d in bus.device_ids() {
+                    routes.insert(d.to_string(), tx.clone());
+                }
+            }
+            let (b, s) = (bus.clone(), shared.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("bus-{}", bus.id))
+                .spawn(move || match &b.kind {
+                    BusKind::Osdp(_) => osdp::run(&b, &s, rx),
+                    BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+                })?;
+            tracing::info!(
+                bus = %bus.id,
+                port = %bus.port.display(),
+                protocol = match bus.kind { BusKind::Osdp(_) => "osdp", BusKind::Modbus { .. } => "modbus" },
+                devices = bus.device_ids().len(),
+                "bus started"
+            );
+            threads.push((bus.id.clone(), handle));
+        }
+        Ok(Rs485 { shared, threads })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The relay outputs of every bus, for the command router.
+    pub fn relays(&self) -> Arc<dyn Relays> {
+        Arc::new(BusRelays {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Stops every bus (pending software-timed pulses are switched off) and waits up to
+    /// `deadline` for the threads.
+    pub fn stop(self, deadline: Duration) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        // Wake threads waiting for jobs.
+        self.shared
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let end = Instant::now() + deadline;
+        for (id, t) in self.threads {
+            while !t.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(bus = %id, "bus thread did not stop in time");
+            }
+        }
+    }
+}
+
+/// [`Relays`] over the buses: the cloud's `unlock` (entries) and `relay` commands.
+struct BusRelays {
+    shared: Arc<Shared>,
+}
+
+impl Relays for BusRelays {
+    fn online(&self, device: &str) -> Online {
+        let known = self
+            .shared
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(device);
+        match (known, self.shared.is_online(device)) {
+            (false, _) => Online::Unknown,
+            (true, Some(true)) => Online::Yes,
+            (true, _) => Online::No,
+        }
+    }
+
+    fn execute(&self, device: &str, channel: u16, op: RelayOp) -> Execution {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job = Job {
+            device: device.to_string(),
+            channel,
+            op,
+            reply: Some(tx),
+        };
+        if !self.shared.send(job) {
+            return Execution::Failed(format!("device `{device}` is not on any bus"));
+        }
+        match rx.recv_timeout(RELAY_REPLY_TIMEOUT) {
+            Ok(Ok(detail)) => {
+                if let RelayOp::Pulse { ms } = op {
+                    self.shared.released_by_relay(device, channel, ms);
+                } else if op == RelayOp::On {
+                    self.shared.released_by_relay(device, channel, 3_600_000);
+                }
+                Execution::Done(detail)
+            }
+            Ok(Err(e)) => Execution::Failed(e),
+            Err(_) => Execution::Failed(format!(
+                "no answer from the bus within {} s",
+                RELAY_REPLY_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+/// Answers a job (if someone waits) and records a failure as `device_error` when nobody does.
+pub(crate) fn answer(shared: &Shared, job: Job, result: Result<String, String>) {
+    match job.reply {
+        Some(tx) => {
+            let _ = tx.send(result);
+        }
+        None => {
+            if let Err(e) = &result {
+                shared.record(
+                    EventKind::DeviceError,
+                    json!({"device": job.device, "channel": job.channel, "error": e}),
+                );
+            }
+        }
+    }
+}
+
+/// The serial settings of a bus: 8 data bits, the given parity, 1 stop bit, no flow control.
+/// OSDP opens it blocking with a zero timeout (LibOSDP polls); Modbus opens it async.
+pub fn port_builder(
+    path: &std::path::Path,
+    baud: u32,
+    parity: profile::Parity,
+    timeout: Duration,
+) -> tokio_serial::SerialPortBuilder {
+    let p = match parity {
+        profile::Parity::None => tokio_serial::Parity::None,
+        profile::Parity::Even => tokio_serial::Parity::Even,
+        profile::Parity::Odd => tokio_serial::Parity::Odd,
+    };
+    tokio_serial::new(path.to_string_lossy(), baud)
+        .data_bits(tokio_serial::DataBits::Eight)
+        .parity(p)
+        .stop_bits(tokio_serial::StopBits::One)
+        .flow_control(tokio_serial::FlowControl::None)
+        .timeout(timeout)
+}
+
+/// Port state shared by both bus kinds: records `bus_disconnected` once per outage and
+/// `bus_connected` when the port is back, with capped exponential backoff between attempts.
+pub(crate) struct PortWatch {
+    bus: String,
+    port: String,
+    /// `Some(since)` while the port is away.
+    down_since: Option<Instant>,
+    backoff: Duration,
+}
+
+impl PortWatch {
+    pub(crate) fn new(bus: &BusConfig) -> Self {
+        PortWatch {
+            bus: bus.id.clone(),
+            port: bus.port.display().to_string(),
+            down_since: None,
+            backoff: Duration::from_millis(250),
+        }
+    }
+
+    /// The port opened.
+    pub(crate) fn up(&mut self, shared: &Shared) {
+        if let Some(since) = self.down_since.take() {
+            tracing::info!(bus = %self.bus, port = %self.port, "serial port is back");
+            shared.record(
+                EventKind::BusConnected,
+                json!({"bus": self.bus, "port": self.port,
+                       "down_s": since.elapsed().as_secs()}),
+            );
+        }
+        self.backoff = Duration::from_millis(250);
+    }
+
+    /// The port failed to open or broke: records the outage once, then waits the backoff.
+    /// True when the daemon is stopping.
+    pub(crate) fn down(&mut self, shared: &Shared, error: &str) -> bool {
+        if self.down_since.is_none() {
+            tracing::warn!(bus = %self.bus, port = %self.port, "serial port unavailable: {error}");
+            shared.record(
+                EventKind::BusDisconnected,
+                json!({"bus": self.bus, "port": self.port, "error": error}),
+            );
+            self.down_since = Some(Instant::now());
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        shared.sleep(wait)
+    }
+}

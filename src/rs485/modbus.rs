@@ -1,0 +1,682 @@
+//! A Modbus RTU bus: tokio-modbus as master on a current-thread runtime of the bus's own thread.
+//!
+//! One transaction at a time, each under the bus timeout. Relay jobs go before polls. Each
+//! device is polled at its profile's interval (inputs, coils, readings); a device that fails
+//! `offline_after_failures` transactions in a row is reported offline and then polled with
+//! backoff (up to 30 s), so a dead device costs the bus one timeout per backoff period, not one
+//! per poll. A Modbus exception means the device is alive but refused: it is recorded as
+//! `device_error` when it starts or changes, never a crash. Before each transaction the port's
+//! input buffer is cleared, so a late answer to a timed-out request cannot be taken for the
+//! next one.
+//!
+//! The Waveshare board-timed pulse ("flash on": FC05 with the duration as the value) is not a
+//! valid FC05 for tokio-modbus (it only knows 0xFF00/0x0000 and rejects the echo), so that one
+//! request is framed here ([`wire::modbus_frame`]) on the same port.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_serial::{SerialPort, SerialPortBuilderExt as _};
+
+use super::config::{BusConfig, BusKind, DeviceConfig, InputRole};
+use super::wire;
+use super::{Job, PortWatch, Shared, answer, port_builder};
+use crate::cloud::commands::RelayOp;
+use crate::events::EventKind;
+
+/// Longest wait between polls of an offline device.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The serial port shared between tokio-modbus's framed transport and the hand-framed requests.
+/// Only the bus thread uses it, one transaction at a time; the lock is never held across an
+/// await.
+#[derive(Clone)]
+struct SharedPort(Arc<Mutex<tokio_serial::SerialStream>>);
+
+impl std::fmt::Debug for SharedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedPort")
+    }
+}
+
+impl SharedPort {
+    fn with<R>(&self, f: impl FnOnce(&mut tokio_serial::SerialStream) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl AsyncRead for SharedPort {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.with(|p| Pin::new(p).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for SharedPort {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with(|p| Pin::new(p).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|p| Pin::new(p).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|p| Pin::new(p).poll_shutdown(cx))
+    }
+}
+
+/// Why a transaction did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TxError {
+    /// The device answered with a Modbus exception: alive, but refused.
+    Exception(String),
+    /// No (valid) answer in time.
+    Timeout,
+    /// The port failed: the bus reopens it.
+    Port(String),
+    /// A garbled or mismatched answer.
+    Protocol(String),
+}
+
+impl std::fmt::Display for TxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxError::Exception(e) => write!(f, "Modbus exception: {e}"),
+            TxError::Timeout => f.write_str("no answer (timeout)"),
+            TxError::Port(e) => write!(f, "serial port: {e}"),
+            TxError::Protocol(e) => write!(f, "bad answer: {e}"),
+        }
+    }
+}
+
+fn exception_name(e: ExceptionCode) -> String {
+    format!("{e:?}").to_lowercase()
+}
+
+/// Per-device state on the bus thread.
+struct Dev<'a> {
+    cfg: &'a DeviceConfig,
+    next_poll: Instant,
+    failures: u32,
+    online: Option<bool>,
+    /// The error last recorded (exceptions), so that a repeated one is not recorded again.
+    last_error: Option<String>,
+    inputs: Vec<Option<bool>>,
+    readings: Vec<Option<(f64, Instant)>>,
+    identified: bool,
+}
+
+/// A software-timed pulse to end.
+struct PendingOff {
+    at: Instant,
+    device: usize,
+    channel: u16,
+}
+
+struct Bus<'a> {
+    cfg: &'a BusConfig,
+    timeout: Duration,
+    shared: &'a Arc<Shared>,
+    port: SharedPort,
+    ctx: Context,
+    devs: Vec<Dev<'a>>,
+    offs: Vec<PendingOff>,
+}
+
+/// The bus thread.
+pub fn run(bus: &BusConfig, shared: &Arc<Shared>, rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(bus = %bus.id, "cannot start the bus runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(run_async(bus, shared, rx));
+}
+
+async fn run_async(
+    bus: &BusConfig,
+    shared: &Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let BusKind::Modbus {
+        parity,
+        timeout,
+        devices,
+    } = &bus.kind
+    else {
+        return;
+    };
+    let mut watch = PortWatch::new(bus);
+    // Device state survives reconnections (inputs are not re-reported after a replug).
+    let now = Instant::now();
+    let mut devs: Vec<Dev> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Dev {
+            cfg: d,
+            // Spread the first polls so that devices do not all fire at once.
+            next_poll: now + Duration::from_millis(5 * i as u64),
+            failures: 0,
+            online: None,
+            last_error: None,
+            inputs: vec![
+                None;
+                d.profile
+                    .inputs
+                    .as_ref()
+                    .map_or(0, |i| usize::from(i.count))
+            ],
+            readings: vec![None; d.profile.readings.len()],
+            identified: false,
+        })
+        .collect();
+    while !shared.stopping() {
+        let stream = match port_builder(&bus.port, bus.baud, *parity, *timeout).open_native_async()
+        {
+            Ok(s) => s,
+            Err(e) => {
+                fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
+                if watch.down(shared, &e.to_string()) {
+                    break;
+                }
+                continue;
+            }
+        };
+        watch.up(shared);
+        let port = SharedPort(Arc::new(Mutex::new(stream)));
+        let mut b = Bus {
+            cfg: bus,
+            timeout: *timeout,
+            shared,
+            ctx: tokio_modbus::client::rtu::attach(port.clone()),
+            port,
+            devs: std::mem::take(&mut devs),
+            offs: Vec::new(),
+        };
+        let broken = b.session(&mut rx).await;
+        b.switch_off_pending().await;
+        devs = std::mem::take(&mut b.devs);
+        drop(b);
+        for d in devs.iter_mut() {
+            if d.online == Some(true) {
+                shared.set_online(&d.cfg.id, &bus.id, false, broken.clone());
+                d.online = Some(false);
+            }
+            d.identified = false;
+        }
+        if let Some(e) = broken
+            && watch.down(shared, &e)
+        {
+            break;
+        }
+    }
+    fail_jobs(shared, &mut rx, "gatehouse is stopping");
+}
+
+fn fail_jobs(shared: &Shared, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>, why: &str) {
+    while let Ok(job) = rx.try_recv() {
+        answer(shared, job, Err(why.to_string()));
+    }
+}
+
+impl Bus<'_> {
+    /// Runs until the port breaks (`Some(error)`) or the daemon stops (`None`).
+    async fn session(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+    ) -> Option<String> {
+        loop {
+            if self.shared.stopping() {
+                return None;
+            }
+            let now = Instant::now();
+            // Pulses to end first, then jobs, then the most overdue poll.
+            if let Some(i) = self.offs.iter().position(|o| o.at <= now) {
+                let off = self.offs.swap_remove(i);
+                let r = self.write_coil(off.device, off.channel, false).await;
+                if let Err(e) = r {
+                    self.device_error(off.device, &format!("ending a pulse: {e}"));
+                    if let TxError::Port(p) = e {
+                        return Some(p);
+                    }
+                }
+                continue;
+            }
+            if let Ok(job) = rx.try_recv() {
+                if let Some(p) = self.job(job).await {
+                    return Some(p);
+                }
+                continue;
+            }
+            let due = self
+                .devs
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, d)| d.next_poll)
+                .map(|(i, d)| (i, d.next_poll));
+            let next_off = self.offs.iter().map(|o| o.at).min();
+            match due {
+                Some((i, at)) if at <= now => {
+                    if let Some(p) = self.poll(i).await {
+                        return Some(p);
+                    }
+                }
+                _ => {
+                    let wake = [due.map(|d| d.1), next_off]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                        .unwrap_or(now + Duration::from_millis(100))
+                        .min(now + Duration::from_millis(100));
+                    tokio::select! {
+                        job = rx.recv() => match job {
+                            Some(job) => {
+                                if let Some(p) = self.job(job).await {
+                                    return Some(p);
+                                }
+                            }
+                            // Every sender is gone: the daemon is stopping.
+                            None => return None,
+                        },
+                        _ = tokio::time::sleep_until(wake.into()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Clears the input buffer and runs one transaction under the bus timeout.
+    async fn tx<T, F>(&mut self, i: usize, f: F) -> Result<T, TxError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut Context,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'c>,
+        >,
+    {
+        self.port
+            .with(|p| p.clear(tokio_serial::ClearBuffer::Input))
+            .map_err(|e| TxError::Port(e.to_string()))?;
+        self.ctx.set_slave(Slave(self.devs[i].cfg.address));
+        match tokio::time::timeout(self.timeout, f(&mut self.ctx)).await {
+            Err(_) => Err(TxError::Timeout),
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(ex))) => Err(TxError::Exception(exception_name(ex))),
+            Ok(Err(tokio_modbus::Error::Transport(e))) => {
+                // A decode error leaves tokio-modbus's framing unusable: start a fresh one on
+                // the same port. A real I/O error means the port is gone.
+                self.ctx = tokio_modbus::client::rtu::attach(self.port.clone());
+                match e.kind() {
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                        Err(TxError::Protocol(e.to_string()))
+                    }
+                    _ => Err(TxError::Port(e.to_string())),
+                }
+            }
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(TxError::Protocol(e.to_string())),
+        }
+    }
+
+    async fn write_coil(&mut self, i: usize, channel: u16, on: bool) -> Result<(), TxError> {
+        let base = self.devs[i]
+            .cfg
+            .profile
+            .relays
+            .as_ref()
+            .map_or(0, |r| r.coil_base);
+        let addr = base.wrapping_add(channel);
+        self.tx(i, move |c| Box::pin(c.write_single_coil(addr, on)))
+            .await
+    }
+
+    /// FC05 with an arbitrary value (board-timed pulse), framed here; the device echoes it.
+    async fn write_single_raw(
+        &mut self,
+        i: usize,
+        register: u16,
+        value: u16,
+    ) -> Result<(), TxError> {
+        let addr = self.devs[i].cfg.address;
+        let frame = wire::modbus_frame(
+            addr,
+            0x05,
+            &[register.to_be_bytes(), value.to_be_bytes()].concat(),
+        );
+        let port = self.port.clone();
+        port.with(|p| p.clear(tokio_serial::ClearBuffer::Input))
+            .map_err(|e| TxError::Port(e.to_string()))?;
+        let mut io = port.clone();
+        let exchange = async move {
+            io.write_all(&frame).await?;
+            io.flush().await?;
+            // An echo is 8 bytes; an exception reply is 5.
+            let mut got = Vec::with_capacity(8);
+            let mut buf = [0u8; 8];
+            loop {
+                let n = io.read(&mut buf[..8 - got.len()]).await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                got.extend_from_slice(&buf[..n]);
+                if got.len() >= 5 && got[1] & 0x80 != 0 || got.len() == 8 {
+                    return Ok::<_, std::io::Error>((frame, got));
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(TxError::Timeout),
+            Ok(Err(e)) => Err(TxError::Port(e.to_string())),
+            Ok(Ok((sent, got))) => match wire::check_echo(&sent, &got) {
+                Ok(()) => Ok(()),
+                Err(wire::EchoError::Exception(code)) => {
+                    Err(TxError::Exception(format!("exception code {code}")))
+                }
+                Err(e) => Err(TxError::Protocol(e.to_string())),
+            },
+        }
+    }
+
+    /// A relay job. Returns `Some(error)` if the port broke.
+    async fn job(&mut self, job: Job) -> Option<String> {
+        let Some(i) = self.devs.iter().position(|d| d.cfg.id == job.device) else {
+            let msg = format!("no device `{}` on bus `{}`", job.device, self.cfg.id);
+            answer(self.shared, job, Err(msg));
+            return None;
+        };
+        let profile = &self.devs[i].cfg.profile;
+        let Some(relays) = profile.relays.as_ref() else {
+            let msg = format!("`{}` ({}) has no relays", job.device, profile.id);
+            answer(self.shared, job, Err(msg));
+            return None;
+        };
+        if job.channel >= relays.count {
+            let msg = format!(
+                "`{}` has relays 0 to {}, not {}",
+                job.device,
+                relays.count - 1,
+                job.channel
+            );
+            answer(self.shared, job, Err(msg));
+            return None;
+        }
+        // A new command on a channel replaces a software pulse still running on it.
+        self.offs
+            .retain(|o| !(o.device == i && o.channel == job.channel));
+        let result = match job.op {
+            RelayOp::On => self
+                .write_coil(i, job.channel, true)
+                .await
+                .map(|()| format!("relay {} on", job.channel)),
+            RelayOp::Off => self
+                .write_coil(i, job.channel, false)
+                .await
+                .map(|()| format!("relay {} off", job.channel)),
+            RelayOp::Pulse { ms } => match (profile.board_pulse_units(ms), relays.pulse) {
+                (Some(units), Some(p)) => self
+                    .write_single_raw(i, p.register_base.wrapping_add(job.channel), units)
+                    .await
+                    .map(|()| {
+                        format!(
+                            "relay {} pulsed for {} ms (timed by the board)",
+                            job.channel,
+                            u32::from(units) * p.unit_ms
+                        )
+                    }),
+                _ => self.write_coil(i, job.channel, true).await.map(|()| {
+                    self.offs.push(PendingOff {
+                        at: Instant::now() + Duration::from_millis(u64::from(ms)),
+                        device: i,
+                        channel: job.channel,
+                    });
+                    format!("relay {} pulsed for {ms} ms", job.channel)
+                }),
+            },
+        };
+        self.outcome(i, &result);
+        let port_broken = match &result {
+            Err(TxError::Port(p)) => Some(p.clone()),
+            _ => None,
+        };
+        answer(
+            self.shared,
+            job,
+            result.map_err(|e| format!("{}: {e}", self.devs[i].cfg.id)),
+        );
+        port_broken
+    }
+
+    /// Accounts a transaction's result to the device: liveness, backoff, error events.
+    fn outcome<T>(&mut self, i: usize, r: &Result<T, TxError>) {
+        let bus = self.cfg.id.clone();
+        let d = &mut self.devs[i];
+        match r {
+            Ok(_) => {
+                d.failures = 0;
+                d.last_error = None;
+                if d.online != Some(true) {
+                    d.online = Some(true);
+                    self.shared.set_online(&d.cfg.id, &bus, true, None);
+                }
+            }
+            Err(TxError::Exception(e)) => {
+                // Alive: it answered.
+                d.failures = 0;
+                if d.online != Some(true) {
+                    d.online = Some(true);
+                    self.shared.set_online(&d.cfg.id, &bus, true, None);
+                }
+                if d.last_error.as_deref() != Some(e.as_str()) {
+                    d.last_error = Some(e.clone());
+                    self.shared.record(
+                        EventKind::DeviceError,
+                        json!({"device": d.cfg.id, "bus": bus, "error": format!("Modbus exception: {e}")}),
+                    );
+                }
+            }
+            Err(e @ (TxError::Timeout | TxError::Protocol(_))) => {
+                d.failures = d.failures.saturating_add(1);
+                if d.failures >= d.cfg.profile.offline_after_failures && d.online != Some(false) {
+                    d.online = Some(false);
+                    d.identified = false;
+                    self.shared
+                        .set_online(&d.cfg.id, &bus, false, Some(e.to_string()));
+                }
+            }
+            Err(TxError::Port(_)) => {}
+        }
+    }
+
+    fn device_error(&mut self, i: usize, msg: &str) {
+        self.shared.record(
+            EventKind::DeviceError,
+            json!({"device": self.devs[i].cfg.id, "bus": self.cfg.id, "error": msg}),
+        );
+    }
+
+    /// Polls one device: identity once, inputs, readings, or (relay boards) the coils.
+    async fn poll(&mut self, i: usize) -> Option<String> {
+        let cfg = self.devs[i].cfg;
+        let profile = &cfg.profile;
+        let mut result: Result<(), TxError> = Ok(());
+        if !self.devs[i].identified
+            && let Some(id) = &profile.identity
+        {
+            let reg = id.firmware_register;
+            match self
+                .tx(i, move |c| Box::pin(c.read_holding_registers(reg, 1)))
+                .await
+            {
+                Ok(words) => {
+                    self.devs[i].identified = true;
+                    tracing::info!(device = %cfg.id, firmware = ?words, "device identified");
+                }
+                // Clones without the register answer with an exception: fine.
+                Err(TxError::Exception(_)) => self.devs[i].identified = true,
+                Err(e) => result = Err(e),
+            }
+        }
+        if result.is_ok()
+            && let Some(inputs) = &profile.inputs
+        {
+            let (base, count) = (inputs.base, inputs.count);
+            match self
+                .tx(i, move |c| Box::pin(c.read_discrete_inputs(base, count)))
+                .await
+            {
+                Ok(bits) => self.inputs(i, &bits),
+                Err(e) => result = Err(e),
+            }
+        }
+        if result.is_ok() {
+            for (ri, r) in profile.readings.iter().enumerate() {
+                let reg = r.register;
+                match self
+                    .tx(i, move |c| Box::pin(c.read_input_registers(reg, 1)))
+                    .await
+                {
+                    Ok(words) if !words.is_empty() => self.reading(i, ri, words[0]),
+                    Ok(_) => {
+                        result = Err(TxError::Protocol("empty register read".into()));
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if result.is_ok()
+            && profile.inputs.is_none()
+            && profile.readings.is_empty()
+            && let Some(relays) = &profile.relays
+        {
+            let (base, count) = (relays.coil_base, relays.count);
+            if let Err(e) = self
+                .tx(i, move |c| Box::pin(c.read_coils(base, count)))
+                .await
+            {
+                result = Err(e);
+            }
+        }
+        self.outcome(i, &result);
+        let d = &mut self.devs[i];
+        let interval = cfg.poll_interval;
+        let extra = d
+            .failures
+            .saturating_sub(cfg.profile.offline_after_failures.saturating_sub(1));
+        let wait = if extra == 0 {
+            interval
+        } else {
+            (interval * 2u32.saturating_pow(extra.min(16))).min(MAX_BACKOFF.max(interval))
+        };
+        d.next_poll = Instant::now() + wait;
+        match result {
+            Err(TxError::Port(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn inputs(&mut self, i: usize, bits: &[bool]) {
+        let bus = self.cfg.id.clone();
+        let cfg = self.devs[i].cfg;
+        for input in &cfg.inputs {
+            let Some(&raw) = bits.get(usize::from(input.channel)) else {
+                continue;
+            };
+            let active = raw != input.invert;
+            let slot = &mut self.devs[i].inputs[usize::from(input.channel)];
+            let before = slot.replace(active);
+            if before == Some(active) {
+                continue;
+            }
+            let first = before.is_none();
+            let entry = input.entry.as_deref();
+            let base =
+                json!({"device": cfg.id, "bus": bus, "channel": input.channel, "entry": entry});
+            match (input.role, active) {
+                (InputRole::DoorContact, true) if !first => {
+                    let forced = entry.is_some_and(|e| !self.shared.recently_released(e));
+                    self.shared.record(
+                        if forced {
+                            EventKind::DoorForced
+                        } else {
+                            EventKind::DoorOpened
+                        },
+                        base,
+                    );
+                }
+                (InputRole::DoorContact, false) if !first => {
+                    self.shared.record(EventKind::DoorClosed, base);
+                }
+                (InputRole::Motion, true) => self.shared.record(EventKind::Motion, base),
+                (InputRole::ExitButton, true) if !first => {
+                    self.shared.record(EventKind::ExitRequest, base);
+                    if let Some(e) = entry
+                        && let Err(err) = self.shared.release_entry(e, "exit_request")
+                    {
+                        tracing::warn!(entry = e, "exit button: {err}");
+                    }
+                }
+                (InputRole::Tamper, on) if on || !first => {
+                    let mut p = base;
+                    p["active"] = json!(on);
+                    self.shared.record(EventKind::Tamper, p);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reading(&mut self, i: usize, ri: usize, word: u16) {
+        let cfg = self.devs[i].cfg;
+        let r = &cfg.profile.readings[ri];
+        let value = wire::reading(word, r.ty, r.scale);
+        let now = Instant::now();
+        let last = self.devs[i].readings[ri];
+        let report = match last {
+            None => true,
+            Some((v, at)) => {
+                (value - v).abs() >= r.report_delta
+                    || now.duration_since(at) >= Duration::from_secs(r.report_every_s)
+            }
+        };
+        if report {
+            self.devs[i].readings[ri] = Some((value, now));
+            self.shared.record(
+                EventKind::SensorReading,
+                json!({"device": cfg.id, "bus": self.cfg.id, "reading": r.name,
+                       "value": value, "unit": r.unit}),
+            );
+        }
+    }
+
+    /// Ends running software pulses before the port is closed (shutdown or reconnect).
+    async fn switch_off_pending(&mut self) {
+        for off in std::mem::take(&mut self.offs) {
+            if let Err(e) = self.write_coil(off.device, off.channel, false).await {
+                self.device_error(off.device, &format!("ending a pulse at close: {e}"));
+            }
+        }
+    }
+}

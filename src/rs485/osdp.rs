@@ -1,0 +1,538 @@
+//! An OSDP bus: a LibOSDP control panel (the reference C implementation, through the `libosdp`
+//! crate) driving the bus's readers and keypads.
+//!
+//! The thread owns the port and the control panel, and calls `refresh()` every millisecond:
+//! LibOSDP polls each reader every 50 ms (its fixed poll interval) and runs the secure channel.
+//! Reader events (keys, cards, status) come back through a callback into a queue and are handled
+//! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
+//!
+//! Secure channel (`secure` per reader):
+//! - `key` — the reader's key from the site database; the channel must be secure
+//!   (ENFORCE_SECURE), or the reader stays offline.
+//! - `install` — install mode: when the reader has no key yet, gatehouse makes one, stores it
+//!   (flushed), and hands it to LibOSDP, which tries it, falls back to the install-mode default
+//!   key SCBK-D, and then gives the reader the new key with KEYSET and restarts the channel with
+//!   it. Once the reader has held a secure channel for a second (an SCBK-D session always ends
+//!   within milliseconds in KEYSET), it is paired: `reader_paired` is recorded and from the next
+//!   connection on the channel is enforced like `key`.
+//! - `none` — no secure channel (readers that cannot do it).
+//!
+//! Whatever LibOSDP falls back to, a reader configured `key` or `install` is listened to only
+//! while its secure channel is up: keys and cards arriving in plain text are dropped (and
+//! `device_error` says so), so a swapped or downgraded reader cannot open anything.
+
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use libosdp::{
+    Channel, ChannelError, ControlPanel, ControlPanelBuilder, OsdpCommand, OsdpCommandBuzzer,
+    OsdpCommandLed, OsdpCommandOutput, OsdpEvent, OsdpFlag, OsdpLedColor, OsdpLedParams,
+    PdInfoBuilder,
+};
+use serde_json::json;
+
+use super::config::{BusConfig, BusKind, ReaderConfig, Secure};
+use super::profile::Parity;
+use super::wire::{self, KeypadBuffer};
+use super::{Job, PortWatch, Shared, answer, port_builder};
+use crate::access::Attempt;
+use crate::cloud::commands::RelayOp;
+use crate::events::EventKind;
+use crate::policy::{Presented, Reason, Request, Target};
+
+/// How often the control panel is refreshed.
+const TICK: Duration = Duration::from_millis(1);
+/// A secure channel up this long without a drop runs on the reader's own key (see the header).
+const PAIRED_AFTER: Duration = Duration::from_secs(1);
+
+/// The serial port as a LibOSDP channel. An I/O error other than "nothing to read" marks the
+/// port broken; the bus thread then tears the control panel down and reopens the port.
+pub(crate) struct SerialChannel {
+    port: Box<dyn tokio_serial::SerialPort>,
+    broken: Arc<Mutex<Option<String>>>,
+    id: i32,
+}
+
+impl SerialChannel {
+    pub(crate) fn new(port: Box<dyn tokio_serial::SerialPort>) -> Self {
+        SerialChannel {
+            port,
+            broken: Arc::default(),
+            id: 0,
+        }
+    }
+
+    fn fail(&self, what: &str, e: &std::io::Error) -> ChannelError {
+        let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_none() {
+            *b = Some(format!("{what}: {e}"));
+        }
+        ChannelError::TransportError
+    }
+}
+
+fn idle(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+impl Channel for SerialChannel {
+    fn get_id(&self) -> i32 {
+        self.id
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
+        match self.port.read(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
+            Err(e) => Err(self.fail("read", &e)),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<usize, ChannelError> {
+        match self.port.write(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
+            Err(e) => Err(self.fail("write", &e)),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ChannelError> {
+        match self.port.flush() {
+            Ok(()) => Ok(()),
+            Err(e) if idle(&e) => Ok(()),
+            Err(e) => Err(self.fail("flush", &e)),
+        }
+    }
+
+    fn close(&mut self) -> Result<(), ChannelError> {
+        Ok(())
+    }
+}
+
+/// Per-reader state on the bus thread.
+struct Reader<'a> {
+    cfg: &'a ReaderConfig,
+    /// Index in the control panel (`None`: not given to LibOSDP, e.g. no key).
+    pd: Option<i32>,
+    keys: KeypadBuffer,
+    online: bool,
+    /// Since when the secure channel has been up, if it is.
+    sc_since: Option<Instant>,
+    /// Install mode: the key is stored but the reader was not yet seen using it.
+    unconfirmed_key: Option<[u8; 16]>,
+    plaintext_warned: bool,
+    tamper: Option<bool>,
+}
+
+/// The bus thread: opens the port, runs a control panel until the port breaks or the daemon
+/// stops, and starts again.
+pub fn run(
+    bus: &BusConfig,
+    shared: &Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let BusKind::Osdp(readers) = &bus.kind else {
+        return;
+    };
+    let mut watch = PortWatch::new(bus);
+    while !shared.stopping() {
+        let port = match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open() {
+            Ok(p) => p,
+            Err(e) => {
+                fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
+                if watch.down(shared, &e.to_string()) {
+                    break;
+                }
+                continue;
+            }
+        };
+        watch.up(shared);
+        let broken = session(bus, readers, shared, port, &mut rx);
+        for r in readers {
+            shared.set_online(&r.id, &bus.id, false, broken.clone());
+        }
+        if let Some(e) = broken
+            && watch.down(shared, &e)
+        {
+            break;
+        }
+    }
+    fail_jobs(shared, &mut rx, "gatehouse is stopping");
+}
+
+fn fail_jobs(shared: &Shared, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>, why: &str) {
+    while let Ok(job) = rx.try_recv() {
+        answer(shared, job, Err(why.to_string()));
+    }
+}
+
+/// The readers' LibOSDP descriptions, with their keys. Readers that cannot be described (no key
+/// where one is required) are left out, with a `device_error` saying why.
+fn describe(
+    bus: &BusConfig,
+    readers: &[ReaderConfig],
+    shared: &Shared,
+) -> (Vec<PdInfoBuilder>, Vec<Option<i32>>, Vec<Option<[u8; 16]>>) {
+    let mut infos = Vec::new();
+    let mut index = Vec::new();
+    let mut unconfirmed = Vec::new();
+    for r in readers {
+        let base = PdInfoBuilder::new()
+            .name(&r.id)
+            .or_else(|_| PdInfoBuilder::new().name("reader"))
+            .and_then(|b| b.address(i32::from(r.address)))
+            .and_then(|b| b.baud_rate(bus.baud as i32));
+        let base = match base {
+            Ok(b) => b,
+            Err(e) => {
+                shared.record(
+                    EventKind::DeviceError,
+                    json!({"device": r.id, "bus": bus.id, "error": format!("LibOSDP refused the reader: {e:?}")}),
+                );
+                index.push(None);
+                unconfirmed.push(None);
+                continue;
+            }
+        };
+        let stored = shared.store.reader_key(&r.id);
+        let (info, pending) = match (r.secure, stored) {
+            (Secure::None, _) => (Some(base), None),
+            (Secure::Key | Secure::Install, Some((key, true))) => (
+                Some(base.secure_channel_key(key).flag(OsdpFlag::EnforceSecure)),
+                None,
+            ),
+            (Secure::Key, Some((key, false))) => (
+                Some(base.secure_channel_key(key).flag(OsdpFlag::EnforceSecure)),
+                None,
+            ),
+            (Secure::Key, None) => {
+                shared.record(
+                    EventKind::DeviceError,
+                    json!({"device": r.id, "bus": bus.id,
+                           "error": "no secure-channel key for this reader: set secure = \"install\" to pair it"}),
+                );
+                (None, None)
+            }
+            (Secure::Install, Some((key, false))) => (
+                Some(base.secure_channel_key(key).flag(OsdpFlag::InstallMode)),
+                Some(key),
+            ),
+            (Secure::Install, None) => {
+                let mut key = [0u8; 16];
+                let made = getrandom::getrandom(&mut key)
+                    .map_err(|e| anyhow::anyhow!("no randomness: {e}"))
+                    .and_then(|()| shared.store.set_reader_key(&r.id, &key, false));
+                match made {
+                    Ok(()) => (
+                        Some(base.secure_channel_key(key).flag(OsdpFlag::InstallMode)),
+                        Some(key),
+                    ),
+                    Err(e) => {
+                        shared.record(
+                            EventKind::DeviceError,
+                            json!({"device": r.id, "bus": bus.id,
+                                   "error": format!("could not store a new key: {e:#}")}),
+                        );
+                        (None, None)
+                    }
+                }
+            }
+        };
+        match info {
+            Some(i) => {
+                index.push(Some(infos.len() as i32));
+                infos.push(i);
+            }
+            None => index.push(None),
+        }
+        unconfirmed.push(pending);
+    }
+    (infos, index, unconfirmed)
+}
+
+/// One connection: returns `Some(error)` when the port broke, `None` when stopping.
+fn session(
+    bus: &BusConfig,
+    cfgs: &[ReaderConfig],
+    shared: &Arc<Shared>,
+    port: Box<dyn tokio_serial::SerialPort>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+) -> Option<String> {
+    let broken = Arc::new(Mutex::new(None));
+    let chan = SerialChannel {
+        port,
+        broken: broken.clone(),
+        id: 0,
+    };
+    let (infos, index, unconfirmed) = describe(bus, cfgs, shared);
+    let mut readers: Vec<Reader> = cfgs
+        .iter()
+        .zip(index)
+        .zip(unconfirmed)
+        .map(|((cfg, pd), unconfirmed_key)| Reader {
+            cfg,
+            pd,
+            keys: KeypadBuffer::new(cfg.inter_digit_timeout),
+            online: false,
+            sc_since: None,
+            unconfirmed_key,
+            plaintext_warned: false,
+            tamper: None,
+        })
+        .collect();
+    if infos.is_empty() {
+        // Nothing LibOSDP can talk to: keep the port, answer jobs, wait.
+        while !shared.stopping() {
+            fail_jobs(shared, rx, "no usable reader on this bus");
+            shared.sleep(Duration::from_millis(200));
+        }
+        return None;
+    }
+    let mut cp = match ControlPanelBuilder::new()
+        .add_channel(Box::new(chan), infos)
+        .build()
+    {
+        Ok(cp) => cp,
+        Err(e) => {
+            return Some(format!("LibOSDP could not set up the control panel: {e:?}"));
+        }
+    };
+    let (etx, erx) = channel::<(i32, OsdpEvent)>();
+    cp.set_event_callback(move |pd, ev| {
+        let _ = etx.send((pd, ev));
+        0
+    });
+    loop {
+        if shared.stopping() {
+            return None;
+        }
+        cp.refresh();
+        if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Some(e);
+        }
+        handle_events(&mut cp, &erx, &mut readers, bus, shared);
+        let now = Instant::now();
+        for r in readers.iter_mut() {
+            let Some(pd) = r.pd else { continue };
+            let online = cp.is_online(pd);
+            if online != r.online {
+                r.online = online;
+                shared.set_online(&r.cfg.id, &bus.id, online, None);
+                if !online {
+                    r.sc_since = None;
+                }
+            }
+            let sc = online && cp.is_sc_active(pd);
+            match (sc, r.sc_since) {
+                (true, None) => r.sc_since = Some(now),
+                (false, Some(_)) => r.sc_since = None,
+                _ => {}
+            }
+            if let (Some(key), Some(since)) = (r.unconfirmed_key, r.sc_since)
+                && now.duration_since(since) >= PAIRED_AFTER
+            {
+                r.unconfirmed_key = None;
+                match shared.store.set_reader_key(&r.cfg.id, &key, true) {
+                    Ok(()) => shared.record(
+                        EventKind::ReaderPaired,
+                        json!({"device": r.cfg.id, "bus": bus.id, "address": r.cfg.address}),
+                    ),
+                    Err(e) => {
+                        tracing::error!(reader = %r.cfg.id, "could not confirm the key: {e:#}")
+                    }
+                }
+            }
+            r.keys.expire(now);
+        }
+        while let Ok(job) = rx.try_recv() {
+            output(&mut cp, &readers, shared, job);
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+fn handle_events(
+    cp: &mut ControlPanel,
+    erx: &Receiver<(i32, OsdpEvent)>,
+    readers: &mut [Reader],
+    bus: &BusConfig,
+    shared: &Arc<Shared>,
+) {
+    while let Ok((pd, ev)) = erx.try_recv() {
+        let Some(r) = readers.iter_mut().find(|r| r.pd == Some(pd)) else {
+            continue;
+        };
+        let secure_required = r.cfg.secure != Secure::None;
+        if secure_required && r.sc_since.is_none() && !matches!(ev, OsdpEvent::Status(_)) {
+            if !r.plaintext_warned {
+                r.plaintext_warned = true;
+                shared.record(
+                    EventKind::DeviceError,
+                    json!({"device": r.cfg.id, "bus": bus.id,
+                           "error": "reader input without a secure channel was ignored"}),
+                );
+            }
+            continue;
+        }
+        match ev {
+            OsdpEvent::KeyPress(k) => {
+                for code in r.keys.press_all(&k.data, Instant::now()) {
+                    decide(cp, r, shared, Presented::Code(&code));
+                }
+            }
+            OsdpEvent::CardRead(c) => match c.format {
+                libosdp::OsdpCardFormats::Wiegand => match wire::wiegand(c.nr_bits, &c.data) {
+                    Ok(card) => decide(cp, r, shared, Presented::Card(card)),
+                    Err(e) => {
+                        shared.record(
+                            EventKind::DeviceError,
+                            json!({"device": r.cfg.id, "bus": bus.id, "error": format!("card read: {e}")}),
+                        );
+                        feedback(cp, r, Feedback::Denied);
+                    }
+                },
+                libosdp::OsdpCardFormats::Unspecified => match wire::raw_id(&c.data) {
+                    Some(id) => decide(cp, r, shared, Presented::Fob(&id)),
+                    None => feedback(cp, r, Feedback::Denied),
+                },
+            },
+            OsdpEvent::Status(s) => {
+                if matches!(s.type_, libosdp::OsdpStatusReportType::Local) && s.nr_entries >= 1 {
+                    let on = s.report[0] != 0;
+                    if r.tamper != Some(on) {
+                        // The first report tells the state; only a tamper is worth an event then.
+                        if r.tamper.is_some() || on {
+                            shared.record(
+                                EventKind::Tamper,
+                                json!({"device": r.cfg.id, "bus": bus.id, "active": on}),
+                            );
+                        }
+                        r.tamper = Some(on);
+                    }
+                }
+            }
+            OsdpEvent::MfgReply(_) => {}
+        }
+    }
+}
+
+fn decide(cp: &mut ControlPanel, r: &mut Reader, shared: &Arc<Shared>, credential: Presented) {
+    let attempt = Attempt {
+        request: Request {
+            credential,
+            target: Target::Entry(&r.cfg.entry),
+            direction: r.cfg.direction,
+        },
+        device: Some(&r.cfg.id),
+    };
+    // The decision is on disk before the reader or the relay hears of it.
+    match shared.engine.check(&attempt, Utc::now()) {
+        Ok(d) if d.granted => {
+            let _ = shared.release_entry(&r.cfg.entry, "access_granted");
+            feedback(cp, r, Feedback::Granted);
+        }
+        Ok(d) if d.reason == Reason::KeypadLockedOut => feedback(cp, r, Feedback::LockedOut),
+        Ok(_) => feedback(cp, r, Feedback::Denied),
+        Err(e) => {
+            tracing::error!(reader = %r.cfg.id, "access decision not recorded, refusing: {e:#}");
+            feedback(cp, r, Feedback::Denied);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feedback {
+    Granted,
+    Denied,
+    LockedOut,
+}
+
+/// LED and buzzer patterns (times in 100 ms units): granted — green 2 s, one short beep;
+/// denied — red 2 s, three beeps; locked out — red flashing 5 s, one long beep.
+fn feedback(cp: &mut ControlPanel, r: &Reader, f: Feedback) {
+    let Some(pd) = r.pd else { return };
+    let (color, on, off, timer, beep_on, beep_off, beeps) = match f {
+        Feedback::Granted => (OsdpLedColor::Green, 20, 0, 20, 2, 0, 1),
+        Feedback::Denied => (OsdpLedColor::Red, 20, 0, 20, 2, 1, 3),
+        Feedback::LockedOut => (OsdpLedColor::Red, 3, 3, 50, 15, 0, 1),
+    };
+    let led = OsdpCommand::Led(OsdpCommandLed {
+        reader: 0,
+        led_number: 0,
+        temporary: OsdpLedParams {
+            control_code: 2,
+            on_count: on,
+            off_count: off,
+            on_color: color,
+            off_color: if off == 0 { color } else { OsdpLedColor::None },
+            timer_count: timer,
+        },
+        permanent: OsdpLedParams {
+            control_code: 0,
+            on_count: 0,
+            off_count: 0,
+            on_color: OsdpLedColor::None,
+            off_color: OsdpLedColor::None,
+            timer_count: 0,
+        },
+    });
+    let buzzer = OsdpCommand::Buzzer(OsdpCommandBuzzer {
+        reader: 0,
+        control_code: 2,
+        on_count: beep_on,
+        off_count: beep_off,
+        rep_count: beeps,
+    });
+    for cmd in [led, buzzer] {
+        if cp.send_command(pd, cmd).is_err() {
+            tracing::debug!(reader = %r.cfg.id, "feedback not queued (reader offline)");
+        }
+    }
+}
+
+/// A relay job for an OSDP reader's output (`channel` = output number).
+fn output(cp: &mut ControlPanel, readers: &[Reader], shared: &Shared, job: Job) {
+    let Some(r) = readers.iter().find(|r| r.cfg.id == job.device) else {
+        let msg = format!("no reader `{}` on this bus", job.device);
+        return answer(shared, job, Err(msg));
+    };
+    let (Some(pd), true) = (r.pd, r.online) else {
+        return answer(
+            shared,
+            job,
+            Err(format!("reader `{}` is offline", r.cfg.id)),
+        );
+    };
+    let Ok(output_no) = u8::try_from(job.channel) else {
+        let msg = format!("no output {}", job.channel);
+        return answer(shared, job, Err(msg));
+    };
+    // OSDP OUT control codes: 1 permanent off, 2 permanent on, 5 temporary on (timer in
+    // 100 ms units), then back to the permanent state.
+    let (control_code, timer_count, what) = match job.op {
+        RelayOp::On => (2, 0, "on".to_string()),
+        RelayOp::Off => (1, 0, "off".to_string()),
+        RelayOp::Pulse { ms } => (
+            5,
+            u16::try_from(ms.div_ceil(100).max(1)).unwrap_or(u16::MAX),
+            format!("pulsed for {ms} ms"),
+        ),
+    };
+    let cmd = OsdpCommand::Output(OsdpCommandOutput {
+        output_no,
+        control_code,
+        timer_count,
+    });
+    let result = cp
+        .send_command(pd, cmd)
+        .map(|()| format!("reader `{}` output {output_no} {what}", r.cfg.id))
+        .map_err(|e| format!("LibOSDP refused the output command: {e:?}"));
+    answer(shared, job, result);
+}

@@ -1,0 +1,461 @@
+//! Simulated RS-485 devices on pseudo-terminals, for the demo site and the `rs485` benchmark:
+//! an OSDP keypad (a LibOSDP peripheral device, the same C library real readers run) and a
+//! Modbus RTU board answering like the Waveshare relay board (coils, board-timed pulses,
+//! discrete inputs, input registers). Gatehouse talks to them through its real bus code, over
+//! the PTY's slave side, exactly as it would to a USB RS-485 adapter. The tests use independent
+//! Python peers instead (`tests/peers/`).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use libosdp::{
+    OsdpCommand, OsdpEvent, OsdpEventKeyPress, OsdpFlag, PdCapEntity, PdCapability, PdInfoBuilder,
+    PeripheralDevice,
+};
+use serialport::{SerialPort, TTYPort};
+
+use super::osdp::SerialChannel;
+use super::wire::{modbus_crc, modbus_frame};
+
+/// A PTY pair: the simulator owns the master; the slave stays open (so the path stays valid
+/// while gatehouse opens, closes and reopens it) and is what gatehouse opens, by `path` or by a
+/// symlink to it.
+pub struct Pty {
+    pub master: TTYPort,
+    _slave: TTYPort,
+    pub path: PathBuf,
+}
+
+impl Pty {
+    pub fn open() -> anyhow::Result<Pty> {
+        let (master, slave) = TTYPort::pair()?;
+        let path = PathBuf::from(
+            slave
+                .name()
+                .ok_or_else(|| anyhow::anyhow!("the PTY has no slave name"))?,
+        );
+        Ok(Pty {
+            master,
+            _slave: slave,
+            path,
+        })
+    }
+
+    /// Points `link` at the slave (replacing an old link), so that a config can name a fixed path.
+    pub fn link(&self, link: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = link.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = link.with_extension("tmp-link");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&self.path, &tmp)?;
+        std::fs::rename(&tmp, link)?;
+        Ok(())
+    }
+}
+
+/// What a simulated device saw or did, with when.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    Led { color: String },
+    Buzzer { count: u8 },
+    Output { output: u8, control: u8 },
+    KeySet,
+    Coil { channel: u16, on: bool },
+}
+
+pub type SeenLog = Arc<Mutex<Vec<(Instant, Seen)>>>;
+
+enum KeypadCmd {
+    Keys(Vec<u8>, Option<Sender<Instant>>),
+}
+
+/// A simulated OSDP keypad/reader.
+pub struct SimKeypad {
+    tx: Sender<KeypadCmd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub seen: SeenLog,
+    pub path: PathBuf,
+    online: Arc<AtomicBool>,
+}
+
+impl SimKeypad {
+    /// Starts a keypad at `address`. With `key_file`: the secure-channel key is read from it if
+    /// it exists (a paired reader), otherwise the keypad starts in install mode and writes the
+    /// key it is given with KEYSET there (mode 0600). Without: no secure channel.
+    pub fn start(address: u8, key_file: Option<PathBuf>) -> anyhow::Result<SimKeypad> {
+        let pty = Pty::open()?;
+        let path = pty.path.clone();
+        let seen: SeenLog = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let online = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let (s2, st2, on2) = (seen.clone(), stop.clone(), online.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("sim-keypad-{address}"))
+            .spawn(move || {
+                if let Err(e) = keypad_thread(pty, address, key_file, rx, s2, st2, on2) {
+                    tracing::error!("simulated keypad stopped: {e:#}");
+                }
+            })?;
+        Ok(SimKeypad {
+            tx,
+            stop,
+            thread: Some(thread),
+            seen,
+            path,
+            online,
+        })
+    }
+
+    /// Types keys (e.g. `123456#`); returns when the keypad queued them, with that instant.
+    pub fn keys(&self, keys: &str) -> Option<Instant> {
+        let (t, r) = channel();
+        self.tx
+            .send(KeypadCmd::Keys(keys.as_bytes().to_vec(), Some(t)))
+            .ok()?;
+        r.recv_timeout(Duration::from_secs(2)).ok()
+    }
+
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SimKeypad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn keypad_thread(
+    pty: Pty,
+    address: u8,
+    key_file: Option<PathBuf>,
+    rx: Receiver<KeypadCmd>,
+    seen: SeenLog,
+    stop: Arc<AtomicBool>,
+    online: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut master = pty.master.try_clone_native()?;
+    master.set_timeout(Duration::ZERO)?;
+    let chan = SerialChannel::new(Box::new(master));
+    let mut info = PdInfoBuilder::new()
+        .name("sim-keypad")
+        .and_then(|b| b.address(i32::from(address)))
+        .and_then(|b| b.baud_rate(9600))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .capability(PdCapability::CommunicationSecurity(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::LedControl(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::AudibleOutput(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::OutputControl(PdCapEntity::new(1, 1)));
+    let stored = key_file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
+    match (&key_file, stored) {
+        (_, Some(k)) => info = info.secure_channel_key(k),
+        (Some(_), None) => info = info.flag(OsdpFlag::InstallMode),
+        (None, None) => {}
+    }
+    let mut pd =
+        PeripheralDevice::new(info, Box::new(chan)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let s = seen.clone();
+    pd.set_command_callback(move |cmd| {
+        let now = Instant::now();
+        let item = match cmd {
+            OsdpCommand::Led(l) => Seen::Led {
+                color: format!("{:?}", l.temporary.on_color).to_lowercase(),
+            },
+            OsdpCommand::Buzzer(b) => Seen::Buzzer { count: b.rep_count },
+            OsdpCommand::Output(o) => Seen::Output {
+                output: o.output_no,
+                control: o.control_code,
+            },
+            OsdpCommand::KeySet(k) => {
+                if let (Some(f), Ok(key)) = (&key_file, <[u8; 16]>::try_from(k.data.as_slice())) {
+                    if let Err(e) = write_secret(f, &key) {
+                        tracing::error!("simulated keypad could not keep its key: {e}");
+                    }
+                }
+                Seen::KeySet
+            }
+            _ => return 0,
+        };
+        s.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((now, item));
+        0
+    });
+    while !stop.load(Ordering::Relaxed) {
+        pd.refresh();
+        online.store(pd.is_online(), Ordering::Relaxed);
+        while let Ok(KeypadCmd::Keys(keys, ack)) = rx.try_recv() {
+            let ev = OsdpEvent::KeyPress(OsdpEventKeyPress {
+                reader_no: 0,
+                data: keys,
+            });
+            let _ = pd.notify_event(ev);
+            if let Some(a) = ack {
+                let _ = a.send(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+fn write_secret(path: &Path, key: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(key)
+}
+
+/// A simulated Modbus RTU board: 8 coils with board-timed pulses at 0x0200+ch (Waveshare
+/// "flash on", 100 ms units), 8 discrete inputs, input registers 1–2 (21.5 °C, 40 %RH).
+pub struct SimBoard {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub seen: SeenLog,
+    pub path: PathBuf,
+    pub inputs: Arc<Mutex<[bool; 8]>>,
+}
+
+impl SimBoard {
+    pub fn start(address: u8) -> anyhow::Result<SimBoard> {
+        let pty = Pty::open()?;
+        let path = pty.path.clone();
+        let seen: SeenLog = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let inputs = Arc::new(Mutex::new([false; 8]));
+        let (s2, st2, i2) = (seen.clone(), stop.clone(), inputs.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("sim-board-{address}"))
+            .spawn(move || {
+                if let Err(e) = board_thread(pty, address, s2, st2, i2) {
+                    tracing::error!("simulated board stopped: {e:#}");
+                }
+            })?;
+        Ok(SimBoard {
+            stop,
+            thread: Some(thread),
+            seen,
+            path,
+            inputs,
+        })
+    }
+}
+
+impl Drop for SimBoard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The registers of a simulated board and what a request does to them.
+#[derive(Debug, Default)]
+pub struct BoardState {
+    pub coils: [bool; 8],
+    pub inputs: [bool; 8],
+    /// Pulses running: (channel, off at).
+    pub pulses: Vec<(u16, Instant)>,
+}
+
+/// Length of the request frame starting `buf` (address, function, ...), if known yet.
+pub fn request_len(buf: &[u8]) -> Option<usize> {
+    match *buf.get(1)? {
+        0x01..=0x06 => Some(8),
+        0x0F | 0x10 => buf.get(6).map(|&n| 9 + usize::from(n)),
+        _ => Some(4), // unknown function: answered with an exception after its CRC
+    }
+}
+
+impl BoardState {
+    /// Answers one request PDU (function + data). Returns the reply PDU and coil changes.
+    pub fn handle(&mut self, pdu: &[u8], now: Instant) -> (Vec<u8>, Vec<(u16, bool)>) {
+        let mut changes = Vec::new();
+        let ex = |f: u8, code: u8| vec![f | 0x80, code];
+        let Some((&f, data)) = pdu.split_first() else {
+            return (ex(0, 1), changes);
+        };
+        let word = |i: usize| -> Option<u16> {
+            Some(u16::from_be_bytes([*data.get(i)?, *data.get(i + 1)?]))
+        };
+        let (Some(a), Some(v)) = (word(0), word(2)) else {
+            return (ex(f, 3), changes);
+        };
+        let reply = match f {
+            0x01 | 0x02 => {
+                let bits = if f == 1 { self.coils } else { self.inputs };
+                if a >= 8 || v == 0 || a + v > 8 {
+                    return (ex(f, 2), changes);
+                }
+                let mut byte = 0u8;
+                for k in 0..v {
+                    byte |= u8::from(bits[usize::from(a + k)]) << k;
+                }
+                vec![f, 1, byte]
+            }
+            0x03 | 0x04 => {
+                let regs: &[(u16, u16)] = if f == 4 {
+                    &[(1, 215), (2, 400)]
+                } else {
+                    &[(0x4000, 1), (0x2000, 2), (0x8000, 0x0100)]
+                };
+                let mut out = vec![f, (v * 2).min(250) as u8];
+                for k in 0..v.min(125) {
+                    match regs.iter().find(|(r, _)| *r == a.wrapping_add(k)) {
+                        Some((_, val)) => out.extend_from_slice(&val.to_be_bytes()),
+                        None => return (ex(f, 2), changes),
+                    }
+                }
+                out
+            }
+            0x05 => {
+                let ch = a & 0xFF;
+                match (a & 0xFF00, v) {
+                    (0x0000, 0xFF00 | 0x0000 | 0x5500) if ch < 8 => {
+                        let c = usize::from(ch);
+                        let on = match v {
+                            0xFF00 => true,
+                            0x0000 => false,
+                            _ => !self.coils[c],
+                        };
+                        if self.coils[c] != on {
+                            changes.push((ch, on));
+                        }
+                        self.coils[c] = on;
+                        self.pulses.retain(|p| p.0 != ch);
+                    }
+                    (0x0200, units) if ch < 8 => {
+                        let c = usize::from(ch);
+                        if !self.coils[c] {
+                            changes.push((ch, true));
+                        }
+                        self.coils[c] = true;
+                        self.pulses.retain(|p| p.0 != ch);
+                        self.pulses
+                            .push((ch, now + Duration::from_millis(u64::from(units) * 100)));
+                    }
+                    _ => return (ex(f, 2), changes),
+                }
+                let mut out = vec![f];
+                out.extend_from_slice(&data[..4]);
+                out
+            }
+            _ => return (ex(f, 1), changes),
+        };
+        (reply, changes)
+    }
+
+    /// Ends pulses that are due; returns the coils switched off.
+    pub fn tick(&mut self, now: Instant) -> Vec<u16> {
+        let (due, keep): (Vec<_>, Vec<_>) = self.pulses.drain(..).partition(|p| p.1 <= now);
+        self.pulses = keep;
+        due.into_iter()
+            .map(|(ch, _)| {
+                self.coils[usize::from(ch)] = false;
+                ch
+            })
+            .collect()
+    }
+}
+
+fn board_thread(
+    pty: Pty,
+    address: u8,
+    seen: SeenLog,
+    stop: Arc<AtomicBool>,
+    inputs: Arc<Mutex<[bool; 8]>>,
+) -> anyhow::Result<()> {
+    let mut master = pty.master.try_clone_native()?;
+    master.set_timeout(Duration::from_millis(2))?;
+    let mut state = BoardState::default();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 256];
+    let note = |ch: u16, on: bool| {
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Instant::now(), Seen::Coil { channel: ch, on }));
+    };
+    while !stop.load(Ordering::Relaxed) {
+        for ch in state.tick(Instant::now()) {
+            note(ch, false);
+        }
+        match master.read(&mut chunk) {
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(e) => return Err(e.into()),
+        }
+        // Frame: find a request with a good CRC at the start; drop a byte and retry otherwise.
+        while buf.len() >= 4 {
+            let Some(len) = request_len(&buf) else { break };
+            if buf.len() < len {
+                break;
+            }
+            let frame = &buf[..len];
+            if modbus_crc(&frame[..len - 2]).to_le_bytes() != frame[len - 2..] {
+                buf.remove(0);
+                continue;
+            }
+            if frame[0] == address {
+                state.inputs = *inputs.lock().unwrap_or_else(|e| e.into_inner());
+                let (reply, changes) = state.handle(&frame[1..len - 2], Instant::now());
+                for (ch, on) in changes {
+                    note(ch, on);
+                }
+                let out = modbus_frame(address, reply[0], &reply[1..]);
+                master.write_all(&out)?;
+            }
+            buf.drain(..len);
+        }
+        if buf.len() > 512 {
+            buf.clear();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn board_pulses_and_answers() {
+        let t0 = Instant::now();
+        let mut b = BoardState::default();
+        let (r, ch) = b.handle(&[0x05, 0x02, 0x03, 0x00, 0x07], t0);
+        assert_eq!(r, vec![0x05, 0x02, 0x03, 0x00, 0x07]);
+        assert_eq!(ch, vec![(3, true)]);
+        assert!(b.tick(t0 + Duration::from_millis(600)).is_empty());
+        assert_eq!(b.tick(t0 + Duration::from_millis(701)), vec![3]);
+        let (r, _) = b.handle(&[0x01, 0x00, 0x00, 0x00, 0x08], t0);
+        assert_eq!(r, vec![0x01, 1, 0]);
+        let (r, _) = b.handle(&[0x04, 0x00, 0x01, 0x00, 0x01], t0);
+        assert_eq!(r, vec![0x04, 2, 0, 215]);
+        let (r, _) = b.handle(&[0x04, 0x00, 0x09, 0x00, 0x01], t0);
+        assert_eq!(r, vec![0x84, 2]);
+        let (r, _) = b.handle(&[0x2B], t0);
+        assert_eq!(r, vec![0xAB, 3]);
+    }
+}
