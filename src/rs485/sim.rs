@@ -236,6 +236,8 @@ pub struct SimBoard {
     pub seen: SeenLog,
     pub path: PathBuf,
     pub inputs: Arc<Mutex<[bool; 8]>>,
+    /// Requests answered so far.
+    pub served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SimBoard {
@@ -245,11 +247,12 @@ impl SimBoard {
         let seen: SeenLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let inputs = Arc::new(Mutex::new([false; 8]));
-        let (s2, st2, i2) = (seen.clone(), stop.clone(), inputs.clone());
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, st2, i2, sv2) = (seen.clone(), stop.clone(), inputs.clone(), served.clone());
         let thread = std::thread::Builder::new()
             .name(format!("sim-board-{address}"))
             .spawn(move || {
-                if let Err(e) = board_thread(pty, address, s2, st2, i2) {
+                if let Err(e) = board_thread(pty, address, s2, st2, i2, &sv2) {
                     tracing::error!("simulated board stopped: {e:#}");
                 }
             })?;
@@ -259,6 +262,7 @@ impl SimBoard {
             seen,
             path,
             inputs,
+            served,
         })
     }
 }
@@ -387,6 +391,7 @@ fn board_thread(
     seen: SeenLog,
     stop: Arc<AtomicBool>,
     inputs: Arc<Mutex<[bool; 8]>>,
+    served: &std::sync::atomic::AtomicU64,
 ) -> anyhow::Result<()> {
     let mut master = pty.master.try_clone_native()?;
     master.set_timeout(Duration::from_millis(2))?;
@@ -426,6 +431,7 @@ fn board_thread(
                 }
                 let out = modbus_frame(address, reply[0], &reply[1..]);
                 master.write_all(&out)?;
+                served.fetch_add(1, Ordering::Relaxed);
             }
             buf.drain(..len);
         }

@@ -31,8 +31,9 @@ COMMAND LINE
                                    compliance 0 in its PDCAP reply and answers osdp_CHLNG with
                                    NAK 0x05; it talks plaintext only.
                          (MODE omitted = install)
-                  enforce: LibOSDP ENFORCE_SECURE flag: with SC inactive only ID, CAP, CHLNG
-                           and SCRYPT are accepted (others get NAK), SCBK-D is refused.
+                  enforce: LibOSDP ENFORCE_SECURE flag (only together with an SCBK): with SC
+                           inactive only ID, CAP, CHLNG and SCRYPT are accepted (others get
+                           NAK), SCBK-D is refused.
                   Every PD declares: OutputControl 1 output, LED 1 LED, Audible 1, Text 1
                   line, CardDataFormat, Readers 1 (and LibOSDP adds CRC, SC, buffer size).
                   PDID: vendor 0x0A1B2C, model 2, version 1, serial 0x47480000+ADDR,
@@ -374,6 +375,8 @@ def parse_pd_spec(spec):
             mode = "key"
         else:
             raise ValueError(f"bad PD option {p!r} in {spec!r}")
+    if enforce and mode != "key":
+        raise ValueError(f"enforce needs a 32-hex-char SCBK in {spec!r}")
     return PdState(addr, mode, key, enforce)
 
 
@@ -822,4 +825,6 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stderr.flush()
+    os._exit(rc)  # do not wait for anything else at interpreter shutdown

@@ -7,6 +7,7 @@
 //! resident size of that reopened, daemon-like process; the import process's own peak is printed
 //! on stderr.
 
+mod rs485;
 mod uplink;
 
 use std::path::Path;
@@ -37,7 +38,8 @@ fn main() -> anyhow::Result<()> {
         Some("access-open") => access_open(Path::new(&args[1])),
         Some("event-log") => event_log(),
         Some("uplink") => uplink::run(),
-        _ => bail!("usage: gatehouse-bench access|event-log|uplink"),
+        Some("rs485") => rs485::run(),
+        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485"),
     }
 }
 
