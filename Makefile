@@ -40,7 +40,7 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-cargo-test:
+cargo-test: venv
 	$(CARGO) test --all-targets
 
 schema-check: venv

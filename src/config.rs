@@ -454,7 +454,8 @@ impl Config {
                 format!("{} is out of range (expected 1 to 3650)", a.get_ref()),
             ));
         }
-        let buses = crate::rs485::config::check(&raw.bus, &resolve, &err)?;
+        let buses =
+            crate::rs485::config::check(&raw.bus, &resolve, &err, raw.demo.simulate_devices)?;
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,

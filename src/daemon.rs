@@ -78,7 +78,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(seq, "recorded gateway_started");
 
     let engine = Arc::new(AccessEngine::new(store.clone(), cfg.digital_key_public));
-    run_demo_attempts(&engine, &cfg);
+    // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
+    let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
+    let rs485 = if buses.is_empty() {
+        None
+    } else {
+        Some(crate::rs485::Rs485::start(&buses, engine.clone())?)
+    };
+    let typed = sims.type_demo_codes(&cfg.demo_attempts);
+    let direct: Vec<_> = cfg
+        .demo_attempts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !typed.contains(i))
+        .map(|(_, a)| a.clone())
+        .collect();
+    run_demo_attempts(&engine, &direct);
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -92,7 +107,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.gateway_id,
                 store.clone(),
                 session,
-                Some(Arc::new(command_router(&cfg, cloud, &store))),
+                Some(Arc::new(command_router(
+                    &cfg,
+                    cloud,
+                    &store,
+                    rs485.as_ref().map(|r| r.relays()),
+                ))),
             );
             tracing::info!(
                 session,
@@ -144,17 +164,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "tasks did not stop in time; flushing anyway"
         );
     }
+    if let Some(r) = rs485 {
+        let deadline = cfg.drain_timeout;
+        let _ = tokio::task::spawn_blocking(move || r.stop(deadline)).await;
+    }
+    drop(sims);
     record(&store, EventKind::GatewayStopped, json!({}))?;
     store.flush().context("final flush")?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
-/// The command router: simulated devices for the demo, otherwise none until drivers exist.
+/// The command router: relays on the RS-485 buses; simulated devices for what the demo site
+/// names and no bus has; otherwise none (until the BLE drivers exist for unit controllers).
 fn command_router(
     cfg: &Config,
     cloud: &crate::config::CloudConfig,
     store: &Store,
+    bus_relays: Option<Arc<dyn crate::cloud::commands::Relays>>,
 ) -> crate::cloud::link::Commands {
     use crate::cloud::commands::{
         CommandConfig, NoDevices, Relays, Router, SimulatedRelays, SimulatedUnits, UnitControllers,
@@ -184,6 +211,10 @@ fn command_router(
     } else {
         (Arc::new(NoDevices), Arc::new(NoDevices))
     };
+    let relays = match bus_relays {
+        Some(bus) => Arc::new(crate::cloud::commands::Either(bus, relays)),
+        None => relays,
+    };
     crate::cloud::link::Commands {
         router: Arc::new(Router::new(units, relays)),
         cfg: CommandConfig {
@@ -195,8 +226,8 @@ fn command_router(
     }
 }
 
-fn run_demo_attempts(engine: &AccessEngine, cfg: &Config) {
-    for a in &cfg.demo_attempts {
+fn run_demo_attempts(engine: &AccessEngine, attempts: &[crate::config::DemoAttempt]) {
+    for a in attempts {
         let credential = match (&a.code, &a.fob) {
             (Some(c), _) => Presented::Code(c),
             (_, Some(f)) => Presented::Fob(f),

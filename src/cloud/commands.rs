@@ -1535,3 +1535,37 @@ impl Relays for NoDevices {
         Execution::Failed(format!("no driver for `{device}`"))
     }
 }
+
+/// Two sets of devices as one: the first that knows a device (anything but
+/// [`Online::Unknown`]) handles it. E.g. the RS-485 buses first, then simulated or absent ones.
+pub struct Either<A: ?Sized, B: ?Sized>(pub Arc<A>, pub Arc<B>);
+
+impl<A: Relays + ?Sized, B: Relays + ?Sized> Relays for Either<A, B> {
+    fn online(&self, device: &str) -> Online {
+        match self.0.online(device) {
+            Online::Unknown => self.1.online(device),
+            o => o,
+        }
+    }
+    fn execute(&self, device: &str, channel: u16, op: RelayOp) -> Execution {
+        match self.0.online(device) {
+            Online::Unknown => self.1.execute(device, channel, op),
+            _ => self.0.execute(device, channel, op),
+        }
+    }
+}
+
+impl<A: UnitControllers + ?Sized, B: UnitControllers + ?Sized> UnitControllers for Either<A, B> {
+    fn online(&self, device: &str) -> Online {
+        match self.0.online(device) {
+            Online::Unknown => self.1.online(device),
+            o => o,
+        }
+    }
+    fn execute(&self, device: &str, action: UnitAction) -> Execution {
+        match self.0.online(device) {
+            Online::Unknown => self.1.execute(device, action),
+            _ => self.0.execute(device, action),
+        }
+    }
+}

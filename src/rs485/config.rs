@@ -144,6 +144,11 @@ pub struct BusConfig {
 }
 
 impl BusConfig {
+    /// Whether the port is a simulated device (`sim:<name>`).
+    pub fn simulated(&self) -> bool {
+        self.port.to_string_lossy().starts_with(SIM_PREFIX)
+    }
+
     /// Every device id on this bus (readers or Modbus devices).
     pub fn device_ids(&self) -> Vec<&str> {
         match &self.kind {
@@ -153,13 +158,19 @@ impl BusConfig {
     }
 }
 
+/// Port names starting with this are simulated devices (demo only).
+pub const SIM_PREFIX: &str = "sim:";
+
 pub(crate) type ErrFn<'a> = dyn Fn(Range<usize>, &str, String) -> ConfigError + 'a;
 
 /// Checks every `[[bus]]`: ids unique across buses and devices, ports unique, values in range.
+/// `simulate`: `demo.simulate_devices`, which allows `port = "sim:<name>"` (a simulated device
+/// on a PTY, started by the daemon; see [`super::sim`]).
 pub fn check(
     raw: &[RawBus],
     resolve: &dyn Fn(&str) -> PathBuf,
     err: &ErrFn,
+    simulate: bool,
 ) -> Result<Vec<BusConfig>, ConfigError> {
     let mut ids = HashSet::new();
     let mut ports = HashSet::new();
@@ -188,7 +199,17 @@ pub fn check(
                 "is empty (expected a serial device path)".into(),
             ));
         }
-        let port = resolve(b.port.get_ref());
+        let port = match b.port.get_ref().strip_prefix(SIM_PREFIX) {
+            Some(_) if !simulate => {
+                return Err(err(
+                    b.port.span(),
+                    &key("port"),
+                    "`sim:` ports (simulated devices) need demo.simulate_devices = true".into(),
+                ));
+            }
+            Some(_) => PathBuf::from(b.port.get_ref()),
+            None => resolve(b.port.get_ref()),
+        };
         if !ports.insert(port.clone()) {
             return Err(err(
                 b.port.span(),

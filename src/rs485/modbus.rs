@@ -218,7 +218,7 @@ async fn run_async(
         devs = std::mem::take(&mut b.devs);
         drop(b);
         for d in devs.iter_mut() {
-            if d.online == Some(true) {
+            if broken.is_some() && d.online == Some(true) {
                 shared.set_online(&d.cfg.id, &bus.id, false, broken.clone());
                 d.online = Some(false);
             }

@@ -144,7 +144,11 @@ pub fn run(
     let mut watch = PortWatch::new(bus);
     while !shared.stopping() {
         let port = match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open() {
-            Ok(p) => p,
+            Ok(p) => {
+                // Whatever sat in the input buffer belongs to an earlier conversation.
+                let _ = p.clear(tokio_serial::ClearBuffer::Input);
+                p
+            }
             Err(e) => {
                 fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
                 if watch.down(shared, &e.to_string()) {
@@ -155,8 +159,10 @@ pub fn run(
         };
         watch.up(shared);
         let broken = session(bus, readers, shared, port, &mut rx);
-        for r in readers {
-            shared.set_online(&r.id, &bus.id, false, broken.clone());
+        if broken.is_some() {
+            for r in readers {
+                shared.set_online(&r.id, &bus.id, false, broken.clone());
+            }
         }
         if let Some(e) = broken
             && watch.down(shared, &e)
@@ -340,10 +346,13 @@ fn session(
             {
                 r.unconfirmed_key = None;
                 match shared.store.set_reader_key(&r.cfg.id, &key, true) {
-                    Ok(()) => shared.record(
+                    Ok(()) => {
+                        tracing::info!(reader = %r.cfg.id, "reader paired: secure channel on its own key");
+                        shared.record(
                         EventKind::ReaderPaired,
                         json!({"device": r.cfg.id, "bus": bus.id, "address": r.cfg.address}),
-                    ),
+                    );
+                    }
                     Err(e) => {
                         tracing::error!(reader = %r.cfg.id, "could not confirm the key: {e:#}")
                     }
@@ -433,7 +442,19 @@ fn decide(cp: &mut ControlPanel, r: &mut Reader, shared: &Arc<Shared>, credentia
         device: Some(&r.cfg.id),
     };
     // The decision is on disk before the reader or the relay hears of it.
-    match shared.engine.check(&attempt, Utc::now()) {
+    let decision = shared.engine.check(&attempt, Utc::now());
+    if let Ok(d) = &decision {
+        tracing::info!(
+            reader = %r.cfg.id,
+            entry = %r.cfg.entry,
+            credential = credential.kind(),
+            granted = d.granted,
+            reason = %d.reason,
+            user = d.user.as_deref().unwrap_or("-"),
+            "access decided"
+        );
+    }
+    match decision {
         Ok(d) if d.granted => {
             let _ = shared.release_entry(&r.cfg.entry, "access_granted");
             feedback(cp, r, Feedback::Granted);

@@ -191,6 +191,7 @@ fn keypad_thread(
             }
             _ => return 0,
         };
+        tracing::info!(address, seen = ?item, "simulated keypad");
         s.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((now, item));
@@ -399,6 +400,7 @@ fn board_thread(
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 256];
     let note = |ch: u16, on: bool| {
+        tracing::info!(address, relay = ch, on, "simulated relay board");
         seen.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((Instant::now(), Seen::Coil { channel: ch, on }));
@@ -463,5 +465,81 @@ mod tests {
         assert_eq!(r, vec![0x84, 2]);
         let (r, _) = b.handle(&[0x2B], t0);
         assert_eq!(r, vec![0xAB, 3]);
+    }
+}
+
+/// The demo's simulated devices: one per `sim:` bus.
+#[derive(Default)]
+pub struct DemoSims {
+    keypads: Vec<(String, Arc<SimKeypad>)>,
+    boards: Vec<SimBoard>,
+}
+
+/// Starts a simulated device for every `sim:` bus of the config (an OSDP bus gets a keypad for
+/// its one reader, a Modbus bus a relay board for its one device) and returns the buses with
+/// their ports pointed at the simulators' PTYs.
+pub fn start_for_demo(
+    cfg: &crate::config::Config,
+) -> anyhow::Result<(Vec<super::config::BusConfig>, DemoSims)> {
+    use super::config::BusKind;
+    let mut sims = DemoSims::default();
+    let mut buses = cfg.buses.clone();
+    for bus in buses.iter_mut().filter(|b| b.simulated()) {
+        match &bus.kind {
+            BusKind::Osdp(readers) => {
+                let [r] = readers.as_slice() else {
+                    anyhow::bail!("bus `{}`: a simulated OSDP bus has exactly one reader", bus.id);
+                };
+                let key = (r.secure != super::config::Secure::None)
+                    .then(|| cfg.data_dir.join("sim").join(format!("{}.key", r.id)));
+                let k = SimKeypad::start(r.address, key)?;
+                tracing::info!(bus = %bus.id, reader = %r.id, pty = %k.path.display(), "simulated keypad started");
+                bus.port = k.path.clone();
+                sims.keypads.push((r.id.clone(), Arc::new(k)));
+            }
+            BusKind::Modbus { devices, .. } => {
+                let [d] = devices.as_slice() else {
+                    anyhow::bail!("bus `{}`: a simulated Modbus bus has exactly one device", bus.id);
+                };
+                let b = SimBoard::start(d.address)?;
+                tracing::info!(bus = %bus.id, device = %d.id, pty = %b.path.display(), "simulated relay board started");
+                bus.port = b.path.clone();
+                sims.boards.push(b);
+            }
+        }
+    }
+    Ok((buses, sims))
+}
+
+impl DemoSims {
+    /// Types the demo attempts that name a simulated keypad and a code on that keypad (code and
+    /// `#`, 2 s apart, once the keypad is online), in a background thread. Returns the indices
+    /// of the attempts it takes.
+    pub fn type_demo_codes(&self, attempts: &[crate::config::DemoAttempt]) -> Vec<usize> {
+        let mut plan = Vec::new();
+        for (i, a) in attempts.iter().enumerate() {
+            let (Some(code), Some(kp)) = (&a.code, &a.keypad) else {
+                continue;
+            };
+            if let Some((_, k)) = self.keypads.iter().find(|(id, _)| id == kp) {
+                plan.push((i, k.clone(), format!("{code}#")));
+            }
+        }
+        let taken = plan.iter().map(|p| p.0).collect();
+        if !plan.is_empty() {
+            std::thread::spawn(move || {
+                for (_, keypad, keys) in plan {
+                    let end = Instant::now() + Duration::from_secs(15);
+                    while !keypad.online() && Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    // Past the pairing (install mode, KEYSET, new secure channel).
+                    std::thread::sleep(Duration::from_secs(2));
+                    tracing::info!(keys = %"*".repeat(keys.len() - 1), "demo: typing a code on the simulated keypad");
+                    keypad.keys(&keys);
+                }
+            });
+        }
+        taken
     }
 }

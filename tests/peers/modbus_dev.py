@@ -56,9 +56,13 @@ DEVICE MODELS  (any access outside the map below -> exception 02 ILLEGAL DATA AD
            (as 0x4000 above), 0x0102 baud code (0 9600, 1 14400, 2 19200; stored only),
            0x0103 temperature correction, 0x0104 humidity correction (stored only).
            No coils or discrete inputs.
-  Other function codes pymodbus knows (FC08, FC11, FC16/FC17 mask/read-write, FC2B, ...) are
-  answered by pymodbus against the same register map where they touch registers. A function
-  code pymodbus does not know is not answered (pymodbus skips the bytes).
+  Other function codes pymodbus knows (0x08 diagnostics, 0x11 report server id, 0x16 mask
+  write register, 0x17 read/write registers, 0x2B device identification, ...) are answered
+  by pymodbus itself, through the same register map where they touch registers (0x16/0x17
+  act on the holding registers). A function code pymodbus does not know is not answered;
+  a request it cannot decode (e.g. a count of 0) gets exception 01 ILLEGAL FUNCTION.
+  Bytes that cannot be decoded and get no new bytes within 20 ms are dropped when the next
+  bytes arrive (an RTU frame gap), so garbage does not swallow the following request.
 
 STDIN: one JSON object per line, processed in order. "addr" is the address given with
   --device (a device moved by a write to its address register keeps that id). Every op may
@@ -81,6 +85,8 @@ STDOUT: one JSON object per line, written and flushed at once. Every object has 
       value]), 15 (values = [0|1,...]), 6 and 16 (register values), 22/23 (values written).
       Emitted when the request is processed, before its coil events and before the reply.
       "exception" is the Modbus exception code sent back instead of the normal reply.
+      (A request pymodbus rejects before it reaches the register map, e.g. FC0F with a byte
+      count that does not match its bit count, gets its exception without a "write" event.)
   {"ev":"coil","addr":A,"index":i,"on":bool,"cause":"write"|"flash"}
       every change of a coil, emitted the instant the new state is stored (inside the
       request handling, before the reply; or when a flash timer fires: cause "flash").
@@ -145,6 +151,7 @@ def log(msg):
 # Device models
 # ---------------------------------------------------------------------------------------------
 ON, OFF, TOGGLE = 0xFF00, 0x0000, 0x5500
+INTERFRAME_GAP_S = 0.020
 KINDS = ("relay8", "relay8d", "io8", "xymd02")
 
 
@@ -356,17 +363,38 @@ class WriteCoilRaw(ModbusPDU):
 
 
 class SilentAwareHandler(ServerRequestHandler):
-    """Drops every request whose address is not an answering simulated device."""
+    """Drops every request whose address is not an answering simulated device, and bytes
+    that stayed undecodable across an RTU inter-frame gap."""
 
     bus = None
+    _stale_len = 0  # undecoded bytes left at the end of the buffer by the last call
+    _stale_at = 0.0
 
     def callback_data(self, data, addr=None):
+        now = time.monotonic()
+        skip = 0
+        if self._stale_len and now - self._stale_at > INTERFRAME_GAP_S:
+            # pymodbus's RTU framer keeps an undecodable fragment (e.g. an unknown function
+            # code) and would glue the next request to it; a real device's frame timer
+            # (3.5 characters of silence) would have dropped it.
+            skip = min(self._stale_len, len(data))
+        used = skip + self._handle(data[skip:], addr)
+        self._stale_len = len(data) - used
+        self._stale_at = now
+        return used
+
+    def _handle(self, data, addr):
+        if not data:
+            return 0
         try:
             used_len = TransactionManager.callback_data(self, data, addr)
         except ModbusIOException as exc:
             if self.bus.answers(exc.dev_id):
+                fcode = exc.fcode
+                if fcode is None:  # pymodbus does not say which; take it from the frame
+                    fcode = data[1] & 0x7F if len(data) > 1 and data[0] == exc.dev_id else 0
                 response = ExceptionResponse(
-                    0x00 if exc.fcode is None else exc.fcode,
+                    fcode,
                     exception_code=ExcCodes.ILLEGAL_FUNCTION,
                     device_id=exc.dev_id,
                     transaction=exc.transaction_id,
