@@ -50,7 +50,9 @@ const PAIRED_AFTER: Duration = Duration::from_secs(1);
 /// The serial port as a LibOSDP channel. An I/O error other than "nothing to read" marks the
 /// port broken; the bus thread then tears the control panel down and reopens the port.
 pub(crate) struct SerialChannel {
-    port: Box<dyn tokio_serial::SerialPort>,
+    /// `None` once LibOSDP closed the channel (at teardown): the port is closed then, even
+    /// though the `libosdp` crate never frees the channel object itself.
+    port: Option<Box<dyn tokio_serial::SerialPort>>,
     broken: Arc<Mutex<Option<String>>>,
     id: i32,
 }
@@ -58,7 +60,7 @@ pub(crate) struct SerialChannel {
 impl SerialChannel {
     pub(crate) fn new(port: Box<dyn tokio_serial::SerialPort>) -> Self {
         SerialChannel {
-            port,
+            port: Some(port),
             broken: Arc::default(),
             id: 0,
         }
@@ -88,7 +90,10 @@ impl Channel for SerialChannel {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
-        match self.port.read(buf) {
+        let Some(port) = self.port.as_mut() else {
+            return Err(ChannelError::TransportError);
+        };
+        match port.read(buf) {
             Ok(n) => Ok(n),
             Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
             Err(e) => Err(self.fail("read", &e)),
@@ -96,7 +101,10 @@ impl Channel for SerialChannel {
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<usize, ChannelError> {
-        match self.port.write(buf) {
+        let Some(port) = self.port.as_mut() else {
+            return Err(ChannelError::TransportError);
+        };
+        match port.write(buf) {
             Ok(n) => Ok(n),
             Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
             Err(e) => Err(self.fail("write", &e)),
@@ -104,7 +112,10 @@ impl Channel for SerialChannel {
     }
 
     fn flush(&mut self) -> Result<(), ChannelError> {
-        match self.port.flush() {
+        let Some(port) = self.port.as_mut() else {
+            return Ok(());
+        };
+        match port.flush() {
             Ok(()) => Ok(()),
             Err(e) if idle(&e) => Ok(()),
             Err(e) => Err(self.fail("flush", &e)),
@@ -112,6 +123,7 @@ impl Channel for SerialChannel {
     }
 
     fn close(&mut self) -> Result<(), ChannelError> {
+        self.port = None;
         Ok(())
     }
 }
@@ -271,12 +283,8 @@ fn session(
     port: Box<dyn tokio_serial::SerialPort>,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
 ) -> Option<String> {
-    let broken = Arc::new(Mutex::new(None));
-    let chan = SerialChannel {
-        port,
-        broken: broken.clone(),
-        id: 0,
-    };
+    let chan = SerialChannel::new(port);
+    let broken = chan.broken.clone();
     let (infos, index, unconfirmed) = describe(bus, cfgs, shared);
     let mut readers: Vec<Reader> = cfgs
         .iter()
