@@ -76,7 +76,13 @@ fn peer(link: &std::path::Path) -> Peer {
         "modbus_dev.py",
         link,
         &[
-            "--device", "1:relay8", "--device", "2:relay8d", "--device", "3:io8", "--device",
+            "--device",
+            "1:relay8",
+            "--device",
+            "2:relay8d",
+            "--device",
+            "3:io8",
+            "--device",
             "4:xymd02",
         ]
         .map(String::from),
@@ -106,7 +112,9 @@ fn every_profile_works_against_its_peer() {
     });
     assert_eq!(h.payload["value"], 45.0);
     // A device nobody answers for is offline after its profile's failures; the others go on.
-    let off = wait_event(&store, 0, "device_offline", WAIT, |p| p["device"] == "climate-dead");
+    let off = wait_event(&store, 0, "device_offline", WAIT, |p| {
+        p["device"] == "climate-dead"
+    });
     assert!(off.payload["detail"].as_str().unwrap().contains("timeout"));
     assert_eq!(relays.online("climate-dead"), Online::No);
     assert_eq!(relays.online("relays-a"), Online::Yes);
@@ -114,9 +122,15 @@ fn every_profile_works_against_its_peer() {
 
     // Relays through the command router's interface: on, off, board-timed pulse.
     let start = Instant::now();
-    assert!(matches!(relays.execute("relays-a", 3, RelayOp::On), Execution::Done(_)));
+    assert!(matches!(
+        relays.execute("relays-a", 3, RelayOp::On),
+        Execution::Done(_)
+    ));
     dev.wait_for("coil 3 on", WAIT, coil(1, 3, true));
-    assert!(matches!(relays.execute("relays-a", 3, RelayOp::Off), Execution::Done(_)));
+    assert!(matches!(
+        relays.execute("relays-a", 3, RelayOp::Off),
+        Execution::Done(_)
+    ));
     dev.wait_for("coil 3 off", WAIT, coil(1, 3, false));
     let Execution::Done(detail) = relays.execute("relays-a", 4, RelayOp::Pulse { ms: 250 }) else {
         panic!("pulse failed")
@@ -127,7 +141,10 @@ fn every_profile_works_against_its_peer() {
         coil(1, 4, false)(e) && e["cause"] == "flash"
     });
     let len = off["t"].as_f64().unwrap() - on["t"].as_f64().unwrap();
-    assert!((0.25..1.0).contains(&len), "a 250 ms pulse (3 × 100 ms) lasted {len} s");
+    assert!(
+        (0.25..1.0).contains(&len),
+        "a 250 ms pulse (3 × 100 ms) lasted {len} s"
+    );
     // The IO board has no board-timed pulse: gatehouse times it.
     let Execution::Done(detail) = relays.execute("io-1", 0, RelayOp::Pulse { ms: 300 }) else {
         panic!("pulse failed")
@@ -136,11 +153,18 @@ fn every_profile_works_against_its_peer() {
     let on = dev.wait_for("io coil on", WAIT, coil(3, 0, true));
     let off = dev.wait_for("io coil off", WAIT, coil(3, 0, false));
     let len = off["t"].as_f64().unwrap() - on["t"].as_f64().unwrap();
-    assert!((0.29..2.0).contains(&len), "a 300 ms software pulse lasted {len} s");
+    assert!(
+        (0.29..2.0).contains(&len),
+        "a 300 ms software pulse lasted {len} s"
+    );
     // Refusals with a reason, before the wire.
-    let Execution::Failed(e) = relays.execute("relays-a", 8, RelayOp::On) else { panic!() };
+    let Execution::Failed(e) = relays.execute("relays-a", 8, RelayOp::On) else {
+        panic!()
+    };
     assert!(e.contains("relays 0 to 7"), "{e}");
-    let Execution::Failed(e) = relays.execute("climate-1", 0, RelayOp::On) else { panic!() };
+    let Execution::Failed(e) = relays.execute("climate-1", 0, RelayOp::On) else {
+        panic!()
+    };
     assert!(e.contains("no relays"), "{e}");
     assert!(start.elapsed() < WAIT);
 
@@ -159,14 +183,18 @@ fn every_profile_works_against_its_peer() {
     dev.send(json!({"op": "input", "addr": 2, "index": 0, "on": true}));
     wait_event(&store, seq, "door_opened", WAIT, |p| p["entry"] == "gate-1");
     assert!(
-        !logged(&store).iter().any(|e| e.seq > seq && e.kind == "door_forced"),
+        !logged(&store)
+            .iter()
+            .any(|e| e.seq > seq && e.kind == "door_forced"),
         "a released door was reported forced"
     );
 
     // Exit button on the IO board (exit-1): the exit gate's relay (relay-board-1 ch 1) pulses.
     let seq = last_seq(&store);
     dev.send(json!({"op": "input", "addr": 3, "index": 1, "on": true}));
-    wait_event(&store, seq, "exit_request", WAIT, |p| p["entry"] == "exit-1");
+    wait_event(&store, seq, "exit_request", WAIT, |p| {
+        p["entry"] == "exit-1"
+    });
     dev.wait_for("exit relay", WAIT, coil(2, 1, true));
     // Motion and tamper.
     dev.send(json!({"op": "input", "addr": 3, "index": 2, "on": true}));
@@ -186,12 +214,16 @@ fn every_profile_works_against_its_peer() {
     // A device falling silent goes offline, and comes back.
     let seq = last_seq(&store);
     dev.send(json!({"op": "silent", "addr": 4, "on": true}));
-    wait_event(&store, seq, "device_offline", WAIT, |p| p["device"] == "climate-1");
+    wait_event(&store, seq, "device_offline", WAIT, |p| {
+        p["device"] == "climate-1"
+    });
     let Execution::Done(_) = relays.execute("relays-a", 5, RelayOp::On) else {
         panic!("the bus stalled behind a silent device")
     };
     dev.send(json!({"op": "silent", "addr": 4, "on": false}));
-    wait_event(&store, seq, "device_online", WAIT, |p| p["device"] == "climate-1");
+    wait_event(&store, seq, "device_online", WAIT, |p| {
+        p["device"] == "climate-1"
+    });
 
     buses.stop(Duration::from_secs(5));
 }
@@ -204,7 +236,11 @@ fn a_modbus_exception_is_a_device_error_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let store = demo_store(dir.path());
     let link = dir.path().join("modbus");
-    let dev = Peer::start("modbus_dev.py", &link, &["--device".into(), "7:relay8".into()]);
+    let dev = Peer::start(
+        "modbus_dev.py",
+        &link,
+        &["--device".into(), "7:relay8".into()],
+    );
     let cfg = config(
         dir.path(),
         &format!(
@@ -223,7 +259,9 @@ poll_interval_ms = 50
         ),
     );
     let buses = Rs485::start(&cfg.buses, Arc::new(AccessEngine::new(store.clone(), None))).unwrap();
-    let e = wait_event(&store, 0, "device_error", WAIT, |p| p["device"] == "wrong-model");
+    let e = wait_event(&store, 0, "device_error", WAIT, |p| {
+        p["device"] == "wrong-model"
+    });
     assert!(
         e.payload["error"].as_str().unwrap().contains("exception"),
         "{}",
@@ -249,7 +287,11 @@ fn an_unplugged_adapter_is_reported_and_survived() {
     let dir = tempfile::tempdir().unwrap();
     let store = demo_store(dir.path());
     let link = dir.path().join("modbus");
-    let mut dev = Peer::start("modbus_dev.py", &link, &["--device".into(), "1:relay8".into()]);
+    let mut dev = Peer::start(
+        "modbus_dev.py",
+        &link,
+        &["--device".into(), "1:relay8".into()],
+    );
     let cfg = config(
         dir.path(),
         &format!(
@@ -268,19 +310,29 @@ poll_interval_ms = 50
         ),
     );
     let buses = Rs485::start(&cfg.buses, Arc::new(AccessEngine::new(store.clone(), None))).unwrap();
-    wait_event(&store, 0, "device_online", WAIT, |p| p["device"] == "relays-a");
+    wait_event(&store, 0, "device_online", WAIT, |p| {
+        p["device"] == "relays-a"
+    });
     let seq = last_seq(&store);
     dev.kill();
     let _ = std::fs::remove_file(&link);
     wait_event(&store, seq, "bus_disconnected", WAIT, |p| p["bus"] == "io");
-    wait_event(&store, seq, "device_offline", WAIT, |p| p["device"] == "relays-a");
+    wait_event(&store, seq, "device_offline", WAIT, |p| {
+        p["device"] == "relays-a"
+    });
     let Execution::Failed(_) = buses.relays().execute("relays-a", 0, RelayOp::On) else {
         panic!("a relay on an unplugged bus reported done")
     };
     let seq = last_seq(&store);
-    let dev = Peer::start("modbus_dev.py", &link, &["--device".into(), "1:relay8".into()]);
+    let dev = Peer::start(
+        "modbus_dev.py",
+        &link,
+        &["--device".into(), "1:relay8".into()],
+    );
     wait_event(&store, seq, "bus_connected", WAIT, |p| p["bus"] == "io");
-    wait_event(&store, seq, "device_online", WAIT, |p| p["device"] == "relays-a");
+    wait_event(&store, seq, "device_online", WAIT, |p| {
+        p["device"] == "relays-a"
+    });
     assert!(matches!(
         buses.relays().execute("relays-a", 0, RelayOp::On),
         Execution::Done(_)

@@ -77,13 +77,19 @@ fn coil_on(ch: u64) -> impl Fn(&Value) -> bool {
 #[test]
 fn keypad_codes_and_cards_over_the_secure_channel_drive_feedback_and_the_relay() {
     let s = site();
-    s.store.set_reader_key("keypad-gate-1", &key(KEY_A), true).unwrap();
+    s.store
+        .set_reader_key("keypad-gate-1", &key(KEY_A), true)
+        .unwrap();
     let mut pd = Peer::start(
         "osdp_pd.py",
         &s.link("osdp"),
         &["--pd".into(), format!("0:{KEY_A}:enforce")],
     );
-    let mut board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    let board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let buses = s.start(&format!(
         r#"
 [[bus]]
@@ -99,8 +105,12 @@ secure = "key"
         s.link("osdp").display(),
         relay_bus(&s.link("modbus"))
     ));
-    pd.wait_for("secure channel", WAIT, |e| e["ev"] == "sc" && e["active"] == true);
-    wait_event(&s.store, 0, "device_online", WAIT, |p| p["device"] == "keypad-gate-1");
+    pd.wait_for("secure channel", WAIT, |e| {
+        e["ev"] == "sc" && e["active"] == true
+    });
+    wait_event(&s.store, 0, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
 
     // A tenant's code, as a real keypad sends it (`#` is 0x0D).
     let seq = last_seq(&s.store);
@@ -133,9 +143,15 @@ secure = "key"
     assert_eq!(denied.payload["reason"], "unknown_credential");
     let led = pd.wait_for("red LED", WAIT, |e| e["ev"] == "led" && e["on_color"] == 1);
     assert!(led["t"].as_f64().is_some());
-    pd.wait_for("three beeps", WAIT, |e| e["ev"] == "buzzer" && e["rep_count"] == 3);
+    pd.wait_for("three beeps", WAIT, |e| {
+        e["ev"] == "buzzer" && e["rep_count"] == 3
+    });
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(board.count_since(b0, coil_on(0)), 0, "no relay on a refusal");
+    assert_eq!(
+        board.count_since(b0, coil_on(0)),
+        0,
+        "no relay on a refusal"
+    );
     assert!(pd.len() > p0);
 
     // `*` clears; digits sent one reply at a time assemble the same way.
@@ -154,8 +170,14 @@ secure = "key"
     // A card read with a parity error: a device error, a refusal at the reader, no decision.
     let seq = last_seq(&s.store);
     pd.send(json!({"op": "card", "pd": 0, "bits": 26, "value": 0x3FF_FFFF}));
-    let e = wait_event(&s.store, seq, "device_error", WAIT, |p| p["device"] == "keypad-gate-1");
-    assert!(e.payload["error"].as_str().unwrap().contains("parity"), "{}", e.payload);
+    let e = wait_event(&s.store, seq, "device_error", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
+    assert!(
+        e.payload["error"].as_str().unwrap().contains("parity"),
+        "{}",
+        e.payload
+    );
 
     // A blacklisted fob presented as a raw read (printable id).
     let seq = last_seq(&s.store);
@@ -167,7 +189,9 @@ secure = "key"
     // Tamper switch.
     let seq = last_seq(&s.store);
     pd.send(json!({"op": "tamper", "pd": 0, "on": true}));
-    let t = wait_event(&s.store, seq, "tamper", WAIT, |p| p["device"] == "keypad-gate-1");
+    let t = wait_event(&s.store, seq, "tamper", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
     assert_eq!(t.payload["active"], true);
 
     buses.stop(Duration::from_secs(5));
@@ -177,8 +201,16 @@ secure = "key"
 #[test]
 fn five_bad_codes_lock_the_keypad_out_with_its_own_feedback() {
     let s = site();
-    let mut pd = Peer::start("osdp_pd.py", &s.link("osdp"), &["--pd".into(), "3:nosc".into()]);
-    let _board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    let mut pd = Peer::start(
+        "osdp_pd.py",
+        &s.link("osdp"),
+        &["--pd".into(), "3:nosc".into()],
+    );
+    let _board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let buses = s.start(&format!(
         r#"
 [[bus]]
@@ -194,13 +226,17 @@ secure = "none"
         s.link("osdp").display(),
         relay_bus(&s.link("modbus"))
     ));
-    wait_event(&s.store, 0, "device_online", WAIT, |p| p["device"] == "keypad-plain");
+    wait_event(&s.store, 0, "device_online", WAIT, |p| {
+        p["device"] == "keypad-plain"
+    });
     let seq = last_seq(&s.store);
     for i in 0..5 {
         pd.send(json!({"op": "keys", "pd": 3, "digits": format!("90000{i}#")}));
         std::thread::sleep(Duration::from_millis(150));
     }
-    wait_event(&s.store, seq, "keypad_locked_out", WAIT, |p| p["device"] == "keypad-plain");
+    wait_event(&s.store, seq, "keypad_locked_out", WAIT, |p| {
+        p["device"] == "keypad-plain"
+    });
     let seq = last_seq(&s.store);
     let p0 = pd.len();
     pd.send(json!({"op": "keys", "pd": 3, "digits": "123456#"}));
@@ -211,7 +247,9 @@ secure = "none"
         e["ev"] == "led" && e["on_color"] == 1 && e["off_count"] != 0
     });
     assert!(led["on_count"].as_u64().unwrap() > 0);
-    pd.wait_for("long beep", WAIT, |e| e["ev"] == "buzzer" && e["on_count"] == 15);
+    pd.wait_for("long beep", WAIT, |e| {
+        e["ev"] == "buzzer" && e["on_count"] == 15
+    });
     assert!(pd.len() > p0);
     buses.stop(Duration::from_secs(5));
 }
@@ -219,8 +257,16 @@ secure = "none"
 #[test]
 fn install_mode_gives_the_reader_its_own_key_and_the_next_start_enforces_it() {
     let s = site();
-    let pd = Peer::start("osdp_pd.py", &s.link("osdp"), &["--pd".into(), "5:install".into()]);
-    let _board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    let pd = Peer::start(
+        "osdp_pd.py",
+        &s.link("osdp"),
+        &["--pd".into(), "5:install".into()],
+    );
+    let _board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let body = format!(
         r#"
 [[bus]]
@@ -240,9 +286,15 @@ secure = "install"
     let ks = pd.wait_for("KEYSET", WAIT, |e| e["ev"] == "keyset");
     let given = ks["key"].as_str().unwrap().to_string();
     assert_ne!(given, "00000000000000000000000000000000");
-    wait_event(&s.store, 0, "reader_paired", WAIT, |p| p["device"] == "keypad-new");
+    wait_event(&s.store, 0, "reader_paired", WAIT, |p| {
+        p["device"] == "keypad-new"
+    });
     let (stored, confirmed) = s.store.reader_key("keypad-new").expect("key kept");
-    assert_eq!(hex::encode(stored), given, "the key the reader got is the one kept");
+    assert_eq!(
+        hex::encode(stored),
+        given,
+        "the key the reader got is the one kept"
+    );
     assert!(confirmed);
     // The channel is up on the new key: a code goes through.
     let mut pd = pd;
@@ -255,18 +307,28 @@ secure = "install"
     let n_keysets = pd.count_since(0, |e| e["ev"] == "keyset");
     let seq = last_seq(&s.store);
     let buses = s.start(&body);
-    wait_event(&s.store, seq, "device_online", WAIT, |p| p["device"] == "keypad-new");
+    wait_event(&s.store, seq, "device_online", WAIT, |p| {
+        p["device"] == "keypad-new"
+    });
     pd.send(json!({"op": "keys", "pd": 5, "digits": "123456#"}));
     wait_event(&s.store, seq, "access_granted", WAIT, |_| true);
-    assert_eq!(pd.count_since(0, |e| e["ev"] == "keyset"), n_keysets, "no second KEYSET");
+    assert_eq!(
+        pd.count_since(0, |e| e["ev"] == "keyset"),
+        n_keysets,
+        "no second KEYSET"
+    );
     buses.stop(Duration::from_secs(5));
 }
 
 #[test]
 fn two_readers_share_a_bus_and_one_going_silent_does_not_stop_the_other() {
     let s = site();
-    s.store.set_reader_key("keypad-in", &key(KEY_A), true).unwrap();
-    s.store.set_reader_key("keypad-out", &key(KEY_B), true).unwrap();
+    s.store
+        .set_reader_key("keypad-in", &key(KEY_A), true)
+        .unwrap();
+    s.store
+        .set_reader_key("keypad-out", &key(KEY_B), true)
+        .unwrap();
     let mut pd = Peer::start(
         "osdp_pd.py",
         &s.link("osdp"),
@@ -277,7 +339,11 @@ fn two_readers_share_a_bus_and_one_going_silent_does_not_stop_the_other() {
             format!("2:{KEY_B}:enforce"),
         ],
     );
-    let board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    let board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let buses = s.start(&format!(
         r#"
 [[bus]]
@@ -303,7 +369,9 @@ direction = "out"
     // The exit reader opens the exit gate (relay channel 1).
     let seq = last_seq(&s.store);
     pd.send(json!({"op": "keys", "pd": 2, "digits": "123456#"}));
-    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| p["device"] == "keypad-out");
+    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| {
+        p["device"] == "keypad-out"
+    });
     assert_eq!(g.payload["direction"], "out");
     board.wait_for("exit relay", WAIT, coil_on(1));
 
@@ -312,22 +380,34 @@ direction = "out"
     pd.send(json!({"op": "silent", "pd": 2, "on": true}));
     std::thread::sleep(Duration::from_millis(500));
     pd.send(json!({"op": "keys", "pd": 1, "digits": "123456#"}));
-    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| p["device"] == "keypad-in");
+    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| {
+        p["device"] == "keypad-in"
+    });
     assert_eq!(g.payload["entry"], "gate-1");
-    wait_event(&s.store, seq, "device_offline", WAIT, |p| p["device"] == "keypad-out");
+    wait_event(&s.store, seq, "device_offline", WAIT, |p| {
+        p["device"] == "keypad-out"
+    });
     let seq = last_seq(&s.store);
     pd.send(json!({"op": "keys", "pd": 1, "digits": "123456#"}));
-    wait_event(&s.store, seq, "access_granted", WAIT, |p| p["device"] == "keypad-in");
+    wait_event(&s.store, seq, "access_granted", WAIT, |p| {
+        p["device"] == "keypad-in"
+    });
     buses.stop(Duration::from_secs(5));
 }
 
 #[test]
 fn an_unplugged_adapter_is_reported_and_survived() {
     let s = site();
-    s.store.set_reader_key("keypad-gate-1", &key(KEY_A), true).unwrap();
+    s.store
+        .set_reader_key("keypad-gate-1", &key(KEY_A), true)
+        .unwrap();
     let args = ["--pd".to_string(), format!("0:{KEY_A}:enforce")];
     let mut pd = Peer::start("osdp_pd.py", &s.link("osdp"), &args);
-    let _board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    let _board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let buses = s.start(&format!(
         r#"
 [[bus]]
@@ -342,19 +422,29 @@ entry = "gate-1"
         s.link("osdp").display(),
         relay_bus(&s.link("modbus"))
     ));
-    wait_event(&s.store, 0, "device_online", WAIT, |p| p["device"] == "keypad-gate-1");
+    wait_event(&s.store, 0, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
     // Unplugged: the PTY goes away with its process.
     let seq = last_seq(&s.store);
     pd.kill();
     let _ = std::fs::remove_file(s.link("osdp"));
-    let d = wait_event(&s.store, seq, "bus_disconnected", WAIT, |p| p["bus"] == "readers");
+    let d = wait_event(&s.store, seq, "bus_disconnected", WAIT, |p| {
+        p["bus"] == "readers"
+    });
     assert!(d.payload["error"].is_string());
-    wait_event(&s.store, seq, "device_offline", WAIT, |p| p["device"] == "keypad-gate-1");
+    wait_event(&s.store, seq, "device_offline", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
     // Plugged back (a new PTY at the same path).
     let seq = last_seq(&s.store);
     let mut pd = Peer::start("osdp_pd.py", &s.link("osdp"), &args);
-    wait_event(&s.store, seq, "bus_connected", WAIT, |p| p["bus"] == "readers");
-    wait_event(&s.store, seq, "device_online", WAIT, |p| p["device"] == "keypad-gate-1");
+    wait_event(&s.store, seq, "bus_connected", WAIT, |p| {
+        p["bus"] == "readers"
+    });
+    wait_event(&s.store, seq, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
     pd.send(json!({"op": "keys", "pd": 0, "digits": "123456#"}));
     wait_event(&s.store, seq, "access_granted", WAIT, |_| true);
     buses.stop(Duration::from_secs(5));
@@ -366,9 +456,19 @@ fn a_reader_that_drops_to_plain_text_is_not_listened_to() {
     // channel (a swapped reader): with the channel enforced it never comes online, and
     // nothing it sends reaches a decision.
     let s = site();
-    s.store.set_reader_key("keypad-gate-1", &key(KEY_A), true).unwrap();
-    let mut pd = Peer::start("osdp_pd.py", &s.link("osdp"), &["--pd".into(), "0:nosc".into()]);
-    let _board = Peer::start("modbus_dev.py", &s.link("modbus"), &["--device".into(), "1:relay8".into()]);
+    s.store
+        .set_reader_key("keypad-gate-1", &key(KEY_A), true)
+        .unwrap();
+    let mut pd = Peer::start(
+        "osdp_pd.py",
+        &s.link("osdp"),
+        &["--pd".into(), "0:nosc".into()],
+    );
+    let _board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
     let buses = s.start(&format!(
         r#"
 [[bus]]
@@ -388,7 +488,8 @@ entry = "gate-1"
     std::thread::sleep(Duration::from_secs(2));
     let log = logged(&s.store);
     assert!(
-        !log.iter().any(|e| e.kind == "access_granted" || e.kind == "access_denied"),
+        !log.iter()
+            .any(|e| e.kind == "access_granted" || e.kind == "access_denied"),
         "a reader without its secure channel reached a decision"
     );
     assert!(

@@ -191,13 +191,17 @@ fn fail_jobs(shared: &Shared, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>
     }
 }
 
+/// What [`describe`] makes of the readers: LibOSDP's descriptions, each reader's index among
+/// them (`None`: left out), and install-mode keys not yet confirmed.
+struct Described {
+    infos: Vec<PdInfoBuilder>,
+    index: Vec<Option<i32>>,
+    unconfirmed: Vec<Option<[u8; 16]>>,
+}
+
 /// The readers' LibOSDP descriptions, with their keys. Readers that cannot be described (no key
 /// where one is required) are left out, with a `device_error` saying why.
-fn describe(
-    bus: &BusConfig,
-    readers: &[ReaderConfig],
-    shared: &Shared,
-) -> (Vec<PdInfoBuilder>, Vec<Option<i32>>, Vec<Option<[u8; 16]>>) {
+fn describe(bus: &BusConfig, readers: &[ReaderConfig], shared: &Shared) -> Described {
     let mut infos = Vec::new();
     let mut index = Vec::new();
     let mut unconfirmed = Vec::new();
@@ -272,7 +276,11 @@ fn describe(
         }
         unconfirmed.push(pending);
     }
-    (infos, index, unconfirmed)
+    Described {
+        infos,
+        index,
+        unconfirmed,
+    }
 }
 
 /// One connection: returns `Some(error)` when the port broke, `None` when stopping.
@@ -285,7 +293,11 @@ fn session(
 ) -> Option<String> {
     let chan = SerialChannel::new(port);
     let broken = chan.broken.clone();
-    let (infos, index, unconfirmed) = describe(bus, cfgs, shared);
+    let Described {
+        infos,
+        index,
+        unconfirmed,
+    } = describe(bus, cfgs, shared);
     let mut readers: Vec<Reader> = cfgs
         .iter()
         .zip(index)
@@ -357,9 +369,9 @@ fn session(
                     Ok(()) => {
                         tracing::info!(reader = %r.cfg.id, "reader paired: secure channel on its own key");
                         shared.record(
-                        EventKind::ReaderPaired,
-                        json!({"device": r.cfg.id, "bus": bus.id, "address": r.cfg.address}),
-                    );
+                            EventKind::ReaderPaired,
+                            json!({"device": r.cfg.id, "bus": bus.id, "address": r.cfg.address}),
+                        );
                     }
                     Err(e) => {
                         tracing::error!(reader = %r.cfg.id, "could not confirm the key: {e:#}")

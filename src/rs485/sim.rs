@@ -312,7 +312,7 @@ impl BoardState {
         let reply = match f {
             0x01 | 0x02 => {
                 let bits = if f == 1 { self.coils } else { self.inputs };
-                if a >= 8 || v == 0 || a + v > 8 {
+                if v == 0 || u32::from(a) + u32::from(v) > 8 {
                     return (ex(f, 2), changes);
                 }
                 let mut byte = 0u8;
@@ -327,8 +327,11 @@ impl BoardState {
                 } else {
                     &[(0x4000, 1), (0x2000, 2), (0x8000, 0x0100)]
                 };
-                let mut out = vec![f, (v * 2).min(250) as u8];
-                for k in 0..v.min(125) {
+                if v == 0 || v > 125 {
+                    return (ex(f, 3), changes);
+                }
+                let mut out = vec![f, (v * 2) as u8];
+                for k in 0..v {
                     match regs.iter().find(|(r, _)| *r == a.wrapping_add(k)) {
                         Some((_, val)) => out.extend_from_slice(&val.to_be_bytes()),
                         None => return (ex(f, 2), changes),
@@ -488,7 +491,10 @@ pub fn start_for_demo(
         match &bus.kind {
             BusKind::Osdp(readers) => {
                 let [r] = readers.as_slice() else {
-                    anyhow::bail!("bus `{}`: a simulated OSDP bus has exactly one reader", bus.id);
+                    anyhow::bail!(
+                        "bus `{}`: a simulated OSDP bus has exactly one reader",
+                        bus.id
+                    );
                 };
                 let key = (r.secure != super::config::Secure::None)
                     .then(|| cfg.data_dir.join("sim").join(format!("{}.key", r.id)));
@@ -499,7 +505,10 @@ pub fn start_for_demo(
             }
             BusKind::Modbus { devices, .. } => {
                 let [d] = devices.as_slice() else {
-                    anyhow::bail!("bus `{}`: a simulated Modbus bus has exactly one device", bus.id);
+                    anyhow::bail!(
+                        "bus `{}`: a simulated Modbus bus has exactly one device",
+                        bus.id
+                    );
                 };
                 let b = SimBoard::start(d.address)?;
                 tracing::info!(bus = %bus.id, device = %d.id, pty = %b.path.display(), "simulated relay board started");

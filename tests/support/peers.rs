@@ -95,7 +95,13 @@ impl Peer {
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         self.try_wait_for(timeout, &pred).unwrap_or_else(|| {
             let evs = self.events();
-            let tail: Vec<String> = evs.iter().rev().take(12).rev().map(|e| e.to_string()).collect();
+            let tail: Vec<String> = evs
+                .iter()
+                .rev()
+                .take(12)
+                .rev()
+                .map(|e| e.to_string())
+                .collect();
             panic!(
                 "{}: no `{what}` within {timeout:?}; last events:\n{}",
                 self.name,
@@ -228,7 +234,10 @@ pub fn wait_event(
                 .rev()
                 .map(|e| format!("{} {} {}", e.seq, e.kind, e.payload))
                 .collect();
-            panic!("no `{kind}` event within {timeout:?}; the log ends:\n{}", tail.join("\n"));
+            panic!(
+                "no `{kind}` event within {timeout:?}; the log ends:\n{}",
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
