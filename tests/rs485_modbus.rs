@@ -340,3 +340,86 @@ poll_interval_ms = 50
     dev.wait_for("coil on", WAIT, coil(1, 0, true));
     buses.stop(Duration::from_secs(5));
 }
+
+#[test]
+fn signed_unlock_and_relay_commands_reach_the_board_through_the_router() {
+    use ed25519_dalek::SigningKey;
+    use gatehouse::cloud::commands::{CommandConfig, NoDevices, Router, handle, sign};
+    use gatehouse::cloud::messages::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = demo_store(dir.path());
+    let link = dir.path().join("modbus");
+    let dev = Peer::start(
+        "modbus_dev.py",
+        &link,
+        &["--device".into(), "2:relay8d".into()],
+    );
+    let cfg = config(
+        dir.path(),
+        &format!(
+            r#"
+[[bus]]
+id = "io"
+port = "{}"
+protocol = "modbus"
+[[bus.device]]
+id = "relay-board-1"
+profile = "waveshare-relay-8ch-d"
+address = 2
+"#,
+            link.display()
+        ),
+    );
+    let buses = Rs485::start(&cfg.buses, Arc::new(AccessEngine::new(store.clone(), None))).unwrap();
+    wait_event(&store, 0, "device_online", WAIT, |p| {
+        p["device"] == "relay-board-1"
+    });
+    let signer = SigningKey::from_bytes(&[9; 32]);
+    let router = Router::new(Arc::new(NoDevices), buses.relays());
+    let ccfg = CommandConfig::new(signer.verifying_key());
+    let run = |id: &str, name: &str, target: Value, args: Value| {
+        let now = chrono::Utc::now();
+        let cmd = Command {
+            v: 1,
+            id: id.into(),
+            name: name.into(),
+            issued_at: now,
+            expires_at: now + chrono::Duration::minutes(1),
+            target: serde_json::from_value(target).unwrap(),
+            args,
+        };
+        handle(&router, &store, &sign(&cmd, &signer), name, now, &ccfg).result
+    };
+    // The cloud's remote unlock of the gate: its relay (channel 0) pulses, board-timed.
+    let r = run("c-1", "unlock", json!({"entry": "gate-1"}), Value::Null);
+    assert_eq!(r.status, "done", "{r:?}");
+    assert!(r.detail.as_deref().unwrap().contains("pulsed"), "{r:?}");
+    dev.wait_for("gate relay", WAIT, coil(2, 0, true));
+    // A raw relay command.
+    let r = run(
+        "c-2",
+        "relay",
+        json!({"device": "relay-board-1", "channel": 6}),
+        json!({"action": "on"}),
+    );
+    assert_eq!(r.status, "done", "{r:?}");
+    dev.wait_for("relay 6", WAIT, coil(2, 6, true));
+    // A channel the board does not have: the device's refusal, as `failed`.
+    let r = run(
+        "c-3",
+        "relay",
+        json!({"device": "relay-board-1", "channel": 12}),
+        json!({"action": "on"}),
+    );
+    assert_eq!(r.status, "failed", "{r:?}");
+    // A device no bus has.
+    let r = run(
+        "c-4",
+        "relay",
+        json!({"device": "nowhere", "channel": 0}),
+        json!({"action": "on"}),
+    );
+    assert_eq!(r.status, "refused", "{r:?}");
+    buses.stop(Duration::from_secs(5));
+}

@@ -186,6 +186,21 @@ secure = "key"
     assert_eq!(d.payload["reason"], "blacklisted");
     assert_eq!(d.payload["fob"], "FOB-DEAD01");
 
+    // The reader's own output as a relay (OSDP OUT, timed: control code 5, 100 ms units).
+    let relays = buses.relays();
+    assert!(matches!(
+        relays.execute(
+            "keypad-gate-1",
+            0,
+            gatehouse::cloud::commands::RelayOp::Pulse { ms: 500 }
+        ),
+        gatehouse::cloud::commands::Execution::Done(_)
+    ));
+    let out = pd.wait_for("OSDP output", WAIT, |e| e["ev"] == "output");
+    assert_eq!(out["output_no"], 0);
+    assert_eq!(out["control_code"], 5);
+    assert_eq!(out["timer_count"], 5);
+
     // Tamper switch.
     let seq = last_seq(&s.store);
     pd.send(json!({"op": "tamper", "pd": 0, "on": true}));
