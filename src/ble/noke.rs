@@ -1,0 +1,1 @@
+//! The legacy padlock / unit-controller protocol (in progress).
