@@ -53,6 +53,7 @@ pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> any
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
     let store = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
@@ -152,7 +153,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tracker.close();
     tracing::info!("running; waiting for SIGTERM or SIGINT");
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     shutdown.cancel();
     if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
@@ -264,13 +265,26 @@ fn run_demo_attempts(engine: &AccessEngine, attempts: &[crate::config::DemoAttem
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment this is made (a signal that arrives before the
+/// daemon waits for it is kept, not lost to the default action).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }
