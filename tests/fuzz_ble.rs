@@ -220,7 +220,10 @@ proptest! {
                 prop_assert_eq!(t, u32::from_le_bytes([plain[2], plain[3], plain[4], plain[5]]));
             }
             Err(noke::Error::OfflinePacketLength(n)) => prop_assert!(n != 20 && n == bytes.len()),
-            Err(e) => prop_assert!(matches!(e, noke::Error::Checksum { .. })),
+            Err(e) => {
+                let is_checksum = matches!(e, noke::Error::Checksum { .. });
+                prop_assert!(is_checksum, "unexpected error {:?}", e);
+            }
         }
     }
 

@@ -209,9 +209,12 @@ impl Advert {
 ///
 /// `locked` / `lock_state`: derived only where the iOS library derives them. For `2I` HD locks,
 /// bits 7–5 of the flags are a 3-bit [`LockState`] number (0 unlocked, 1 unshackled, 2 locked,
-/// 3/4 jammed); for `2U` U-locks, either of bits 5–6 set means locked. No library decodes the
-/// flags of other hardware (iOS just assumes "locked"), so they stay `None`: do not infer a
-/// padlock's or controller's state from its advertisement.
+/// 3/4 jammed); for `2U` U-locks, exactly one of bits 5–6 set means locked, neither unlocked,
+/// both unknown (Android's reading; iOS calls both "locked"). No library decodes the flags of
+/// other hardware (they just assume "locked"), so they stay `None`: do not infer a padlock's or
+/// controller's state from its advertisement. (One iOS version matches HD locks on any code
+/// containing `I`, which would include `4I`; Android and other iOS versions match `2I` only,
+/// which is what is done here.)
 pub fn parse_advert(name: &str, manufacturer_data: &[u8], rssi: Option<i16>) -> Option<Advert> {
     let (rest, is_fob) = if let Some(r) = name.strip_prefix("NOKE") {
         (r, false)
@@ -241,8 +244,11 @@ pub fn parse_advert(name: &str, manufacturer_data: &[u8], rssi: Option<i16>) -> 
     };
     let lock_state = flags.and_then(|f| match code {
         "2I" => Some(LockState::from_number(f >> 5)),
-        "2U" if f & 0x60 == 0 => Some(LockState::Unlocked),
-        "2U" => Some(LockState::Locked),
+        "2U" => match (f >> 5) & 0b11 {
+            0 => Some(LockState::Unlocked),
+            0b01 | 0b10 => Some(LockState::Locked),
+            _ => None,
+        },
         _ => None,
     });
     Some(Advert {
@@ -817,6 +823,11 @@ mod tests {
             state("2U", 0b0100_0000),
             (Some(LockState::Locked), Some(true))
         );
+        assert_eq!(
+            state("2U", 0b0010_0000),
+            (Some(LockState::Locked), Some(true))
+        );
+        assert_eq!(state("2U", 0b0110_0000), (None, None));
         assert_eq!(state("2P", 0xFF), (None, None));
         assert_eq!(state("4I", 0xFF), (None, None));
     }

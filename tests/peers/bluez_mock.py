@@ -112,8 +112,9 @@ COMMAND LINE
         FOB1F_<MAC hex>. k=v: company=, mfg= (default none), rssi=-65, type=...
     (MAC = AA:BB:CC:DD:EE:FF, any case; reported upper-case. Positional fields may be empty.)
     --connect-ms 30  --resolve-ms 20  --connect-timeout-ms 1000  --discover-delay-ms 50
-    --notify-delay-ms 10  --adv-interval-ms 0  --time-window-s 300  --verbose (dbusmock's
-    per-call log and the dbus-daemon's to stderr)
+    --notify-delay-ms 10  --adv-interval-ms 0  --time-window-s 300  --mtu 23 (the MTU property;
+    bluer's mtu() reports it minus 5)  --verbose (dbusmock's per-call log and the dbus-daemon's
+    output to stderr)
   Exit status 0 after "quit", stdin EOF, SIGTERM or SIGINT (the dbus-daemon is killed and the
   temp dir removed; the daemon also gets SIGTERM by PR_SET_PDEATHSIG if this process dies);
   2 on bad arguments; 1 if the bus cannot be started or dies. Diagnostics go to stderr.
@@ -162,8 +163,9 @@ STDOUT: one JSON object per line, written and flushed at once; each has "ev", "t
   {"ev":"connected","mac":M,"sender":..,"session":"hex"|null}   (after ServicesResolved)
   {"ev":"connect_failed","mac":M,"error":"org.bluez.Error.Failed","message":"..."}
   {"ev":"disconnected","mac":M,"by":"client"|"device"|"sleep"|"remove"}
-  {"ev":"read","mac":M,"char":"0004","hex":...}     {"ev":"write","mac":M,"char":"0002",
-        "hex":...,"type":"command"|"request"}
+  {"ev":"read","mac":M,"char":"0004","hex":<whole value>,"offset":n}
+  {"ev":"write","mac":M,"char":"0002","hex":...,"type":"command"|"request"}  (bluer's write()
+        sends "command", i.e. write without response)
   {"ev":"notify_state","mac":M,"char":"0003","on":bool,"sender":..}
   {"ev":"notify","mac":M,"char":"0003","hex":...,"delivered":bool} (delivered = some client
         had StartNotify on; otherwise the lock does not send it)
@@ -188,7 +190,6 @@ import itertools
 import json
 import os
 import queue
-import random
 import re
 import shutil
 import signal
@@ -364,7 +365,12 @@ def install(obj, iface, name, fn):
 
     dbusmock's method lookup consults obj.methods first, so this overrides template methods
     and, unlike AddMethod code, gets dbus-python's sender keyword and async callbacks."""
-    obj.methods.setdefault(iface, {})[name] = (fn._dbus_in_signature, fn._dbus_out_signature, "", fn)
+    obj.methods.setdefault(iface, {})[name] = (
+        fn._dbus_in_signature,
+        fn._dbus_out_signature,
+        "",
+        fn,
+    )
 
 
 def props_changed(obj, iface, changed, invalidated=()):
@@ -377,7 +383,11 @@ def props_changed(obj, iface, changed, invalidated=()):
         PROPS_IFACE,
         "PropertiesChanged",
         "sa{sv}as",
-        [iface, dbus.Dictionary(changed, signature="sv"), dbus.Array(list(invalidated), signature="s")],
+        [
+            iface,
+            dbus.Dictionary(changed, signature="sv"),
+            dbus.Array(list(invalidated), signature="s"),
+        ],
     )
 
 
@@ -500,7 +510,9 @@ def parse_spec(kind, spec, positional):
         else:
             pos.append(f)
     if len(pos) > len(positional):
-        raise ValueError(f"--{kind} {spec!r}: at most {len(positional)} positional fields after the MAC")
+        raise ValueError(
+            f"--{kind} {spec!r}: at most {len(positional)} positional fields after the MAC"
+        )
     pos += [""] * (len(positional) - len(pos))
     return mac, dict(zip(positional, pos)), kv
 
@@ -669,10 +681,14 @@ class Mock:
 
     # -- advertising / device objects --
     def mfg_value(self, d):
-        return dbus.Dictionary({dbus.UInt16(k): ay(v) for k, v in d.manufacturer.items()}, signature="qv")
+        return dbus.Dictionary(
+            {dbus.UInt16(k): ay(v) for k, v in d.manufacturer.items()}, signature="qv"
+        )
 
     def sd_value(self, d):
-        return dbus.Dictionary({dbus.String(k): ay(v) for k, v in d.service_data.items()}, signature="sv")
+        return dbus.Dictionary(
+            {dbus.String(k): ay(v) for k, v in d.service_data.items()}, signature="sv"
+        )
 
     def export_device(self, d):
         props = {
@@ -708,9 +724,16 @@ class Mock:
         ):
             install(obj, DEVICE_IFACE, name, fn)
         d.obj = obj
-        d.sent = {"name": d.name, "manufacturer": dict(d.manufacturer), "service_data": dict(d.service_data)}
+        d.sent = {
+            "name": d.name,
+            "manufacturer": dict(d.manufacturer),
+            "service_data": dict(d.service_data),
+        }
         self.root.EmitSignal(
-            OM_IFACE, "InterfacesAdded", "oa{sa{sv}}", [dbus.ObjectPath(d.path), {DEVICE_IFACE: obj.props[DEVICE_IFACE]}]
+            OM_IFACE,
+            "InterfacesAdded",
+            "oa{sa{sv}}",
+            [dbus.ObjectPath(d.path), {DEVICE_IFACE: obj.props[DEVICE_IFACE]}],
         )
 
     def device_uuids(self, d):
@@ -743,7 +766,11 @@ class Mock:
                 else:
                     invalid.append("ServiceData")
             props_changed(d.obj, DEVICE_IFACE, changed, invalid)
-            d.sent = {"name": d.name, "manufacturer": dict(d.manufacturer), "service_data": dict(d.service_data)}
+            d.sent = {
+                "name": d.name,
+                "manufacturer": dict(d.manufacturer),
+                "service_data": dict(d.service_data),
+            }
             res = {"delivered": True, "created": False, "changed": sorted(changed) + invalid}
         if report:
             emit("advert", d.mac, **res)
@@ -761,10 +788,14 @@ class Mock:
                 obj = d.gatt[role]
                 ifaces = list(obj.props.keys())
                 self.root.RemoveObject(obj.path)
-                self.root.EmitSignal(OM_IFACE, "InterfacesRemoved", "oas", [dbus.ObjectPath(obj.path), ifaces])
+                self.root.EmitSignal(
+                    OM_IFACE, "InterfacesRemoved", "oas", [dbus.ObjectPath(obj.path), ifaces]
+                )
             d.gatt = None
         self.root.RemoveObject(d.path)
-        self.root.EmitSignal(OM_IFACE, "InterfacesRemoved", "oas", [dbus.ObjectPath(d.path), [DEVICE_IFACE]])
+        self.root.EmitSignal(
+            OM_IFACE, "InterfacesRemoved", "oas", [dbus.ObjectPath(d.path), [DEVICE_IFACE]]
+        )
         d.obj = None
         d.sent = {}
 
@@ -801,7 +832,9 @@ class Mock:
         props_changed(d.obj, DEVICE_IFACE, {"Connected": dbus.Boolean(True)})
         if d.gatt is None:
             self.export_gatt(d)
-            props_changed(d.obj, DEVICE_IFACE, {"UUIDs": dbus.Array(self.device_uuids(d), signature="s")})
+            props_changed(
+                d.obj, DEVICE_IFACE, {"UUIDs": dbus.Array(self.device_uuids(d), signature="s")}
+            )
         p["est"] = self.loop.after(self.opts.resolve_ms, lambda: self.resolved(d))
 
     def resolved(self, d):
@@ -840,12 +873,19 @@ class Mock:
             props_changed(d.gatt["rx"], CHRC_IFACE, {"Notifying": dbus.Boolean(False)})
         d.notify_subs.clear()
         props_changed(
-            d.obj, DEVICE_IFACE, {"ServicesResolved": dbus.Boolean(False), "Connected": dbus.Boolean(False)}
+            d.obj,
+            DEVICE_IFACE,
+            {"ServicesResolved": dbus.Boolean(False), "Connected": dbus.Boolean(False)},
         )
         if announce:
             emit("disconnected", d.mac, by=by)
         if d.awake and self.discovering():
-            self.loop.after(20, lambda: self.advertise(d) if not d.connected else None)
+            self.loop.after(20, lambda: self.resume_advertising(d))
+
+    def resume_advertising(self, d):
+        """First advertisement after a connection ended (if the device still can)."""
+        if d.awake and not d.connected and d.pending is None and self.discovering():
+            self.advertise(d)
 
     def disconnect(self, d, by):
         if d.pending is not None:
@@ -866,7 +906,12 @@ class Mock:
             for name, fn in methods:
                 install(o, iface, name, fn)
             objs[role] = o
-            self.root.EmitSignal(OM_IFACE, "InterfacesAdded", "oa{sa{sv}}", [dbus.ObjectPath(path), {iface: o.props[iface]}])
+            self.root.EmitSignal(
+                OM_IFACE,
+                "InterfacesAdded",
+                "oa{sa{sv}}",
+                [dbus.ObjectPath(path), {iface: o.props[iface]}],
+            )
 
         chrc_methods = [
             ("ReadValue", Chrc_ReadValue),
@@ -900,7 +945,13 @@ class Mock:
             p.update(extra or {})
             return p
 
-        add("tx", svc + "/char000b", CHRC_IFACE, chrc(NOKE_TX, ["write-without-response", "write"]), chrc_methods)
+        add(
+            "tx",
+            svc + "/char000b",
+            CHRC_IFACE,
+            chrc(NOKE_TX, ["write-without-response", "write"]),
+            chrc_methods,
+        )
         add(
             "rx",
             svc + "/char000d",
@@ -1007,7 +1058,9 @@ class Mock:
                 if not d.accept:
                     if d.server_packet is not None:
                         sp = d.server_packet
-                        self.loop.after(self.opts.notify_delay_ms, lambda: d.connected and self.notify(d, sp))
+                        self.loop.after(
+                            self.opts.notify_delay_ms, lambda: d.connected and self.notify(d, sp)
+                        )
                     if d.accept_unlock:
                         emit("unlocked", d.mac, via="online")
                 return None
@@ -1140,7 +1193,10 @@ class Mock:
             if m is None:
                 d.manufacturer = {}
             elif isinstance(m, dict):
-                d.manufacturer = {parse_int(k, "company id") & 0xFFFF: parse_hex(v, "manufacturer data") for k, v in m.items()}
+                d.manufacturer = {
+                    parse_int(k, "company id") & 0xFFFF: parse_hex(v, "manufacturer data")
+                    for k, v in m.items()
+                }
             else:
                 raise OpError("manufacturer must be an object or null")
         if "service_data" in req:
@@ -1181,7 +1237,12 @@ class Mock:
 # D-Bus method implementations (installed into dbusmock objects with install())
 # ---------------------------------------------------------------------------------------------
 def _method(iface, in_sig="", out_sig="", async_=False):
-    kw = {"in_signature": in_sig, "out_signature": out_sig, "sender_keyword": "sender", "byte_arrays": True}
+    kw = {
+        "in_signature": in_sig,
+        "out_signature": out_sig,
+        "sender_keyword": "sender",
+        "byte_arrays": True,
+    }
     if async_:
         kw["async_callbacks"] = ("ok", "fail")
     return dbus.service.method(iface, **kw)
@@ -1287,7 +1348,9 @@ def Chrc_AcquireWrite(obj, options, sender=None):  # noqa: N802
 
 @_method(CHRC_IFACE, "a{sv}", "hq")
 def Chrc_AcquireNotify(obj, options, sender=None):  # noqa: N802
-    emit("error", obj.sim.mac, msg="AcquireNotify called: not supported by the mock, use StartNotify")
+    emit(
+        "error", obj.sim.mac, msg="AcquireNotify called: not supported by the mock, use StartNotify"
+    )
     raise bz_error("NotSupported", "Operation is not supported")
 
 
@@ -1359,14 +1422,12 @@ def stop_bus(proc):
             proc.wait()
 
 
-class _Stop(Exception):
-    pass
-
-
 def main():
     global MOCK, VERBOSE
     ap = argparse.ArgumentParser(description="mock BlueZ on a private D-Bus (see file header)")
-    ap.add_argument("--padlock", action="append", default=[], metavar="MAC[:NAME[:OFFLINEKEY]][:k=v]...")
+    ap.add_argument(
+        "--padlock", action="append", default=[], metavar="MAC[:NAME[:OFFLINEKEY]][:k=v]..."
+    )
     ap.add_argument("--sensor", action="append", default=[], metavar="MAC[:NAME][:k=v]...")
     ap.add_argument("--fob", action="append", default=[], metavar="MAC[:NAME][:k=v]...")
     ap.add_argument("--connect-ms", type=int, default=30)
@@ -1424,7 +1485,13 @@ def main():
                 loop.post(line)
 
         threading.Thread(target=reader, daemon=True).start()
-        emit("ready", None, address=address, adapter=ADAPTER_PATH, devices=[d.info() for d in devices])
+        emit(
+            "ready",
+            None,
+            address=address,
+            adapter=ADAPTER_PATH,
+            devices=[d.info() for d in devices],
+        )
 
         while loop.running:
             loop.iterate()
