@@ -14,12 +14,18 @@ run:
 	$(CARGO) build --release --bin gatehouse
 	./target/release/gatehouse run --config config/demo.toml
 
-## System packages the tests need, installed only when missing (needs root for apt-get).
+## System packages the tests need, installed only when missing (needs root for apt-get):
+## mosquitto (cloud-link tests), libdbus/glib headers and dbus-daemon (the mock BlueZ's
+## dbus-python and private bus; bluer links libdbus).
 deps:
 	@missing=""; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	pkg-config --exists dbus-1 2>/dev/null || missing="$$missing libdbus-1-dev"; \
+	pkg-config --exists glib-2.0 2>/dev/null || missing="$$missing libglib2.0-dev"; \
+	command -v dbus-daemon >/dev/null || missing="$$missing dbus-daemon"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

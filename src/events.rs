@@ -51,6 +51,8 @@ pub enum EventKind {
     Motion,
     /// An exit button released its entry.
     ExitRequest,
+    /// A manual release input (key switch, fire release) became active.
+    ManualRelease,
     /// A sensor reading (temperature, humidity) worth reporting.
     SensorReading,
 }
@@ -82,6 +84,7 @@ impl EventKind {
             EventKind::DoorForced => "door_forced",
             EventKind::Motion => "motion",
             EventKind::ExitRequest => "exit_request",
+            EventKind::ManualRelease => "manual_release",
             EventKind::SensorReading => "sensor_reading",
         }
     }
@@ -102,6 +105,7 @@ pub fn is_security_kind(kind: &str) -> bool {
             | "door_forced"
             | "override_unlock"
             | "tamper"
+            | "manual_release"
             | "outbox_overflow"
             | "command_refused"
     )

@@ -458,10 +458,17 @@ impl Store {
     /// The secure-channel base key an OSDP reader was given at install (KEYSET), if any, and
     /// whether the reader was seen using it. Kept in the gateway's own state (tree `state`, key
     /// `osdp_scbk/<reader id>`), not in the site data the cloud replaces.
-    pub fn reader_key(&self, reader: &str) -> Option<([u8; 16], bool)> {
-        let v = self.state.get(format!("osdp_scbk/{reader}")).ok()??;
-        let key = <[u8; 16]>::try_from(v.get(..16)?).ok()?;
-        Some((key, v.get(16) == Some(&1)))
+    /// A read error or a damaged record is an error, never "no key": a caller that took it for
+    /// "none" would make a new key and lose the one the reader holds.
+    pub fn reader_key(&self, reader: &str) -> anyhow::Result<Option<([u8; 16], bool)>> {
+        let Some(v) = self.state.get(format!("osdp_scbk/{reader}"))? else {
+            return Ok(None);
+        };
+        let key = v
+            .get(..16)
+            .and_then(|k| <[u8; 16]>::try_from(k).ok())
+            .with_context(|| format!("the stored key of reader `{reader}` is damaged"))?;
+        Ok(Some((key, v.get(16) == Some(&1))))
     }
 
     /// Stores a reader's key durably (flushed). A new key is stored before the reader can be

@@ -32,7 +32,7 @@ fn bus(link: &std::path::Path) -> String {
 id = "io"
 port = "{}"
 protocol = "modbus"
-timeout_ms = 100
+timeout_ms = 500
 [[bus.device]]
 id = "relays-a"
 profile = "waveshare-relay-8ch"

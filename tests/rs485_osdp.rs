@@ -59,7 +59,7 @@ fn relay_bus(link: &std::path::Path) -> String {
 id = "io"
 port = "{}"
 protocol = "modbus"
-timeout_ms = 100
+timeout_ms = 500
 [[bus.device]]
 id = "relay-board-1"
 profile = "waveshare-relay-8ch"
@@ -304,7 +304,7 @@ secure = "install"
     wait_event(&s.store, 0, "reader_paired", WAIT, |p| {
         p["device"] == "keypad-new"
     });
-    let (stored, confirmed) = s.store.reader_key("keypad-new").expect("key kept");
+    let (stored, confirmed) = s.store.reader_key("keypad-new").unwrap().expect("key kept");
     assert_eq!(
         hex::encode(stored),
         given,
@@ -466,13 +466,13 @@ entry = "gate-1"
 }
 
 #[test]
-fn a_reader_that_drops_to_plain_text_is_not_listened_to() {
-    // The gateway holds a key for this reader, but the device on the wire does no secure
-    // channel (a swapped reader): with the channel enforced it never comes online, and
-    // nothing it sends reaches a decision.
+fn a_reader_in_plain_text_is_not_listened_to() {
+    // A reader being paired (install mode, key not yet confirmed) that does no secure channel
+    // at all (a swapped or downgraded device): LibOSDP falls back to plain text and reports it
+    // online, but gatehouse drops its input, says so, and never counts it as online.
     let s = site();
     s.store
-        .set_reader_key("keypad-gate-1", &key(KEY_A), true)
+        .set_reader_key("keypad-gate-1", &key(KEY_A), false)
         .unwrap();
     let mut pd = Peer::start(
         "osdp_pd.py",
@@ -494,13 +494,40 @@ protocol = "osdp"
 id = "keypad-gate-1"
 address = 0
 entry = "gate-1"
+secure = "install"
 {}"#,
         s.link("osdp").display(),
         relay_bus(&s.link("modbus"))
     ));
-    std::thread::sleep(Duration::from_secs(2));
+    // The bus really talks to it.
+    pd.wait_for("polled by the gateway", WAIT, |e| {
+        e["ev"] == "online" && e["online"] == true
+    });
+    std::thread::sleep(Duration::from_secs(1));
     pd.send(json!({"op": "keys", "pd": 0, "digits": "123456#"}));
-    std::thread::sleep(Duration::from_secs(2));
+    pd.wait_for("keys delivered", WAIT, |e| {
+        e["ev"] == "delivered" && e["event"] == "keypress"
+    });
+    let e = wait_event(&s.store, 0, "device_error", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
+    assert!(
+        e.payload["error"]
+            .as_str()
+            .unwrap()
+            .contains("without a secure channel"),
+        "{}",
+        e.payload
+    );
+    let off = wait_event(&s.store, 0, "device_offline", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
+    assert!(
+        off.payload["detail"]
+            .as_str()
+            .unwrap()
+            .contains("secure channel")
+    );
     let log = logged(&s.store);
     assert!(
         !log.iter()
@@ -510,7 +537,9 @@ entry = "gate-1"
     assert!(
         !log.iter()
             .any(|e| e.kind == "device_online" && e.payload["device"] == "keypad-gate-1"),
-        "the swapped reader came online"
+        "a reader without its secure channel was reported online"
     );
+    let (_, confirmed) = s.store.reader_key("keypad-gate-1").unwrap().unwrap();
+    assert!(!confirmed, "not paired");
     buses.stop(Duration::from_secs(5));
 }

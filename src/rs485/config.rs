@@ -73,7 +73,7 @@ pub struct RawDevice {
 pub struct RawInput {
     pub channel: u16,
     /// `door_contact`, `motion`, `exit_button` (request to exit: pulses the entry's relay),
-    /// `tamper`.
+    /// `manual_release`, `tamper`.
     pub role: String,
     /// The entry the input belongs to (door contacts and exit buttons need one).
     #[serde(default)]
@@ -105,6 +105,8 @@ pub enum InputRole {
     DoorContact,
     Motion,
     ExitButton,
+    /// A manual release (key switch, fire alarm release): recorded, and the door may open.
+    ManualRelease,
     Tamper,
 }
 
@@ -244,10 +246,21 @@ pub fn check(
                         "Modbus devices on an OSDP bus (one protocol per bus)".into(),
                     ));
                 }
-                for (k, v) in [("parity", b.parity.as_ref().map(|p| p.span()))] {
+                for (k, v) in [
+                    ("parity", b.parity.as_ref().map(|p| p.span())),
+                    ("timeout_ms", b.timeout_ms.as_ref().map(|t| t.span())),
+                ] {
                     if let Some(span) = v {
                         return Err(err(span, &key(k), "applies to Modbus buses only".into()));
                     }
+                }
+                if baud < 9600 {
+                    let span = b.baud.as_ref().map_or(b.id.span(), |v| v.span());
+                    return Err(err(
+                        span,
+                        &key("baud"),
+                        format!("{baud} is too slow for OSDP (9600 to 230400)"),
+                    ));
                 }
                 if b.reader.is_empty() {
                     return Err(err(
@@ -422,14 +435,15 @@ pub fn check(
                             "door_contact" => InputRole::DoorContact,
                             "motion" => InputRole::Motion,
                             "exit_button" => InputRole::ExitButton,
+                            "manual_release" => InputRole::ManualRelease,
                             "tamper" => InputRole::Tamper,
                             o => {
                                 return Err(err(
                                     i.span(),
                                     &ik,
                                     format!(
-                                        "role `{o}` (expected door_contact, motion, exit_button \
-                                         or tamper)"
+                                        "role `{o}` (expected door_contact, motion, exit_button, \
+                                         manual_release or tamper)"
                                     ),
                                 ));
                             }

@@ -39,6 +39,8 @@ use crate::events::EventKind;
 use crate::store::Store;
 use config::{BusConfig, BusKind};
 
+/// A grant's pulse not run within this is dropped (the tenant has walked away).
+const GRANT_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a relay command from the cloud waits for the bus to answer.
 const RELAY_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a release (grant, exit button, remote unlock) a door contact may open without it being
@@ -51,6 +53,9 @@ pub struct Job {
     pub device: String,
     pub channel: u16,
     pub op: RelayOp,
+    /// After this the bus answers `Err` without running the job (a late unlock must not open a
+    /// door the cloud was told failed). `None`: no deadline.
+    pub deadline: Option<Instant>,
     /// The answer: `Ok(detail)` or `Err(device error)`. `None`: nobody waits (a grant's pulse;
     /// a failure is recorded as `device_error`).
     pub reply: Option<std::sync::mpsc::SyncSender<Result<String, String>>>,
@@ -165,6 +170,7 @@ impl Shared {
             device: relay.device.clone(),
             channel: relay.channel,
             op: RelayOp::Pulse { ms: relay.pulse_ms },
+            deadline: Some(Instant::now() + GRANT_DEADLINE),
             reply: None,
         };
         if self.send(job) {
@@ -178,6 +184,12 @@ impl Shared {
             );
             Err(msg)
         }
+    }
+
+    /// A manual release (key switch, fire release) holds the entry open for an hour as far as
+    /// the door contact is concerned.
+    pub fn note_manual_release(&self, entry: &str) {
+        self.note_release(entry, Duration::from_secs(3600));
     }
 
     fn note_release(&self, entry: &str, for_: Duration) {
@@ -212,6 +224,7 @@ impl Shared {
                 .collect()
         };
         for e in entries {
+            // Off: the door is shut again; only a short grace for it to close.
             self.note_release(&e, Duration::from_millis(u64::from(ms)) + DOOR_GRACE);
         }
     }
@@ -319,6 +332,8 @@ impl Relays for BusRelays {
             device: device.to_string(),
             channel,
             op,
+            // Past this the caller has been told "no answer": the bus must not run it later.
+            deadline: Some(Instant::now() + RELAY_REPLY_TIMEOUT - Duration::from_millis(250)),
             reply: Some(tx),
         };
         if !self.shared.send(job) {
@@ -326,10 +341,10 @@ impl Relays for BusRelays {
         }
         match rx.recv_timeout(RELAY_REPLY_TIMEOUT) {
             Ok(Ok(detail)) => {
-                if let RelayOp::Pulse { ms } = op {
-                    self.shared.released_by_relay(device, channel, ms);
-                } else if op == RelayOp::On {
-                    self.shared.released_by_relay(device, channel, 3_600_000);
+                match op {
+                    RelayOp::Pulse { ms } => self.shared.released_by_relay(device, channel, ms),
+                    RelayOp::On => self.shared.released_by_relay(device, channel, 3_600_000),
+                    RelayOp::Off => self.shared.released_by_relay(device, channel, 0),
                 }
                 Execution::Done(detail)
             }

@@ -117,6 +117,8 @@ struct Dev<'a> {
     /// The error last recorded (exceptions), so that a repeated one is not recorded again.
     last_error: Option<String>,
     inputs: Vec<Option<bool>>,
+    /// A changed input value seen once; acted on when the next poll confirms it (debounce).
+    candidates: Vec<Option<bool>>,
     readings: Vec<Option<(f64, Instant)>>,
     identified: bool,
 }
@@ -126,7 +128,15 @@ struct PendingOff {
     at: Instant,
     device: usize,
     channel: u16,
+    /// Failed attempts so far (the first failure is recorded; it is retried until it works).
+    failures: u32,
 }
+
+/// Between attempts to end a pulse that failed.
+const OFF_RETRY: Duration = Duration::from_millis(500);
+/// After a timeout or a garbled answer: let a late answer arrive and be discarded before the
+/// next request, so it cannot be taken for the next device's.
+const QUIET: Duration = Duration::from_millis(30);
 
 struct Bus<'a> {
     cfg: &'a BusConfig,
@@ -136,6 +146,7 @@ struct Bus<'a> {
     ctx: Context,
     devs: Vec<Dev<'a>>,
     offs: Vec<PendingOff>,
+    started: Instant,
 }
 
 /// The bus thread.
@@ -167,6 +178,8 @@ async fn run_async(
         return;
     };
     let mut watch = PortWatch::new(bus);
+    // Pulses to end survive reconnections: a coil switched on must be switched off.
+    let mut offs: Vec<PendingOff> = Vec::new();
     // Device state survives reconnections (inputs are not re-reported after a replug).
     let now = Instant::now();
     let mut devs: Vec<Dev> = devices
@@ -179,13 +192,8 @@ async fn run_async(
             failures: 0,
             online: None,
             last_error: None,
-            inputs: vec![
-                None;
-                d.profile
-                    .inputs
-                    .as_ref()
-                    .map_or(0, |i| usize::from(i.count))
-            ],
+            inputs: vec![None; input_count(d)],
+            candidates: vec![None; input_count(d)],
             readings: vec![None; d.profile.readings.len()],
             identified: false,
         })
@@ -202,7 +210,6 @@ async fn run_async(
                 continue;
             }
         };
-        watch.up(shared);
         let port = SharedPort(Arc::new(Mutex::new(stream)));
         let mut b = Bus {
             cfg: bus,
@@ -211,11 +218,16 @@ async fn run_async(
             ctx: tokio_modbus::client::rtu::attach(port.clone()),
             port,
             devs: std::mem::take(&mut devs),
-            offs: Vec::new(),
+            offs: std::mem::take(&mut offs),
+            started: Instant::now(),
         };
-        let broken = b.session(&mut rx).await;
-        b.switch_off_pending().await;
+        let broken = b.session(&mut rx, &mut watch).await;
+        if broken.is_none() {
+            // Stopping: end running pulses now, as far as the bus lets us.
+            b.switch_off_pending().await;
+        }
         devs = std::mem::take(&mut b.devs);
+        offs = std::mem::take(&mut b.offs);
         drop(b);
         for d in devs.iter_mut() {
             if broken.is_some() && d.online == Some(true) {
@@ -233,6 +245,13 @@ async fn run_async(
     fail_jobs(shared, &mut rx, "gatehouse is stopping");
 }
 
+fn input_count(d: &DeviceConfig) -> usize {
+    d.profile
+        .inputs
+        .as_ref()
+        .map_or(0, |i| usize::from(i.count))
+}
+
 fn fail_jobs(shared: &Shared, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>, why: &str) {
     while let Ok(job) = rx.try_recv() {
         answer(shared, job, Err(why.to_string()));
@@ -244,18 +263,27 @@ impl Bus<'_> {
     async fn session(
         &mut self,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+        watch: &mut PortWatch,
     ) -> Option<String> {
         loop {
             if self.shared.stopping() {
                 return None;
             }
             let now = Instant::now();
+            if now.duration_since(self.started) >= super::osdp::PORT_STABLE {
+                watch.up(self.shared);
+            }
             // Pulses to end first, then jobs, then the most overdue poll.
             if let Some(i) = self.offs.iter().position(|o| o.at <= now) {
-                let off = self.offs.swap_remove(i);
+                let mut off = self.offs.swap_remove(i);
                 let r = self.write_coil(off.device, off.channel, false).await;
                 if let Err(e) = r {
-                    self.device_error(off.device, &format!("ending a pulse: {e}"));
+                    if off.failures == 0 {
+                        self.device_error(off.device, &format!("ending a pulse (retrying): {e}"));
+                    }
+                    off.failures = off.failures.saturating_add(1);
+                    off.at = Instant::now() + OFF_RETRY;
+                    self.offs.push(off);
                     if let TxError::Port(p) = e {
                         return Some(p);
                     }
@@ -318,6 +346,24 @@ impl Bus<'_> {
             .with(|p| p.clear(tokio_serial::ClearBuffer::Input))
             .map_err(|e| TxError::Port(e.to_string()))?;
         self.ctx.set_slave(Slave(self.devs[i].cfg.address));
+        let r = self.tx_once(f).await;
+        if matches!(r, Err(TxError::Timeout | TxError::Protocol(_))) {
+            tokio::time::sleep(QUIET).await;
+            let _ = self
+                .port
+                .with(|p| p.clear(tokio_serial::ClearBuffer::Input));
+        }
+        r
+    }
+
+    async fn tx_once<T, F>(&mut self, f: F) -> Result<T, TxError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut Context,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'c>,
+        >,
+    {
         match tokio::time::timeout(self.timeout, f(&mut self.ctx)).await {
             Err(_) => Err(TxError::Timeout),
             Ok(Ok(Ok(v))) => Ok(v),
@@ -384,7 +430,11 @@ impl Bus<'_> {
             }
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(TxError::Timeout),
+            Err(_) => {
+                tokio::time::sleep(QUIET).await;
+                let _ = port.with(|p| p.clear(tokio_serial::ClearBuffer::Input));
+                Err(TxError::Timeout)
+            }
             Ok(Err(e)) => Err(TxError::Port(e.to_string())),
             Ok(Ok((sent, got))) => match wire::check_echo(&sent, &got) {
                 Ok(()) => Ok(()),
@@ -398,6 +448,11 @@ impl Bus<'_> {
 
     /// A relay job. Returns `Some(error)` if the port broke.
     async fn job(&mut self, job: Job) -> Option<String> {
+        if job.deadline.is_some_and(|d| Instant::now() > d) {
+            let msg = format!("`{}`: expired before the bus could run it", job.device);
+            answer(self.shared, job, Err(msg));
+            return None;
+        }
         let Some(i) = self.devs.iter().position(|d| d.cfg.id == job.device) else {
             let msg = format!("no device `{}` on bus `{}`", job.device, self.cfg.id);
             answer(self.shared, job, Err(msg));
@@ -422,7 +477,41 @@ impl Bus<'_> {
         // A new command on a channel replaces a software pulse still running on it.
         self.offs
             .retain(|o| !(o.device == i && o.channel == job.channel));
-        let result = match job.op {
+        // Relay writes are idempotent: one lost frame gets one more try.
+        let mut result = self.relay_op(i, &job).await;
+        if matches!(result, Err(TxError::Timeout | TxError::Protocol(_)))
+            && job.deadline.is_none_or(|d| Instant::now() < d)
+        {
+            result = self.relay_op(i, &job).await;
+        }
+        if job.op == RelayOp::Off && result.is_err() {
+            // Keep trying to switch it off.
+            self.offs.push(PendingOff {
+                at: Instant::now() + OFF_RETRY,
+                device: i,
+                channel: job.channel,
+                failures: 1,
+            });
+        }
+        self.outcome(i, &result, false);
+        let port_broken = match &result {
+            Err(TxError::Port(p)) => Some(p.clone()),
+            _ => None,
+        };
+        answer(
+            self.shared,
+            job,
+            result.map_err(|e| format!("{}: {e}", self.devs[i].cfg.id)),
+        );
+        port_broken
+    }
+
+    async fn relay_op(&mut self, i: usize, job: &Job) -> Result<String, TxError> {
+        let profile = &self.devs[i].cfg.profile;
+        let Some(relays) = profile.relays.as_ref() else {
+            return Err(TxError::Protocol("no relays".into()));
+        };
+        match job.op {
             RelayOp::On => self
                 .write_coil(i, job.channel, true)
                 .await
@@ -442,37 +531,38 @@ impl Bus<'_> {
                             u32::from(units) * p.unit_ms
                         )
                     }),
-                _ => self.write_coil(i, job.channel, true).await.map(|()| {
+                _ => {
+                    // The off is due whatever the on's answer was: a board that switched on but
+                    // whose echo was lost must still be switched off (off is idempotent).
+                    let channel = job.channel;
+                    self.offs
+                        .retain(|o| !(o.device == i && o.channel == channel));
                     self.offs.push(PendingOff {
                         at: Instant::now() + Duration::from_millis(u64::from(ms)),
                         device: i,
-                        channel: job.channel,
+                        channel,
+                        failures: 0,
                     });
-                    format!("relay {} pulsed for {ms} ms", job.channel)
-                }),
+                    self.write_coil(i, channel, true)
+                        .await
+                        .map(|()| format!("relay {channel} pulsed for {ms} ms"))
+                }
             },
-        };
-        self.outcome(i, &result);
-        let port_broken = match &result {
-            Err(TxError::Port(p)) => Some(p.clone()),
-            _ => None,
-        };
-        answer(
-            self.shared,
-            job,
-            result.map_err(|e| format!("{}: {e}", self.devs[i].cfg.id)),
-        );
-        port_broken
+        }
     }
 
     /// Accounts a transaction's result to the device: liveness, backoff, error events.
-    fn outcome<T>(&mut self, i: usize, r: &Result<T, TxError>) {
+    /// `poll`: a poll's result (only a good poll clears the remembered exception, so that a
+    /// relay job between two failing polls does not make the same exception recorded again).
+    fn outcome<T>(&mut self, i: usize, r: &Result<T, TxError>, poll: bool) {
         let bus = self.cfg.id.clone();
         let d = &mut self.devs[i];
         match r {
             Ok(_) => {
                 d.failures = 0;
-                d.last_error = None;
+                if poll {
+                    d.last_error = None;
+                }
                 if d.online != Some(true) {
                     d.online = Some(true);
                     self.shared.set_online(&d.cfg.id, &bus, true, None);
@@ -579,7 +669,7 @@ impl Bus<'_> {
                 result = Err(e);
             }
         }
-        self.outcome(i, &result);
+        self.outcome(i, &result, true);
         let d = &mut self.devs[i];
         let interval = cfg.poll_interval;
         let extra = d
@@ -605,11 +695,21 @@ impl Bus<'_> {
                 continue;
             };
             let active = raw != input.invert;
-            let slot = &mut self.devs[i].inputs[usize::from(input.channel)];
-            let before = slot.replace(active);
+            let ch = usize::from(input.channel);
+            let dev = &mut self.devs[i];
+            let before = dev.inputs[ch];
             if before == Some(active) {
+                dev.candidates[ch] = None;
                 continue;
             }
+            // A change counts once two polls in a row agree (a bouncing contact is not a door
+            // opening twice); the first read after start only sets the state.
+            if before.is_some() && dev.candidates[ch] != Some(active) {
+                dev.candidates[ch] = Some(active);
+                continue;
+            }
+            dev.candidates[ch] = None;
+            dev.inputs[ch] = Some(active);
             let first = before.is_none();
             let entry = input.entry.as_deref();
             let base =
@@ -637,6 +737,13 @@ impl Bus<'_> {
                     {
                         tracing::warn!(entry = e, "exit button: {err}");
                     }
+                }
+                (InputRole::ManualRelease, true) if !first => {
+                    // A physical override: the door may open without being forced.
+                    if let Some(e) = entry {
+                        self.shared.note_manual_release(e);
+                    }
+                    self.shared.record(EventKind::ManualRelease, base);
                 }
                 (InputRole::Tamper, on) if on || !first => {
                     let mut p = base;

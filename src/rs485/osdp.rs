@@ -46,6 +46,15 @@ use crate::policy::{Presented, Reason, Request, Target};
 const TICK: Duration = Duration::from_millis(1);
 /// A secure channel up this long without a drop runs on the reader's own key (see the header).
 const PAIRED_AFTER: Duration = Duration::from_secs(1);
+/// A reader not usable this long after a session starts is reported offline.
+const REPORT_AFTER: Duration = Duration::from_secs(10);
+/// A port that has worked this long is back (`bus_connected`); a shorter life is the same
+/// outage going on (no event flood from a port that opens and fails at once).
+pub(crate) const PORT_STABLE: Duration = Duration::from_secs(3);
+/// A reader LibOSDP has had offline this long gets a fresh control panel (LibOSDP itself
+/// would wait 5 minutes); doubling up to `RETRY_MAX` while it stays away.
+const RETRY_MIN: Duration = Duration::from_secs(15);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// The serial port as a LibOSDP channel. An I/O error other than "nothing to read" marks the
 /// port broken; the bus thread then tears the control panel down and reopens the port.
@@ -111,14 +120,17 @@ impl Channel for SerialChannel {
         }
     }
 
+    /// LibOSDP calls this before sending, to drop stale received bytes (not to drain output).
     fn flush(&mut self) -> Result<(), ChannelError> {
         let Some(port) = self.port.as_mut() else {
             return Ok(());
         };
-        match port.flush() {
+        match port.clear(tokio_serial::ClearBuffer::Input) {
             Ok(()) => Ok(()),
-            Err(e) if idle(&e) => Ok(()),
-            Err(e) => Err(self.fail("flush", &e)),
+            Err(e) => {
+                let e = std::io::Error::other(e.to_string());
+                Err(self.fail("flush", &e))
+            }
         }
     }
 
@@ -134,7 +146,13 @@ struct Reader<'a> {
     /// Index in the control panel (`None`: not given to LibOSDP, e.g. no key).
     pd: Option<i32>,
     keys: KeypadBuffer,
+    /// LibOSDP's view: the reader answers.
     online: bool,
+    /// Since when LibOSDP has had it offline (this session).
+    offline_since: Option<Instant>,
+    /// What was last reported (`device_online`/`device_offline`): online, and with its secure
+    /// channel when one is required. `None`: nothing reported yet this run.
+    reported: Option<bool>,
     /// Since when the secure channel has been up, if it is.
     sc_since: Option<Instant>,
     /// Install mode: the key is stored but the reader was not yet seen using it.
@@ -154,6 +172,8 @@ pub fn run(
         return;
     };
     let mut watch = PortWatch::new(bus);
+    let mut reported = std::collections::HashMap::new();
+    let mut retry_after = RETRY_MIN;
     while !shared.stopping() {
         let port = match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open() {
             Ok(p) => {
@@ -169,17 +189,33 @@ pub fn run(
                 continue;
             }
         };
-        watch.up(shared);
-        let broken = session(bus, readers, shared, port, &mut rx);
-        if broken.is_some() {
-            for r in readers {
-                shared.set_online(&r.id, &bus.id, false, broken.clone());
+        match session(
+            bus,
+            readers,
+            shared,
+            port,
+            &mut rx,
+            &mut reported,
+            retry_after,
+            &mut watch,
+        ) {
+            End::Stopping => break,
+            End::Retry => retry_after = (retry_after * 2).min(RETRY_MAX),
+            End::Broken(e) => {
+                for r in readers {
+                    if reported.get(&r.id) != Some(&false) {
+                        shared.set_online(&r.id, &bus.id, false, Some(e.clone()));
+                        reported.insert(r.id.clone(), false);
+                    }
+                }
+                retry_after = RETRY_MIN;
+                if watch.down(shared, &e) {
+                    break;
+                }
             }
         }
-        if let Some(e) = broken
-            && watch.down(shared, &e)
-        {
-            break;
+        if readers.iter().all(|r| reported.get(&r.id) == Some(&true)) {
+            retry_after = RETRY_MIN;
         }
     }
     fail_jobs(shared, &mut rx, "gatehouse is stopping");
@@ -223,7 +259,19 @@ fn describe(bus: &BusConfig, readers: &[ReaderConfig], shared: &Shared) -> Descr
                 continue;
             }
         };
-        let stored = shared.store.reader_key(&r.id);
+        let stored = match shared.store.reader_key(&r.id) {
+            Ok(k) => k,
+            Err(e) => {
+                shared.record(
+                    EventKind::DeviceError,
+                    json!({"device": r.id, "bus": bus.id,
+                           "error": format!("cannot read the reader's key, leaving it out: {e:#}")}),
+                );
+                index.push(None);
+                unconfirmed.push(None);
+                continue;
+            }
+        };
         let (info, pending) = match (r.secure, stored) {
             (Secure::None, _) => (Some(base), None),
             (Secure::Key | Secure::Install, Some((key, true))) => (
@@ -283,14 +331,28 @@ fn describe(bus: &BusConfig, readers: &[ReaderConfig], shared: &Shared) -> Descr
     }
 }
 
-/// One connection: returns `Some(error)` when the port broke, `None` when stopping.
+/// How a session ended.
+enum End {
+    Stopping,
+    /// The port broke.
+    Broken(String),
+    /// A reader has been offline too long: LibOSDP would wait 5 minutes before trying it
+    /// again, so the control panel is built afresh on the same port.
+    Retry,
+}
+
+/// One connection. `reported` carries what was reported per reader across sessions;
+/// `retry_after` is how long a reader may stay offline before the control panel is rebuilt.
 fn session(
     bus: &BusConfig,
     cfgs: &[ReaderConfig],
     shared: &Arc<Shared>,
     port: Box<dyn tokio_serial::SerialPort>,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
-) -> Option<String> {
+    reported: &mut std::collections::HashMap<String, bool>,
+    retry_after: Duration,
+    watch: &mut PortWatch,
+) -> End {
     let chan = SerialChannel::new(port);
     let broken = chan.broken.clone();
     let Described {
@@ -298,6 +360,7 @@ fn session(
         index,
         unconfirmed,
     } = describe(bus, cfgs, shared);
+    let started = Instant::now();
     let mut readers: Vec<Reader> = cfgs
         .iter()
         .zip(index)
@@ -307,6 +370,8 @@ fn session(
             pd,
             keys: KeypadBuffer::new(cfg.inter_digit_timeout),
             online: false,
+            offline_since: Some(started),
+            reported: reported.get(&cfg.id).copied(),
             sc_since: None,
             unconfirmed_key,
             plaintext_warned: false,
@@ -319,7 +384,7 @@ fn session(
             fail_jobs(shared, rx, "no usable reader on this bus");
             shared.sleep(Duration::from_millis(200));
         }
-        return None;
+        return End::Stopping;
     }
     let mut cp = match ControlPanelBuilder::new()
         .add_channel(Box::new(chan), infos)
@@ -327,7 +392,7 @@ fn session(
     {
         Ok(cp) => cp,
         Err(e) => {
-            return Some(format!("LibOSDP could not set up the control panel: {e:?}"));
+            return End::Broken(format!("LibOSDP could not set up the control panel: {e:?}"));
         }
     };
     let (etx, erx) = channel::<(i32, OsdpEvent)>();
@@ -337,23 +402,24 @@ fn session(
     });
     loop {
         if shared.stopping() {
-            return None;
+            return End::Stopping;
         }
         cp.refresh();
         if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            return Some(e);
+            return End::Broken(e);
         }
         handle_events(&mut cp, &erx, &mut readers, bus, shared);
         let now = Instant::now();
+        if now.duration_since(started) >= PORT_STABLE {
+            watch.up(shared);
+        }
+        let mut retry = false;
         for r in readers.iter_mut() {
             let Some(pd) = r.pd else { continue };
             let online = cp.is_online(pd);
             if online != r.online {
                 r.online = online;
-                shared.set_online(&r.cfg.id, &bus.id, online, None);
-                if !online {
-                    r.sc_since = None;
-                }
+                r.offline_since = (!online).then_some(now);
             }
             let sc = online && cp.is_sc_active(pd);
             match (sc, r.sc_since) {
@@ -361,10 +427,36 @@ fn session(
                 (false, Some(_)) => r.sc_since = None,
                 _ => {}
             }
+            // Usable: answering, and with its secure channel when one is required.
+            let usable = online && (r.cfg.secure == Secure::None || r.sc_since.is_some());
+            let settle = now.duration_since(started) >= REPORT_AFTER;
+            if (usable && r.reported != Some(true))
+                || (!usable && settle && r.reported != Some(false))
+            {
+                let detail = (!usable).then(|| {
+                    if online {
+                        "answers without the required secure channel".to_string()
+                    } else {
+                        "no answer (or the secure channel failed)".to_string()
+                    }
+                });
+                shared.set_online(&r.cfg.id, &bus.id, usable, detail);
+                r.reported = Some(usable);
+                reported.insert(r.cfg.id.clone(), usable);
+            }
+            if r.offline_since
+                .is_some_and(|t| now.duration_since(t) >= retry_after)
+            {
+                retry = true;
+            }
             if let (Some(key), Some(since)) = (r.unconfirmed_key, r.sc_since)
                 && now.duration_since(since) >= PAIRED_AFTER
             {
                 r.unconfirmed_key = None;
+                // From now on the reader must use its own key: no fallback to SCBK-D (which
+                // would hand the key to any device answering on the install-mode key).
+                cp.set_flag(pd, OsdpFlag::EnforceSecure, true);
+                cp.set_flag(pd, OsdpFlag::InstallMode, false);
                 match shared.store.set_reader_key(&r.cfg.id, &key, true) {
                     Ok(()) => {
                         tracing::info!(reader = %r.cfg.id, "reader paired: secure channel on its own key");
@@ -382,6 +474,10 @@ fn session(
         }
         while let Ok(job) = rx.try_recv() {
             output(&mut cp, &readers, shared, job);
+        }
+        if retry {
+            tracing::info!(bus = %bus.id, "a reader is still offline: restarting the control panel");
+            return End::Retry;
         }
         std::thread::sleep(TICK);
     }
@@ -540,6 +636,10 @@ fn feedback(cp: &mut ControlPanel, r: &Reader, f: Feedback) {
 
 /// A relay job for an OSDP reader's output (`channel` = output number).
 fn output(cp: &mut ControlPanel, readers: &[Reader], shared: &Shared, job: Job) {
+    if job.deadline.is_some_and(|d| Instant::now() > d) {
+        let msg = format!("`{}`: expired before the bus could run it", job.device);
+        return answer(shared, job, Err(msg));
+    }
     let Some(r) = readers.iter().find(|r| r.cfg.id == job.device) else {
         let msg = format!("no reader `{}` on this bus", job.device);
         return answer(shared, job, Err(msg));
@@ -573,7 +673,12 @@ fn output(cp: &mut ControlPanel, readers: &[Reader], shared: &Shared, job: Job) 
     });
     let result = cp
         .send_command(pd, cmd)
-        .map(|()| format!("reader `{}` output {output_no} {what}", r.cfg.id))
+        .map(|()| {
+            format!(
+                "reader `{}` output {output_no} {what} (command queued for the reader)",
+                r.cfg.id
+            )
+        })
         .map_err(|e| format!("LibOSDP refused the output command: {e:?}"));
     answer(shared, job, result);
 }
