@@ -171,9 +171,11 @@ pub fn run(
     let BusKind::Osdp(readers) = &bus.kind else {
         return;
     };
-    let mut watch = PortWatch::new(bus);
-    let mut reported = std::collections::HashMap::new();
-    let mut retry_after = RETRY_MIN;
+    let mut st = BusState {
+        reported: std::collections::HashMap::new(),
+        retry_after: RETRY_MIN,
+        watch: PortWatch::new(bus),
+    };
     while !shared.stopping() {
         let port = match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open() {
             Ok(p) => {
@@ -183,39 +185,33 @@ pub fn run(
             }
             Err(e) => {
                 fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
-                if watch.down(shared, &e.to_string()) {
+                if st.watch.down(shared, &e.to_string()) {
                     break;
                 }
                 continue;
             }
         };
-        match session(
-            bus,
-            readers,
-            shared,
-            port,
-            &mut rx,
-            &mut reported,
-            retry_after,
-            &mut watch,
-        ) {
+        match session(bus, readers, shared, port, &mut rx, &mut st) {
             End::Stopping => break,
-            End::Retry => retry_after = (retry_after * 2).min(RETRY_MAX),
+            End::Retry => st.retry_after = (st.retry_after * 2).min(RETRY_MAX),
             End::Broken(e) => {
                 for r in readers {
-                    if reported.get(&r.id) != Some(&false) {
+                    if st.reported.get(&r.id) != Some(&false) {
                         shared.set_online(&r.id, &bus.id, false, Some(e.clone()));
-                        reported.insert(r.id.clone(), false);
+                        st.reported.insert(r.id.clone(), false);
                     }
                 }
-                retry_after = RETRY_MIN;
-                if watch.down(shared, &e) {
+                st.retry_after = RETRY_MIN;
+                if st.watch.down(shared, &e) {
                     break;
                 }
             }
         }
-        if readers.iter().all(|r| reported.get(&r.id) == Some(&true)) {
-            retry_after = RETRY_MIN;
+        if readers
+            .iter()
+            .all(|r| st.reported.get(&r.id) == Some(&true))
+        {
+            st.retry_after = RETRY_MIN;
         }
     }
     fail_jobs(shared, &mut rx, "gatehouse is stopping");
@@ -331,6 +327,15 @@ fn describe(bus: &BusConfig, readers: &[ReaderConfig], shared: &Shared) -> Descr
     }
 }
 
+/// What a bus keeps across sessions.
+struct BusState {
+    /// What was last reported per reader (`device_online`/`device_offline`).
+    reported: std::collections::HashMap<String, bool>,
+    /// How long a reader may stay offline before the control panel is rebuilt.
+    retry_after: Duration,
+    watch: PortWatch,
+}
+
 /// How a session ended.
 enum End {
     Stopping,
@@ -349,10 +354,14 @@ fn session(
     shared: &Arc<Shared>,
     port: Box<dyn tokio_serial::SerialPort>,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
-    reported: &mut std::collections::HashMap<String, bool>,
-    retry_after: Duration,
-    watch: &mut PortWatch,
+    state: &mut BusState,
 ) -> End {
+    let BusState {
+        reported,
+        retry_after,
+        watch,
+    } = state;
+    let retry_after = *retry_after;
     let chan = SerialChannel::new(port);
     let broken = chan.broken.clone();
     let Described {
