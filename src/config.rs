@@ -37,6 +37,9 @@ pub struct RawConfig {
     /// RS-485 buses (`[[bus]]`), each one serial port with one protocol.
     #[serde(default)]
     pub bus: Vec<crate::rs485::config::RawBus>,
+    /// The BLE adapter (padlocks, unit controllers, fobs, BTHome sensors); absent: no BLE.
+    #[serde(default)]
+    pub ble: Option<crate::ble::config::RawBle>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +255,7 @@ pub struct Config {
     pub log_limits: crate::store::LogLimits,
     pub simulate_devices: bool,
     pub buses: Vec<crate::rs485::config::BusConfig>,
+    pub ble: Option<crate::ble::config::BleConfig>,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -456,6 +460,14 @@ impl Config {
         }
         let buses =
             crate::rs485::config::check(&raw.bus, &resolve, &err, raw.demo.simulate_devices)?;
+        let ble = match &raw.ble {
+            Some(b) => Some(crate::ble::config::check(
+                b,
+                &err,
+                raw.demo.simulate_devices,
+            )?),
+            None => None,
+        };
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,
@@ -476,6 +488,7 @@ impl Config {
             log_limits,
             simulate_devices: raw.demo.simulate_devices,
             buses,
+            ble,
         })
     }
 }

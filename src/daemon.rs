@@ -98,23 +98,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    // Each task gets a child token and is tracked; device drivers join here as they arrive.
+    // Each task gets a child token and is tracked.
+    let states = Arc::new(crate::devstate::DeviceStates::new());
+    let rpc = Arc::new(crate::ble::rpc::CloudRpc::new());
+    let ble = start_ble(&cfg, &engine, &states, &rpc, &shutdown, &tracker).await;
+    let (units, relays) = devices(
+        &cfg,
+        &store,
+        rs485.as_ref().map(|r| r.relays()),
+        ble.as_ref().map(|b| b.control.clone()),
+    );
+    let (wakes_tx, wakes_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(b) = &ble {
+        b.control.set_relays(relays.clone());
+        b.control.set_wakes(wakes_tx);
+    }
     match &cfg.cloud {
         Some(cloud) => {
             let session = store.next_session()?;
-            let link = crate::cloud::link::CloudLink::new(
+            let mut link = crate::cloud::link::CloudLink::new(
                 cloud.clone(),
                 &cfg.site_id,
                 &cfg.gateway_id,
                 store.clone(),
                 session,
-                Some(Arc::new(command_router(
-                    &cfg,
-                    cloud,
-                    &store,
-                    rs485.as_ref().map(|r| r.relays()),
-                ))),
-            );
+                Some(Arc::new(command_router(cloud, units, relays))),
+            )
+            .with_device_states(states.clone());
+            if ble.is_some()
+                && let Some(bridge) = crate::cloud::link::BleBridge::new(rpc.clone(), wakes_rx)
+            {
+                link = link.with_ble(Arc::new(bridge));
+            }
             tracing::info!(
                 session,
                 broker = %format!("{}:{}", cloud.host, cloud.port),
@@ -169,6 +184,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let deadline = cfg.drain_timeout;
         let _ = tokio::task::spawn_blocking(move || r.stop(deadline)).await;
     }
+    if let Some(b) = ble {
+        let _ = tokio::task::spawn_blocking(b.join).await;
+    }
     drop(sims);
     record(&store, EventKind::GatewayStopped, json!({}))?;
     store.flush().context("final flush")?;
@@ -176,16 +194,86 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The command router: relays on the RS-485 buses; simulated devices for what the demo site
-/// names and no bus has; otherwise none (until the BLE drivers exist for unit controllers).
-fn command_router(
+/// The BLE module, running: its controls for the router and the daemon, and how to wait for
+/// it at shutdown.
+struct BleRunning {
+    control: Arc<dyn crate::ble::manager::Control>,
+    join: Box<dyn FnOnce() + Send>,
+}
+
+/// Starts the BLE module when `[ble]` is configured: BlueZ's adapter, or the demo's simulated
+/// devices.
+async fn start_ble(
     cfg: &Config,
-    cloud: &crate::config::CloudConfig,
+    engine: &Arc<AccessEngine>,
+    states: &Arc<crate::devstate::DeviceStates>,
+    rpc: &Arc<crate::ble::rpc::CloudRpc>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<BleRunning> {
+    use crate::ble::{Ble, Manager, config::Adapter};
+    let ble_cfg = cfg.ble.clone()?;
+    match ble_cfg.adapter.clone() {
+        Adapter::Simulated => {
+            let radio = crate::ble::sim::demo_radio(&engine.store().site().tables);
+            let m = Manager::new(radio, ble_cfg, engine.clone(), states.clone(), rpc.clone());
+            let ble = Ble::start(m.clone(), shutdown.child_token());
+            tracker.spawn(crate::ble::sim::demo_script(
+                m.clone(),
+                shutdown.child_token(),
+            ));
+            tracing::info!("BLE: simulated padlocks, sensors and fobs (demo)");
+            Some(BleRunning {
+                control: m,
+                join: Box::new(move || ble.join()),
+            })
+        }
+        adapter => {
+            let name = match &adapter {
+                Adapter::Named(n) => Some(n.as_str()),
+                _ => None,
+            };
+            match crate::ble::bluez::Bluez::open(name).await {
+                Ok(radio) => {
+                    tracing::info!(adapter = radio.adapter_name(), "BLE adapter open");
+                    let m =
+                        Manager::new(radio, ble_cfg, engine.clone(), states.clone(), rpc.clone());
+                    let ble = Ble::start(m.clone(), shutdown.child_token());
+                    Some(BleRunning {
+                        control: m,
+                        join: Box::new(move || ble.join()),
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "BLE adapter unavailable ({e}): padlocks, fobs and BLE sensors are not \
+                         served until the daemon is restarted with the adapter present"
+                    );
+                    let _ = record(
+                        engine.store(),
+                        EventKind::DeviceError,
+                        json!({"device": "ble-adapter", "error": e.to_string()}),
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Who carries out commands: BLE padlocks and controllers, relays on the RS-485 buses;
+/// simulated devices for what the demo site names and nothing else has; otherwise none.
+fn devices(
+    cfg: &Config,
     store: &Store,
     bus_relays: Option<Arc<dyn crate::cloud::commands::Relays>>,
-) -> crate::cloud::link::Commands {
+    ble: Option<Arc<dyn crate::ble::manager::Control>>,
+) -> (
+    Arc<dyn crate::cloud::commands::UnitControllers>,
+    Arc<dyn crate::cloud::commands::Relays>,
+) {
     use crate::cloud::commands::{
-        CommandConfig, NoDevices, Relays, Router, SimulatedRelays, SimulatedUnits, UnitControllers,
+        Either, NoDevices, Relays, SimulatedRelays, SimulatedUnits, UnitControllers,
     };
     let (units, relays): (Arc<dyn UnitControllers>, Arc<dyn Relays>) = if cfg.simulate_devices {
         let site = store.site();
@@ -194,6 +282,7 @@ fn command_router(
             .units
             .values()
             .filter_map(|u| u.controller.clone())
+            .filter(|c| ble.is_none() || !t.devices.contains_key(c))
             .collect();
         let relay_devices: Vec<String> = t
             .entries
@@ -203,7 +292,7 @@ fn command_router(
         tracing::info!(
             controllers = controllers.len(),
             relays = relay_devices.len(),
-            "commands reach simulated devices (demo.simulate_devices)"
+            "commands for devices nothing else drives reach simulated ones (demo.simulate_devices)"
         );
         (
             Arc::new(SimulatedUnits::new(controllers)),
@@ -212,10 +301,27 @@ fn command_router(
     } else {
         (Arc::new(NoDevices), Arc::new(NoDevices))
     };
-    let relays = match bus_relays {
-        Some(bus) => Arc::new(crate::cloud::commands::Either(bus, relays)),
+    let relays: Arc<dyn Relays> = match bus_relays {
+        Some(bus) => Arc::new(Either(bus, relays)),
         None => relays,
     };
+    let units: Arc<dyn UnitControllers> = match ble {
+        Some(b) => {
+            let b: Arc<dyn UnitControllers> = b;
+            Arc::new(Either(b, units))
+        }
+        None => units,
+    };
+    (units, relays)
+}
+
+/// The command router over the devices, with the checks' settings.
+fn command_router(
+    cloud: &crate::config::CloudConfig,
+    units: Arc<dyn crate::cloud::commands::UnitControllers>,
+    relays: Arc<dyn crate::cloud::commands::Relays>,
+) -> crate::cloud::link::Commands {
+    use crate::cloud::commands::{CommandConfig, Router};
     crate::cloud::link::Commands {
         router: Arc::new(Router::new(units, relays)),
         cfg: CommandConfig {

@@ -55,6 +55,17 @@ pub enum EventKind {
     ManualRelease,
     /// A sensor reading (temperature, humidity) worth reporting.
     SensorReading,
+    /// A padlock or unit controller answered a command packet (payload: `result`, e.g.
+    /// `success`, `invalid_key`, `failed_to_unlock`, `out_of_schedule`, `shutdown`).
+    LockResult,
+    /// A lock's server packet (0x50), for the cloud, with the session it belongs to.
+    LockUpload,
+    /// A lock advertised a new mechanical state (locked / unlocked).
+    LockStateChanged,
+    /// A battery-powered device's battery went below its profile's threshold.
+    BatteryLow,
+    /// A BTHome button was pressed.
+    Button,
 }
 
 impl EventKind {
@@ -86,6 +97,11 @@ impl EventKind {
             EventKind::ExitRequest => "exit_request",
             EventKind::ManualRelease => "manual_release",
             EventKind::SensorReading => "sensor_reading",
+            EventKind::LockResult => "lock_result",
+            EventKind::LockUpload => "lock_upload",
+            EventKind::LockStateChanged => "lock_state_changed",
+            EventKind::BatteryLow => "battery_low",
+            EventKind::Button => "button",
         }
     }
 

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod daemon;
+pub mod devstate;
 pub mod events;
 pub mod policy;
 pub mod rs485;

@@ -421,6 +421,8 @@ fn check_facility(f: &sync::Facility) -> Result<Facility, SiteError> {
 pub struct Tables {
     pub facility: Facility,
     pub zones: HashMap<String, sync::Zone>,
+    /// BLE devices by id (with their secrets; never in events or logs).
+    pub devices: HashMap<String, sync::Device>,
     pub schedules: HashMap<String, (sync::Schedule, CompiledSchedule)>,
     pub entries: HashMap<String, sync::Entry>,
     pub units: HashMap<String, sync::Unit>,
@@ -457,6 +459,40 @@ fn insert_unique<T>(
     }
 }
 
+/// A device record: a MAC address, and keys of the right length in hex.
+fn check_device(d: &sync::Device) -> Result<(), SiteError> {
+    if d.id.is_empty() {
+        return Err(invalid("a device has an empty id"));
+    }
+    let mac_ok = d.mac.len() == 17
+        && d.mac.split(':').count() == 6
+        && d.mac
+            .split(':')
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !mac_ok {
+        return Err(invalid(format!(
+            "device `{}`: mac `{}` is not AA:BB:CC:DD:EE:FF",
+            d.id, d.mac
+        )));
+    }
+    for (field, v, len) in [
+        ("offline_key", &d.offline_key, 16),
+        ("unlock_command", &d.unlock_command, 20),
+        ("key", &d.key, 16),
+    ] {
+        if let Some(v) = v
+            && hex::decode(v).map(|b| b.len()) != Ok(len)
+        {
+            return Err(invalid(format!(
+                "device `{}`: {field} is not {} hex digits",
+                d.id,
+                len * 2
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The small tables of a snapshot, by value.
 struct SmallParts {
     facility: sync::Facility,
@@ -468,6 +504,7 @@ struct SmallParts {
     shares: Vec<sync::Share>,
     transfers: Vec<sync::Transfer>,
     blacklist: Vec<sync::BlacklistEntry>,
+    devices: Vec<sync::Device>,
 }
 
 impl SmallParts {
@@ -482,6 +519,7 @@ impl SmallParts {
             shares: s.shares.clone(),
             transfers: s.transfers.clone(),
             blacklist: s.blacklist.clone(),
+            devices: s.devices.clone(),
         }
     }
 
@@ -496,6 +534,7 @@ impl SmallParts {
             shares: s.shares,
             transfers: s.transfers,
             blacklist: s.blacklist,
+            devices: s.devices,
         }
     }
 }
@@ -535,6 +574,10 @@ impl Tables {
         for x in p.blacklist {
             insert_unique(&mut t.blacklist, "blacklist entry", x.id.clone(), x)?;
         }
+        for x in p.devices {
+            check_device(&x)?;
+            insert_unique(&mut t.devices, "device", x.id.clone(), x)?;
+        }
         t.check_and_index()?;
         Ok(t)
     }
@@ -550,6 +593,7 @@ impl Tables {
             shares: HashMap::new(),
             transfers: HashMap::new(),
             blacklist: HashMap::new(),
+            devices: HashMap::new(),
             units_by_user: HashMap::new(),
             shares_by_user: HashMap::new(),
             transfers_by_user: HashMap::new(),
@@ -749,6 +793,10 @@ impl Tables {
         unique_ids("share", u.shares.iter().map(|x| x.id.as_str()))?;
         unique_ids("transfer", u.transfers.iter().map(|x| x.id.as_str()))?;
         unique_ids("blacklist entry", u.blacklist.iter().map(|x| x.id.as_str()))?;
+        unique_ids("device", u.devices.iter().map(|x| x.id.as_str()))?;
+        for x in &u.devices {
+            check_device(x)?;
+        }
         if let Some(f) = &u.facility {
             self.facility = check_facility(f)?;
         }
@@ -777,6 +825,9 @@ impl Tables {
         for x in &u.blacklist {
             self.blacklist.insert(x.id.clone(), x.clone());
         }
+        for x in &u.devices {
+            self.devices.insert(x.id.clone(), x.clone());
+        }
         Ok(())
     }
 
@@ -796,6 +847,7 @@ impl Tables {
         del(&mut self.schedules, "schedule", &d.schedules)?;
         del(&mut self.entries, "entry", &d.entries)?;
         del(&mut self.units, "unit", &d.units)?;
+        del(&mut self.devices, "device", &d.devices)?;
         for id in &d.users {
             self.users
                 .remove(id.as_str())
@@ -988,7 +1040,8 @@ impl Site {
                 && u.users.is_empty()
                 && u.shares.is_empty()
                 && u.transfers.is_empty()
-                && u.blacklist.is_empty())
+                && u.blacklist.is_empty()
+                && u.devices.is_empty())
             || !(d.delete.zones.is_empty()
                 && d.delete.schedules.is_empty()
                 && d.delete.entries.is_empty()
@@ -996,7 +1049,8 @@ impl Site {
                 && d.delete.users.is_empty()
                 && d.delete.shares.is_empty()
                 && d.delete.transfers.is_empty()
-                && d.delete.blacklist.is_empty());
+                && d.delete.blacklist.is_empty()
+                && d.delete.devices.is_empty());
         let tables = if small_changed {
             let mut t = (*self.tables).clone();
             t.delete(&d.delete)?;
@@ -1132,6 +1186,7 @@ impl Site {
             shares: sorted(t.shares.values().cloned(), |x| x.id.clone()),
             transfers: sorted(t.transfers.values().cloned(), |x| x.id.clone()),
             blacklist: sorted(t.blacklist.values().cloned(), |x| x.id.clone()),
+            devices: sorted(t.devices.values().cloned(), |x| x.id.clone()),
         }
     }
 

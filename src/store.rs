@@ -203,6 +203,7 @@ fn empty_site() -> Site {
         shares: vec![],
         transfers: vec![],
         blacklist: vec![],
+        devices: vec![],
     };
     Site::from_snapshot(&s, &CodeKey::from_bytes([0; 32])).expect("the empty site is valid")
 }

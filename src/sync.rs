@@ -127,6 +127,43 @@ pub struct Snapshot {
     pub transfers: Vec<Transfer>,
     #[serde(default)]
     pub blacklist: Vec<BlacklistEntry>,
+    /// BLE devices of the site (padlocks, unit controllers, sensors, fobs) with the secrets the
+    /// gateway needs offline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
+}
+
+/// What a BLE device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Padlock,
+    Controller,
+    Sensor,
+    Fob,
+}
+
+/// A BLE device of the site. Units name padlocks and controllers by `id` (`controller`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub id: String,
+    pub kind: DeviceKind,
+    /// `AA:BB:CC:DD:EE:FF`.
+    pub mac: String,
+    /// Padlocks and controllers: the 16-byte offline key (32 hex digits) for offline unlocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_key: Option<String>,
+    /// Padlocks and controllers: the 20-byte unlock command (40 hex digits) the offline
+    /// unlock is made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlock_command: Option<String>,
+    /// Encrypted BTHome sensors: the 16-byte AES key (32 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Seconds without an advertisement before the device is reported offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_after_s: Option<u64>,
 }
 
 /// Changes from `base_version` to `version`. Applied only when the site is at `base_version`.
@@ -169,6 +206,8 @@ pub struct Upserts {
     pub transfers: Vec<Transfer>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blacklist: Vec<BlacklistEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
 }
 
 /// Ids of records to delete. Deleting an id that does not exist is an error (the delta was made
@@ -194,6 +233,8 @@ pub struct Deletes {
     pub transfers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blacklist: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// Facility-wide settings (the portal's Settings > Facility page, as far as access goes).

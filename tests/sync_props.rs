@@ -504,6 +504,7 @@ impl Model {
             shares: self.shares.values().cloned().collect(),
             transfers: self.transfers.values().cloned().collect(),
             blacklist: self.blacklist.values().cloned().collect(),
+            devices: Vec::new(),
         }
     }
 }

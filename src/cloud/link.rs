@@ -49,6 +49,37 @@ pub struct Commands {
     pub cfg: commands::CommandConfig,
 }
 
+/// What the BLE module exchanges through the link: unlock requests out, responses in, and
+/// the sleeping devices that woke up (their queued commands run on the command thread).
+pub struct BleBridge {
+    pub rpc: Arc<crate::ble::rpc::CloudRpc>,
+    requests: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    wakes: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+}
+
+impl BleBridge {
+    /// `None` when the rpc's requests were already taken by someone else.
+    pub fn new(
+        rpc: Arc<crate::ble::rpc::CloudRpc>,
+        wakes: mpsc::UnboundedReceiver<String>,
+    ) -> Option<Self> {
+        let requests = rpc.take_requests()?;
+        Some(BleBridge {
+            rpc,
+            requests: tokio::sync::Mutex::new(requests),
+            wakes: tokio::sync::Mutex::new(wakes),
+        })
+    }
+}
+
+/// Work for the command thread, in arrival order.
+enum CmdJob {
+    /// A message from `cmd/<name>`.
+    Message(String, Vec<u8>),
+    /// A sleeping device woke up: run what waits for it.
+    Wake(String),
+}
+
 /// Requests queued in rumqttc's channel at most; the outbox window is kept below it.
 const REQUEST_CAPACITY: usize = 1024;
 /// Largest snapshot the gateway assembles from chunks.
@@ -73,6 +104,8 @@ pub struct CloudLink {
     appended: Arc<Notify>,
     commands: Option<Arc<Commands>>,
     pub state: Arc<LinkState>,
+    devices: Option<Arc<crate::devstate::DeviceStates>>,
+    ble: Option<Arc<BleBridge>>,
 }
 
 enum SessionEnd {
@@ -126,7 +159,22 @@ impl CloudLink {
             appended,
             commands,
             state: Arc::new(LinkState::default()),
+            devices: None,
+            ble: None,
         }
+    }
+
+    /// Publishes the devices' states retained on `devices/<id>/state`.
+    pub fn with_device_states(mut self, states: Arc<crate::devstate::DeviceStates>) -> Self {
+        self.devices = Some(states);
+        self
+    }
+
+    /// Serves the BLE module's online lock operations and wake-ups.
+    pub fn with_ble(mut self, bridge: Arc<BleBridge>) -> Self {
+        bridge.rpc.set_link(self.state.clone());
+        self.ble = Some(bridge);
+        self
     }
 
     pub fn topics(&self) -> &Topics {
@@ -242,6 +290,9 @@ impl CloudLink {
         if self.commands.is_some() {
             filters.push(self.topics.commands_filter());
         }
+        if self.ble.is_some() {
+            filters.push(self.topics.ble_unlock_response());
+        }
         for t in filters {
             client.try_subscribe(t).map_err(anyhow::Error::msg)?;
         }
@@ -275,19 +326,50 @@ impl CloudLink {
         let (cmd_tx, mut cmd_rx) = mpsc::channel::<Vec<Outcome>>(64);
         // Commands are handled one after the other on one blocking thread: a second delivery of
         // a command then finds the first one's result (and the devices see commands in order).
-        let (cmd_job_tx, cmd_job_rx) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+        let (cmd_job_tx, cmd_job_rx) = std::sync::mpsc::channel::<CmdJob>();
         if let Some(c) = &self.commands {
             let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
             tokio::task::spawn_blocking(move || {
-                for (name, payload) in cmd_job_rx {
-                    let o =
-                        commands::handle(&c.router, &store, &payload, &name, Utc::now(), &c.cfg);
-                    record_effects(&store, std::slice::from_ref(&o));
-                    if tx.blocking_send(vec![o]).is_err() {
+                for job in cmd_job_rx {
+                    let out = match job {
+                        CmdJob::Message(name, payload) => vec![commands::handle(
+                            &c.router,
+                            &store,
+                            &payload,
+                            &name,
+                            Utc::now(),
+                            &c.cfg,
+                        )],
+                        CmdJob::Wake(device) => {
+                            commands::handle_wake(&c.router, &store, &device, Utc::now())
+                        }
+                    };
+                    record_effects(&store, &out);
+                    if !out.is_empty() && tx.blocking_send(out).is_err() {
                         break;
                     }
                 }
             });
+        }
+        // The BLE bridge's channels and the device states belong to this session while it lasts.
+        let mut ble_requests = match &self.ble {
+            Some(b) => Some(b.requests.lock().await),
+            None => None,
+        };
+        let mut ble_wakes = match &self.ble {
+            Some(b) => Some(b.wakes.lock().await),
+            None => None,
+        };
+        if let Some(d) = &self.devices {
+            for (id, state) in d.all() {
+                self.publish(
+                    &client,
+                    &mut out,
+                    self.topics.device_state(&id),
+                    true,
+                    &state,
+                )?;
+            }
         }
         let mut assembly: Option<Assembly> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -332,6 +414,42 @@ impl CloudLink {
                         }
                         let topic = self.topics.command_result(&o.result.name);
                         self.publish(&client, &mut out, topic, false, &o.result)?;
+                    }
+                }
+                Some(req) = async {
+                    match ble_requests.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    client
+                        .try_publish(self.topics.ble_unlock_request(), false, req)
+                        .map_err(|e| anyhow::anyhow!("publishing: {e}"))?;
+                    out.requested.push_back(None);
+                }
+                Some(device) = async {
+                    match ble_wakes.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let waiting = self.commands.as_ref().is_some_and(|c| {
+                        c.router.pending().iter().any(|(_, d)| *d == device)
+                    });
+                    if waiting {
+                        let _ = cmd_job_tx.send(CmdJob::Wake(device));
+                    }
+                }
+                _ = async {
+                    match &self.devices {
+                        Some(d) => d.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(d) = &self.devices {
+                        for (id, state) in d.take_changed() {
+                            self.publish(&client, &mut out, self.topics.device_state(&id), true, &state)?;
+                        }
                     }
                 }
                 _ = self.appended.notified() => {}
@@ -432,14 +550,18 @@ impl CloudLink {
         payload: Vec<u8>,
         assembly: &mut Option<Assembly>,
         sync_jobs: &std::sync::mpsc::Sender<(Vec<u8>, Option<String>)>,
-        cmd_jobs: &std::sync::mpsc::Sender<(String, Vec<u8>)>,
+        cmd_jobs: &std::sync::mpsc::Sender<CmdJob>,
     ) -> anyhow::Result<()> {
         if let Some(name) = self.topics.command_name(topic) {
             match &self.commands {
                 Some(_) => {
-                    let _ = cmd_jobs.send((name.to_string(), payload));
+                    let _ = cmd_jobs.send(CmdJob::Message(name.to_string(), payload));
                 }
                 None => tracing::debug!(topic, "command ignored: no command router"),
+            }
+        } else if topic == self.topics.ble_unlock_response() {
+            if let Some(b) = &self.ble {
+                b.rpc.on_response(&payload);
             }
         } else if topic == self.topics.sync_delta() {
             let _ = sync_jobs.send((payload, None));

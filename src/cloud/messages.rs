@@ -30,6 +30,14 @@ impl Topics {
     pub fn device_state(&self, device: &str) -> String {
         format!("{}/devices/{device}/state", self.base)
     }
+    /// Out: a BLE lock operation asks the cloud for its command packets.
+    pub fn ble_unlock_request(&self) -> String {
+        format!("{}/ble/unlock_request", self.base)
+    }
+    /// In: the cloud's command packets (or its refusal) for a request.
+    pub fn ble_unlock_response(&self) -> String {
+        format!("{}/ble/unlock_response", self.base)
+    }
     pub fn sync_snapshot(&self) -> String {
         format!("{}/sync/snapshot", self.base)
     }
