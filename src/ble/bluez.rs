@@ -72,6 +72,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a running scan checks that the adapter is still there and discovering.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Bound on that check: a healthy bluetoothd answers a property read in milliseconds, and a
+/// lost bus connection leaves calls unanswered.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;
 
@@ -742,7 +745,7 @@ async fn scan_task(
                 }
             }
             _ = health.tick() => {
-                match tokio::time::timeout(CALL_TIMEOUT, adapter.is_discovering()).await {
+                match tokio::time::timeout(HEALTH_TIMEOUT, adapter.is_discovering()).await {
                     Ok(Ok(true)) => {}
                     Ok(Ok(false)) => break "adapter no longer discovering",
                     Ok(Err(e)) => {

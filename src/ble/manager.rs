@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 use super::config::BleConfig;
 use super::noke::{self, AppResult, Notification, PACKET_LEN};
@@ -38,6 +39,8 @@ use crate::sync::{Device, DeviceKind};
 
 /// How long one lock operation may take in all (connect, cloud, packets).
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the last answer, the link stays up this long for the lock's server packets.
+const AFTER_LAST_PACKET: Duration = Duration::from_millis(500);
 /// How long the lock has to answer one packet.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// `last_seen` in a device's retained state is refreshed at most this often.
@@ -79,6 +82,7 @@ pub struct Counters {
 }
 
 pub struct Manager<R: Radio> {
+    me: std::sync::Weak<Manager<R>>,
     radio: R,
     cfg: BleConfig,
     store: Arc<Store>,
@@ -112,7 +116,8 @@ impl<R: Radio> Manager<R> {
         rpc: Arc<CloudRpc>,
     ) -> Arc<Self> {
         let max = cfg.max_connections;
-        Arc::new(Manager {
+        Arc::new_cyclic(|me| Manager {
+            me: me.clone(),
             radio,
             cfg,
             store: engine.store().clone(),
@@ -541,14 +546,23 @@ impl<R: Radio> Manager<R> {
 
     /// Carries out an action on a padlock or unit controller, bounded by `OPERATION_TIMEOUT`.
     /// `offline_only`: do not ask the cloud (an installer's test; the cloud is known to be
-    /// away).
+    /// away). The outcome is returned as soon as the lock has answered the last packet; the
+    /// link then stays up a moment for the server packets the lock sends after it (uploaded),
+    /// and the device is not used by anything else until it is closed.
     pub async fn operate(&self, device: &str, action: UnitAction, offline_only: bool) -> Execution {
-        match tokio::time::timeout(
-            OPERATION_TIMEOUT,
-            self.operate_inner(device, action, offline_only),
-        )
-        .await
-        {
+        let Some(me) = self.me.upgrade() else {
+            return Execution::Failed("the BLE module is stopping".into());
+        };
+        let (tx, rx) = oneshot::channel();
+        let device = device.to_string();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                OPERATION_TIMEOUT,
+                me.operate_inner(&device, action, offline_only, tx),
+            )
+            .await;
+        });
+        match rx.await {
             Ok(e) => e,
             Err(_) => Execution::Failed(format!(
                 "no outcome within {} s",
@@ -557,9 +571,18 @@ impl<R: Radio> Manager<R> {
         }
     }
 
-    async fn operate_inner(&self, id: &str, action: UnitAction, offline_only: bool) -> Execution {
+    async fn operate_inner(
+        &self,
+        id: &str,
+        action: UnitAction,
+        offline_only: bool,
+        outcome: oneshot::Sender<Execution>,
+    ) {
         let Some(dev) = self.device(id) else {
-            return Execution::Failed(format!("no device `{id}` in the site database"));
+            let _ = outcome.send(Execution::Failed(format!(
+                "no device `{id}` in the site database"
+            )));
+            return;
         };
         let prof = profile::for_kind(dev.kind);
         let serial = lock(&self.serial)
@@ -568,7 +591,8 @@ impl<R: Radio> Manager<R> {
             .clone();
         let _one_at_a_time = serial.lock().await;
         let Ok(_permit) = self.pool.acquire().await else {
-            return Execution::Failed("the BLE module is stopping".into());
+            let _ = outcome.send(Execution::Failed("the BLE module is stopping".into()));
+            return;
         };
         let mac = dev.mac.to_ascii_uppercase();
         let mut link = match self.radio.connect(&mac, prof.connect_timeout).await {
@@ -579,17 +603,25 @@ impl<R: Radio> Manager<R> {
                     .entry(id.to_string())
                     .or_default()
                     .last_seen = None;
-                return Execution::Queued;
+                let _ = outcome.send(Execution::Queued);
+                return;
             }
-            Err(e) => return Execution::Failed(e.to_string()),
+            Err(e) => {
+                let _ = outcome.send(Execution::Failed(e.to_string()));
+                return;
+            }
         };
         let session = link.session();
         self.note_battery(&dev, prof, &session);
         let result = self
             .run_on_link(&dev, &mac, &mut link, &session, action, offline_only)
             .await;
+        let _ = outcome.send(result);
+        // What the lock still says (server packets after an unlock) is uploaded.
+        while let Ok(value) = link.notification(AFTER_LAST_PACKET).await {
+            self.on_notification(&dev, &session, &value, "after");
+        }
         link.disconnect().await;
-        result
     }
 
     fn note_battery(&self, dev: &Device, prof: &Profile, session: &[u8; PACKET_LEN]) {
@@ -663,40 +695,56 @@ impl<R: Radio> Manager<R> {
                 .notification(NOTIFY_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
-            match noke::parse_notification(&value) {
-                Ok(Notification::Server(p)) => self.record(
+            if let Some(answer) = self.on_notification(dev, session, &value, via) {
+                return answer;
+            }
+        }
+    }
+
+    /// Records what a notification says: a server packet is uploaded, an app packet is a
+    /// `lock_result` and the answer (`Some`) to the packet written last.
+    fn on_notification(
+        &self,
+        dev: &Device,
+        session: &[u8; PACKET_LEN],
+        value: &[u8],
+        via: &str,
+    ) -> Option<Result<(), String>> {
+        match noke::parse_notification(value) {
+            Ok(Notification::Server(p)) => {
+                self.record(
                     EventKind::LockUpload,
                     json!({"device": dev.id, "mac": dev.mac.to_ascii_uppercase(),
                            "session": hex::encode_upper(session), "packet": hex::encode_upper(p)}),
-                ),
-                Ok(Notification::App { result, raw }) => {
-                    self.record(
-                        EventKind::LockResult,
-                        json!({"device": dev.id, "result": result.event_name(),
-                               "code": result.code(), "via": via, "raw": hex::encode_upper(raw)}),
-                    );
-                    return match result {
-                        AppResult::Success { .. } => Ok(()),
-                        AppResult::Shutdown { .. } => {
-                            Err("the lock went to sleep (shutdown)".into())
-                        }
-                        other => Err(format!("the lock answered {}", other.event_name())),
-                    };
-                }
-                Ok(Notification::Invalid(raw)) => {
-                    self.record(
-                        EventKind::LockResult,
-                        json!({"device": dev.id, "result": "invalid", "code": 0xFF, "via": via,
-                               "raw": hex::encode_upper(raw)}),
-                    );
-                    return Err("the lock flagged the exchange as invalid".into());
-                }
-                Err(e) => {
-                    self.record(
-                        EventKind::DeviceError,
-                        json!({"device": dev.id, "error": format!("unreadable notification: {e}")}),
-                    );
-                }
+                );
+                None
+            }
+            Ok(Notification::App { result, raw }) => {
+                self.record(
+                    EventKind::LockResult,
+                    json!({"device": dev.id, "result": result.event_name(),
+                           "code": result.code(), "via": via, "raw": hex::encode_upper(raw)}),
+                );
+                Some(match result {
+                    AppResult::Success { .. } => Ok(()),
+                    AppResult::Shutdown { .. } => Err("the lock went to sleep (shutdown)".into()),
+                    other => Err(format!("the lock answered {}", other.event_name())),
+                })
+            }
+            Ok(Notification::Invalid(raw)) => {
+                self.record(
+                    EventKind::LockResult,
+                    json!({"device": dev.id, "result": "invalid", "code": 0xFF, "via": via,
+                           "raw": hex::encode_upper(raw)}),
+                );
+                Some(Err("the lock flagged the exchange as invalid".into()))
+            }
+            Err(e) => {
+                self.record(
+                    EventKind::DeviceError,
+                    json!({"device": dev.id, "error": format!("unreadable notification: {e}")}),
+                );
+                None
             }
         }
     }

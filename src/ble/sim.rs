@@ -231,6 +231,13 @@ impl SimRadio {
         });
     }
 
+    /// Whether a scanner listens (adverts before that are lost, as on air).
+    pub fn scanning(&self) -> bool {
+        let mut st = self.lock();
+        st.scanners.retain(|tx| !tx.is_closed());
+        !st.scanners.is_empty()
+    }
+
     /// How many unlocks a simulated lock performed.
     pub fn unlocks(&self, mac: &str) -> u32 {
         self.with_lock(mac, |l| l.unlocks).unwrap_or(0)

@@ -1,0 +1,629 @@
+//! The BLE module over the simulated transport (`gatehouse::ble::sim`): padlocks that speak the
+//! legacy protocol (checking the offline unlock's encryption, checksum and time), sleep and
+//! wake; BTHome sensors; fobs. Commands go through the real command router with signed
+//! commands; the cloud's side of an online unlock is played by the test through the rpc
+//! channel the cloud link would serve.
+
+#[path = "support/peers.rs"]
+mod peers;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use ed25519_dalek::SigningKey;
+use serde_json::{Value, json};
+
+use gatehouse::access::AccessEngine;
+use gatehouse::ble::config::BleConfig;
+use gatehouse::ble::noke;
+use gatehouse::ble::rpc::{CloudRpc, UnlockRequest, UnlockResponse};
+use gatehouse::ble::sim::{SimLock, SimRadio};
+use gatehouse::ble::{Ble, Manager, bthome};
+use gatehouse::cloud::commands::{
+    CommandConfig, Execution, Online, RelayOp, Relays, Router, UnitAction, handle, handle_expire,
+    handle_wake, sign,
+};
+use gatehouse::cloud::messages::{Command, CommandResult};
+use gatehouse::devstate::DeviceStates;
+use gatehouse::store::Store;
+use peers::{demo_store, logged, wait_event};
+
+const WAIT: Duration = Duration::from_secs(10);
+// The demo site's BLE devices (config/demo-snapshot.json).
+const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
+const LOCK_A102: &str = "D0:1F:A6:44:B3:02";
+const KEY_A101: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+const KEY_A102: [u8; 16] = [15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0];
+const CONTROLLER_B201: &str = "D0:1F:A6:44:B3:11";
+const SENSOR_PLAIN: &str = "3C:2E:F5:00:00:A1";
+const SENSOR_ENCRYPTED: &str = "3C:2E:F5:00:00:B2";
+const SENSOR_KEY: &str = "231D39C1D7CC1AB1AEE224CD096DB932";
+const FOB_EVE: &str = "C0:FF:EE:00:00:E1";
+
+/// Relay operations the fob grants asked for.
+#[derive(Default)]
+struct RecordingRelays(Mutex<Vec<(String, u16, RelayOp)>>);
+
+impl Relays for RecordingRelays {
+    fn online(&self, _device: &str) -> Online {
+        Online::Yes
+    }
+    fn execute(&self, device: &str, channel: u16, op: RelayOp) -> Execution {
+        self.0.lock().unwrap().push((device.into(), channel, op));
+        Execution::Done("pulsed".into())
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    store: Arc<Store>,
+    radio: SimRadio,
+    manager: Arc<Manager<SimRadio>>,
+    rpc: Arc<CloudRpc>,
+    states: Arc<DeviceStates>,
+    relays: Arc<RecordingRelays>,
+    router: Router,
+    signer: SigningKey,
+    wakes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+fn rig_with(cfg: BleConfig, edit: impl FnOnce(&mut Value)) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let store = demo_store(dir.path());
+    let mut doc = serde_json::to_value(store.export()).unwrap();
+    let before = doc.clone();
+    edit(&mut doc);
+    if doc != before {
+        doc["version"] = json!(doc["version"].as_u64().unwrap() + 1);
+        let file = dir.path().join("edited.json");
+        std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+        gatehouse::cli::import_file(&store, &file).unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let radio = SimRadio::new();
+    radio.add_lock(LOCK_A101, SimLock::new("NOKE3P_D01FA644B301", KEY_A101));
+    let mut sleeper = SimLock::new("NOKE1A_D01FA644B302", KEY_A102);
+    sleeper.asleep = true;
+    radio.add_lock(LOCK_A102, sleeper);
+    radio.add_lock(
+        CONTROLLER_B201,
+        SimLock::new("NOKE3E_D01FA644B311", [0x10; 16]),
+    );
+    let rpc = Arc::new(CloudRpc::new());
+    let states = Arc::new(DeviceStates::new());
+    let engine = Arc::new(AccessEngine::new(store.clone(), None));
+    let relays = Arc::new(RecordingRelays::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (wake_tx, wakes) = tokio::sync::mpsc::unbounded_channel();
+    let manager = rt.block_on(async {
+        let m = Manager::new(radio.clone(), cfg, engine, states.clone(), rpc.clone());
+        m.set_relays(relays.clone());
+        m.set_wakes(wake_tx);
+        let _ble = Ble::start(m.clone(), stop.clone());
+        m
+    });
+    let router = Router::new(manager.clone(), relays.clone());
+    peers::eventually("the scanner listens", WAIT, || {
+        radio.scanning().then_some(())
+    });
+    Rig {
+        _dir: dir,
+        rt,
+        store,
+        radio,
+        manager,
+        rpc,
+        states,
+        relays,
+        router,
+        signer: SigningKey::from_bytes(&[9; 32]),
+        wakes,
+        stop,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(fast(), |_| {})
+}
+
+/// Short cloud wait, so the offline fallback is quick.
+fn fast() -> BleConfig {
+    BleConfig {
+        online_unlock_timeout: Duration::from_millis(300),
+        fob_entries: vec!["gate-1".into()],
+        fob_min_rssi: -70,
+        ..BleConfig::default()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Rig {
+    /// A signed command through the router, as the cloud link runs it (a blocking thread).
+    fn command(&self, id: &str, name: &str, target: Value, ttl: chrono::Duration) -> CommandResult {
+        let now = Utc::now();
+        let cmd = Command {
+            v: 1,
+            id: id.into(),
+            name: name.into(),
+            issued_at: now,
+            expires_at: now + ttl,
+            target: serde_json::from_value(target).unwrap(),
+            args: Value::Null,
+        };
+        let ccfg = CommandConfig::new(self.signer.verifying_key());
+        handle(
+            &self.router,
+            &self.store,
+            &sign(&cmd, &self.signer),
+            name,
+            now,
+            &ccfg,
+        )
+        .result
+    }
+
+    /// Plays the cloud: answers every unlock request with `answer(request)`.
+    fn serve_cloud(&self, answer: impl Fn(&UnlockRequest) -> UnlockResponse + Send + 'static) {
+        let mut rx = self.rpc.take_requests().unwrap();
+        let rpc = self.rpc.clone();
+        self.rt.spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                let req: UnlockRequest = serde_json::from_slice(&bytes).unwrap();
+                let resp = serde_json::to_vec(&answer(&req)).unwrap();
+                rpc.on_response(&resp);
+            }
+        });
+    }
+
+    fn advertise_until_awake(&self, mac: &str, device: &str) {
+        let end = Instant::now() + WAIT;
+        while self.manager.online(device) != Online::Yes {
+            assert!(Instant::now() < end, "{device} never seen awake");
+            self.radio.advertise_lock(mac, -60);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        logged(&self.store)
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.payload)
+            .collect()
+    }
+}
+
+fn packet(tag: u8) -> [u8; 20] {
+    let mut p = [tag; 20];
+    p[0] = 0x7E;
+    p[3] = tag;
+    p
+}
+
+#[test]
+fn online_unlock_writes_the_clouds_packets_one_by_one_and_uploads_server_packets() {
+    let r = rig();
+    let (p1, p2) = (packet(0xA1), packet(0xA2));
+    let server = noke::server_packet(&[0x42; 19]);
+    r.radio.with_lock(LOCK_A101, |l| {
+        l.accepted = vec![p1, p2];
+        l.server_packet = Some(server);
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    r.serve_cloud(move |req| {
+        seen2.lock().unwrap().push(req.clone());
+        UnlockResponse {
+            request_id: req.request_id.clone(),
+            commands: Some(noke::format_command_packets(&[p1, p2])),
+            error: None,
+        }
+    });
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = r.command(
+        "u-1",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    assert!(res.detail.as_deref().unwrap().contains("online"), "{res:?}");
+    // The lock got exactly the cloud's packets, in order, and unlocked once.
+    let written = r.radio.with_lock(LOCK_A101, |l| l.written.clone()).unwrap();
+    assert_eq!(written, vec![p1, p2]);
+    assert_eq!(r.radio.unlocks(LOCK_A101), 1);
+    // The cloud was asked with the lock's MAC and the session just read.
+    let reqs = seen.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].device, "lock-a101");
+    assert_eq!(reqs[0].mac, LOCK_A101);
+    assert_eq!(reqs[0].action, "unlock");
+    assert_eq!(reqs[0].session.len(), 40);
+    // Every answer is an event.
+    let results = r.events("lock_result");
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|p| p["result"] == "success" && p["via"] == "online")
+    );
+    // The server packet comes after the last answer; it is uploaded with its session.
+    let upload = wait_event(&r.store, 0, "lock_upload", WAIT, |_| true).payload;
+    assert_eq!(upload["packet"], hex::encode_upper(server));
+    assert_eq!(upload["session"], reqs[0].session.to_uppercase());
+    // The battery read from the session is in the device's retained state.
+    assert_eq!(r.states.get("lock-a101").unwrap()["battery_mv"], 3000);
+}
+
+#[test]
+fn the_cloud_away_or_silent_means_an_offline_unlock_the_lock_accepts() {
+    let r = rig();
+    // Nobody serves the requests: the cloud does not answer within the timeout.
+    let _requests = r.rpc.take_requests().unwrap();
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = r.command(
+        "u-2",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    assert!(
+        res.detail.as_deref().unwrap().contains("offline"),
+        "{res:?}"
+    );
+    assert_eq!(r.radio.unlocks(LOCK_A101), 1);
+    // The simulated lock checked the packet: decrypted under offline key + session, checksum
+    // and time within its window.
+    let results = r.events("lock_result");
+    assert_eq!(results.last().unwrap()["result"], "success");
+    assert_eq!(results.last().unwrap()["via"], "offline");
+}
+
+#[test]
+fn a_wrong_offline_key_is_the_locks_invalid_key_and_a_failed_command() {
+    let r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    // The lock was re-keyed; the site database still has the old key.
+    r.radio.with_lock(LOCK_A101, |l| l.offline_key = [0xEE; 16]);
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = r.command(
+        "u-3",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    assert_eq!(res.reason.as_deref(), Some("device_error"));
+    assert!(
+        res.detail.as_deref().unwrap().contains("invalid_key"),
+        "{res:?}"
+    );
+    assert_eq!(r.radio.unlocks(LOCK_A101), 0);
+    assert_eq!(
+        r.events("lock_result").last().unwrap()["result"],
+        "invalid_key"
+    );
+}
+
+#[test]
+fn the_clouds_refusal_and_bad_packets_fall_back_offline_and_lock_needs_the_cloud() {
+    let r = rig();
+    r.serve_cloud(|req| UnlockResponse {
+        request_id: req.request_id.clone(),
+        commands: (req.action == "unlock").then(|| "not-hex".to_string()),
+        error: (req.action != "unlock").then(|| "no schedule".to_string()),
+    });
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    // Malformed packets from the cloud are never written; the offline unlock is used.
+    let res = r.command(
+        "u-4",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    assert!(
+        res.detail.as_deref().unwrap().contains("offline"),
+        "{res:?}"
+    );
+    let written = r.radio.with_lock(LOCK_A101, |l| l.written.len()).unwrap();
+    assert_eq!(written, 1);
+    // Locate has no offline form: the cloud's refusal is the result.
+    let res = r.command(
+        "l-1",
+        "locate",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    assert!(
+        res.detail.as_deref().unwrap().contains("no schedule"),
+        "{res:?}"
+    );
+}
+
+#[test]
+fn a_sleeping_padlock_gets_its_unlock_when_it_wakes() {
+    let mut r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    assert_eq!(r.manager.online("lock-a102"), Online::Asleep);
+    let res = r.command(
+        "s-1",
+        "unlock",
+        json!({"unit": "A-102"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "queued", "{res:?}");
+    assert_eq!(r.router.pending().len(), 1);
+    // It sleeps: nothing is written, nothing wakes.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(r.wakes.try_recv().is_err());
+    // Someone touches it: it advertises, the manager reports it awake, the link runs what
+    // waited for it.
+    r.radio.with_lock(LOCK_A102, |l| l.asleep = false);
+    r.radio.advertise_lock(LOCK_A102, -58);
+    let woke =
+        r.rt.block_on(async { tokio::time::timeout(WAIT, r.wakes.recv()).await })
+            .unwrap()
+            .unwrap();
+    assert_eq!(woke, "lock-a102");
+    let out = handle_wake(&r.router, &r.store, &woke, Utc::now());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].result.status, "done", "{:?}", out[0].result);
+    assert_eq!(out[0].result.id.as_deref(), Some("s-1"));
+    assert_eq!(r.radio.unlocks(LOCK_A102), 1);
+    assert!(r.router.pending().is_empty());
+}
+
+#[test]
+fn a_padlock_that_never_wakes_has_its_unlock_expire() {
+    let r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    let res = r.command(
+        "s-2",
+        "unlock",
+        json!({"unit": "A-102"}),
+        chrono::Duration::seconds(2),
+    );
+    assert_eq!(res.status, "queued", "{res:?}");
+    let out = handle_expire(
+        &r.router,
+        &r.store,
+        Utc::now() + chrono::Duration::seconds(3),
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].result.status, "expired");
+    assert_eq!(r.radio.unlocks(LOCK_A102), 0);
+}
+
+#[test]
+fn a_padlock_falling_asleep_as_it_is_called_queues_the_command() {
+    let r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    r.radio.with_lock(LOCK_A101, |l| l.asleep = true);
+    let res = r.command(
+        "s-3",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "queued", "{res:?}");
+    assert_eq!(r.manager.online("lock-a101"), Online::Asleep);
+}
+
+#[test]
+fn fobs_heard_at_the_gate_go_to_the_access_decision() {
+    let r = rig();
+    // Eve's BLE fob, strong enough: granted, and the gate's relay pulses.
+    r.radio.advertise_fob(FOB_EVE, -50);
+    let e = wait_event(&r.store, 0, "access_granted", WAIT, |p| {
+        p["credential_id"] == "c-eve-blefob" && p["entry"] == "gate-1"
+    });
+    peers::eventually("gate relay pulsed", WAIT, || {
+        let ops = r.relays.0.lock().unwrap().clone();
+        (ops.len() == 1).then_some(())
+    });
+    let ops = r.relays.0.lock().unwrap().clone();
+    assert_eq!(ops[0].0, "relay-board-1");
+    assert_eq!(ops[0].1, 0);
+    // The same fob again within fob_repeat: no second decision.
+    r.radio.advertise_fob(FOB_EVE, -50);
+    // Too far away: ignored.
+    r.radio.advertise_fob("C0:FF:EE:00:00:99", -90);
+    // A stranger's fob nearby: denied.
+    r.radio.advertise_fob("C0:FF:EE:00:00:77", -40);
+    wait_event(&r.store, e.seq, "access_denied", WAIT, |p| {
+        p["fob"] == "C0FFEE000077"
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let decisions: Vec<_> = logged(&r.store)
+        .into_iter()
+        .filter(|x| x.kind.starts_with("access_"))
+        .map(|x| x.payload.to_string())
+        .collect();
+    assert_eq!(
+        decisions
+            .iter()
+            .filter(|d| d.contains("c-eve-blefob"))
+            .count(),
+        1
+    );
+    assert!(!decisions.iter().any(|d| d.contains("C0FFEE000099")));
+    assert_eq!(r.relays.0.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_blacklisted_ble_fob_stays_out() {
+    let r = rig_with(fast(), |doc| {
+        doc["facility"]["use_blacklist"] = json!(true);
+        doc["blacklist"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": "bl-eve", "fob": "C0FFEE0000E1", "reason": "lost"}));
+    });
+    r.radio.advertise_fob(FOB_EVE, -50);
+    let e = wait_event(&r.store, 0, "access_denied", WAIT, |p| {
+        p.to_string().contains("C0FFEE0000E1")
+    });
+    assert!(e.payload.to_string().contains("blacklist"), "{}", e.payload);
+    assert!(r.relays.0.lock().unwrap().is_empty());
+}
+
+fn bthome_plain(packet_id: u8, temp_centi: i16, motion: u8, battery: u8) -> Vec<u8> {
+    let mut o = vec![0x00, packet_id, 0x01, battery, 0x02];
+    o.extend_from_slice(&temp_centi.to_le_bytes());
+    o.extend_from_slice(&[0x21, motion]);
+    bthome::encode_plain(&o, false)
+}
+
+#[test]
+fn bthome_sensors_report_changes_once() {
+    let r = rig();
+    let adv = |data: Vec<u8>| {
+        r.radio
+            .advertise_bthome(SENSOR_PLAIN, "SBMO-003Z", data, -70)
+    };
+    adv(bthome_plain(1, 2150, 1, 90));
+    let first = wait_event(&r.store, 0, "motion", WAIT, |p| {
+        p["device"] == "sensor-hall-a"
+    });
+    wait_event(&r.store, 0, "sensor_reading", WAIT, |p| {
+        p["device"] == "sensor-hall-a" && p["reading"] == "temperature" && p["value"] == 21.5
+    });
+    // The same packet again (sensors repeat each packet): nothing new.
+    adv(bthome_plain(1, 2150, 1, 90));
+    // A new packet: the temperature barely moved (no reading), motion cleared, battery low.
+    adv(bthome_plain(2, 2160, 0, 10));
+    wait_event(&r.store, first.seq, "battery_low", WAIT, |p| {
+        p["device"] == "sensor-hall-a" && p["battery_percent"] == 10
+    });
+    // Motion again: a second motion event.
+    adv(bthome_plain(3, 2250, 1, 10));
+    wait_event(&r.store, first.seq, "motion", WAIT, |p| {
+        p["device"] == "sensor-hall-a"
+    });
+    let readings: Vec<_> = r
+        .events("sensor_reading")
+        .into_iter()
+        .filter(|p| p["reading"] == "temperature")
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(readings, vec![21.5, 22.5]);
+    assert_eq!(r.events("motion").len(), 2);
+    assert_eq!(r.events("battery_low").len(), 1);
+    let state = r.states.get("sensor-hall-a").unwrap();
+    assert_eq!(state["temperature"], 22.5);
+    assert_eq!(state["online"], true);
+}
+
+#[test]
+fn encrypted_bthome_needs_its_key_and_a_fresh_counter() {
+    let r = rig();
+    let key: [u8; 16] = hex::decode(SENSOR_KEY).unwrap().try_into().unwrap();
+    let mac = bthome::parse_mac(SENSOR_ENCRYPTED).unwrap();
+    let door = |open: u8| vec![0x2D, open];
+    let adv = |data: Vec<u8>| {
+        r.radio
+            .advertise_bthome(SENSOR_ENCRYPTED, "SBDW-002C", data, -70)
+    };
+    // Under the wrong key: not read.
+    adv(bthome::encrypt(&door(1), &[7; 16], mac, 10, false).unwrap());
+    // In the clear, from a device that must encrypt: not believed.
+    adv(bthome::encode_plain(&door(1), false));
+    // Properly encrypted: the door opened.
+    adv(bthome::encrypt(&door(1), &key, mac, 11, false).unwrap());
+    let opened = wait_event(&r.store, 0, "door_opened", WAIT, |p| {
+        p["device"] == "sensor-door-b"
+    });
+    // A replay of an older counter saying "closed": ignored.
+    adv(bthome::encrypt(&door(0), &key, mac, 5, false).unwrap());
+    // A fresh one: closed.
+    adv(bthome::encrypt(&door(0), &key, mac, 12, false).unwrap());
+    wait_event(&r.store, opened.seq, "door_closed", WAIT, |p| {
+        p["device"] == "sensor-door-b"
+    });
+    assert_eq!(r.events("door_opened").len(), 1);
+    assert_eq!(r.events("door_closed").len(), 1);
+    assert!(r.manager.counters().malformed >= 2);
+}
+
+#[test]
+fn a_silent_controller_goes_offline_and_comes_back() {
+    let r = rig();
+    r.radio.advertise_lock(CONTROLLER_B201, -60);
+    let online = wait_event(&r.store, 0, "device_online", WAIT, |p| {
+        p["device"] == "lock-b201"
+    });
+    assert_eq!(r.manager.online("lock-b201"), Online::Yes);
+    // Two minutes of silence (the controller profile's offline_after is 120 s).
+    r.manager
+        .check_availability(Instant::now() + Duration::from_secs(121));
+    let off = wait_event(&r.store, online.seq, "device_offline", WAIT, |p| {
+        p["device"] == "lock-b201"
+    });
+    assert_eq!(r.states.get("lock-b201").unwrap()["online"], false);
+    // A padlock's silence is its sleep: never offline.
+    assert!(
+        !r.events("device_offline")
+            .iter()
+            .any(|p| p["device"] == "lock-a101")
+    );
+    // Heard again: online.
+    r.radio.advertise_lock(CONTROLLER_B201, -60);
+    wait_event(&r.store, off.seq, "device_online", WAIT, |p| {
+        p["device"] == "lock-b201"
+    });
+    assert_eq!(r.states.get("lock-b201").unwrap()["online"], true);
+}
+
+#[test]
+fn a_low_battery_read_from_the_session_is_reported_once() {
+    let r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    r.radio.with_lock(LOCK_A101, |l| l.battery_mv = 2400);
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    for id in ["b-1", "b-2"] {
+        let res = r.command(
+            id,
+            "unlock",
+            json!({"unit": "A-101"}),
+            chrono::Duration::minutes(1),
+        );
+        assert_eq!(res.status, "done", "{res:?}");
+    }
+    let low = r.events("battery_low");
+    assert_eq!(low.len(), 1, "{low:?}");
+    assert_eq!(low[0]["battery_mv"], 2400);
+}
+
+#[test]
+fn an_installers_offline_unlock_needs_no_cloud() {
+    let r = rig();
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let m = r.manager.clone();
+    let out =
+        r.rt.block_on(async move { m.operate("lock-a101", UnitAction::Unlock, true).await });
+    assert!(
+        matches!(out, Execution::Done(ref d) if d.contains("offline")),
+        "{out:?}"
+    );
+    // A device the site does not have.
+    let m = r.manager.clone();
+    let out =
+        r.rt.block_on(async move { m.operate("lock-zz", UnitAction::Unlock, true).await });
+    assert!(matches!(out, Execution::Failed(_)), "{out:?}");
+}
