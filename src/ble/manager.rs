@@ -40,7 +40,7 @@ use crate::sync::{Device, DeviceKind};
 /// How long one lock operation may take in all (connect, cloud, packets).
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the last answer, the link stays up this long for the lock's server packets.
-const AFTER_LAST_PACKET: Duration = Duration::from_millis(500);
+const AFTER_LAST_PACKET: Duration = Duration::from_millis(300);
 /// How long the lock has to answer one packet.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// `last_seen` in a device's retained state is refreshed at most this often.
@@ -155,6 +155,13 @@ impl<R: Radio> Manager<R> {
     /// Where to report that a sleeping device woke up (device ids).
     pub fn set_wakes(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
         *lock(&self.wakes) = Some(tx);
+    }
+
+    /// Links open now (operations in progress, or draining the lock's last server packets).
+    pub fn links_open(&self) -> usize {
+        self.cfg
+            .max_connections
+            .saturating_sub(self.pool.available_permits())
     }
 
     pub fn counters(&self) -> Counters {

@@ -40,13 +40,23 @@ pub struct Peer {
 impl Peer {
     /// Starts `tests/peers/<script>` with `args` and `--link <link>`; waits for `ready`.
     pub fn start(script: &str, link: &Path, args: &[String]) -> Peer {
+        let mut all = vec!["--link".to_string(), link.display().to_string()];
+        all.extend_from_slice(args);
+        Peer::spawn(script, link, &all)
+    }
+
+    /// Starts `tests/peers/<script>` with exactly `args` (a peer that makes no serial link,
+    /// e.g. the mock BlueZ); waits for `ready`.
+    pub fn start_with(script: &str, args: &[String]) -> Peer {
+        Peer::spawn(script, Path::new(""), args)
+    }
+
+    fn spawn(script: &str, link: &Path, args: &[String]) -> Peer {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/peers")
             .join(script);
         let mut child = Command::new(python())
             .arg(&path)
-            .arg("--link")
-            .arg(link)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -7,6 +7,7 @@
 //! resident size of that reopened, daemon-like process; the import process's own peak is printed
 //! on stderr.
 
+mod ble;
 mod rs485;
 mod uplink;
 
@@ -39,7 +40,8 @@ fn main() -> anyhow::Result<()> {
         Some("event-log") => event_log(),
         Some("uplink") => uplink::run(),
         Some("rs485") => rs485::run(),
-        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485"),
+        Some("ble") => ble::run(),
+        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485|ble"),
     }
 }
 

@@ -1,0 +1,326 @@
+//! The real bluer code path: the `gatehouse` daemon with `[ble] adapter = "hci0"` talks to a
+//! mock BlueZ (`tests/peers/bluez_mock.py`: python-dbusmock's bluez5 template plus GATT
+//! objects, on a private D-Bus system bus that the daemon reaches through
+//! `DBUS_SYSTEM_BUS_ADDRESS`), and to a real mosquitto with mutual TLS where this test plays
+//! the cloud: it sends signed commands, answers the gateway's unlock requests, and reads the
+//! events. Discovery, connections, GATT reads, writes and notifications all go through bluer.
+
+#[path = "support/broker.rs"]
+mod broker;
+mod common;
+#[path = "support/peers.rs"]
+mod peers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use broker::{Broker, Received, Subscriber};
+use chrono::Utc;
+use ed25519_dalek::SigningKey;
+use gatehouse::ble::noke;
+use gatehouse::cloud::commands::sign;
+use gatehouse::cloud::messages::{Command as Cmd, CommandTarget, Topics};
+use peers::Peer;
+use rumqttc::QoS;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
+const LOCK_A102: &str = "D0:1F:A6:44:B3:02";
+const SENSOR: &str = "3C:2E:F5:00:00:A1";
+const FOB_EVE: &str = "C0:FF:EE:00:00:E1";
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> PathBuf {
+    let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo-snapshot.json");
+    let f = b.client("gw-1");
+    let cfg = dir.join("gatehouse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[site]
+id = "site-1"
+gateway_id = "gw-1"
+[storage]
+data_dir = "data"
+[access]
+initial_snapshot = "{snapshot}"
+[log]
+level = "debug"
+[cloud]
+host = "127.0.0.1"
+port = {port}
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+keep_alive_secs = 5
+reconnect_min_ms = 200
+command_public_key = "{public}"
+[ble]
+adapter = "hci0"
+fob_entries = ["gate-1"]
+fob_min_rssi = -80
+online_unlock_timeout_ms = 2000
+"#,
+            snapshot = snapshot.display(),
+            port = b.port(),
+            ca = f.ca.display(),
+            cert = f.cert.display(),
+            key = f.key.display(),
+            public = hex::encode(signer.verifying_key().to_bytes()),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn json_of(m: &Received) -> Value {
+    serde_json::from_slice(&m.payload).unwrap_or(Value::Null)
+}
+
+/// The cloud's view: everything under the gateway's topics.
+struct Cloud {
+    sub: Subscriber,
+    t: Topics,
+    signer: SigningKey,
+}
+
+impl Cloud {
+    async fn wait(&self, what: &str, pred: impl Fn(&Received) -> bool) -> Received {
+        let found = self
+            .sub
+            .try_wait_for(|m| m.iter().any(&pred), WAIT)
+            .await
+            .unwrap_or_else(|| {
+                let tail: Vec<String> = self
+                    .sub
+                    .messages()
+                    .iter()
+                    .rev()
+                    .take(25)
+                    .map(|m| format!("{} {}", m.topic, m.text()))
+                    .collect();
+                panic!(
+                    "no {what} within {WAIT:?}; last messages:\n{}",
+                    tail.join("\n")
+                )
+            });
+        found.into_iter().find(|m| pred(m)).unwrap()
+    }
+
+    async fn event(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let topic = self.t.events();
+        let m = self
+            .wait(&format!("`{kind}` event"), |m| {
+                m.topic == topic && {
+                    let v = json_of(m);
+                    v["kind"] == kind && pred(&v["payload"])
+                }
+            })
+            .await;
+        json_of(&m)
+    }
+
+    async fn command(&self, name: &str, id: &str, unit: &str, ttl_s: i64) {
+        let now = Utc::now();
+        let cmd = Cmd {
+            v: 1,
+            id: id.into(),
+            name: name.into(),
+            issued_at: now,
+            expires_at: now + chrono::Duration::seconds(ttl_s),
+            target: Some(CommandTarget {
+                unit: Some(unit.into()),
+                entry: None,
+                device: None,
+                channel: None,
+            }),
+            args: Value::Null,
+        };
+        self.sub
+            .client
+            .publish(
+                format!("{}/cmd/{name}", self.t.base()),
+                QoS::AtLeastOnce,
+                false,
+                sign(&cmd, &self.signer),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn result(&self, name: &str, id: &str, status: &str) -> Value {
+        let topic = self.t.command_result(name);
+        let m = self
+            .wait(&format!("`{status}` result of {id}"), |m| {
+                m.topic == topic && {
+                    let v = json_of(m);
+                    v["id"] == id && v["status"] == status
+                }
+            })
+            .await;
+        json_of(&m)
+    }
+
+    /// The `n`-th unlock request (0-based) the gateway sent.
+    async fn request(&self, n: usize) -> Value {
+        let topic = self.t.ble_unlock_request();
+        let found = self
+            .sub
+            .try_wait_for(|m| m.iter().filter(|x| x.topic == topic).count() > n, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no unlock request #{n}"));
+        json_of(found.iter().filter(|x| x.topic == topic).nth(n).unwrap())
+    }
+
+    async fn answer(&self, request: &Value, commands: &str) {
+        let resp = json!({"request_id": request["request_id"], "commands": commands});
+        self.sub
+            .client
+            .publish(
+                self.t.ble_unlock_response(),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&resp).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn packet(tag: u8) -> [u8; 20] {
+    let mut p = [tag; 20];
+    p[0] = 0x7E;
+    p[3] = tag;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
+    let mut bluez = Peer::start_with(
+        "bluez_mock.py",
+        &[
+            format!("--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"),
+            format!("--padlock={LOCK_A102}::0F0E0D0C0B0A09080706050403020100"),
+            format!("--sensor={SENSOR}"),
+            format!("--fob={FOB_EVE}"),
+            "--adv-interval-ms=500".into(),
+            "--connect-timeout-ms=2000".into(),
+        ],
+    );
+    let address = bluez.events()[0]["address"].as_str().unwrap().to_string();
+    // lock-a102 sleeps: not advertising, not connectable.
+    bluez.send(json!({"op": "sleep", "mac": LOCK_A102, "shutdown": false}));
+
+    let b = Broker::start();
+    let signer = SigningKey::from_bytes(&[5; 32]);
+    let t = Topics::new("gatehouse", "site-1", "gw-1");
+    let sub = Subscriber::connect(&b, "cloud", &format!("{}/#", t.base())).await;
+    let cloud = Cloud { sub, t, signer };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &b, &cloud.signer);
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let _daemon = Daemon(
+        Command::new(common::gatehouse_bin())
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    // Discovery through bluer: the padlock, the BTHome sensor (its reading) and the fob (a
+    // decision at the gate) are heard.
+    cloud
+        .event("device_online", |p| p["device"] == "lock-a101")
+        .await;
+    cloud
+        .event("sensor_reading", |p| {
+            p["device"] == "sensor-hall-a" && p["reading"] == "temperature" && p["value"] == 21.5
+        })
+        .await;
+    cloud
+        .event("access_granted", |p| p["credential_id"] == "c-eve-blefob")
+        .await;
+    let state_topic = cloud.t.device_state("lock-a101");
+    cloud
+        .wait("lock-a101's retained state", |m| {
+            m.topic == state_topic && json_of(m)["online"] == true
+        })
+        .await;
+
+    // Online unlock: the session goes to the cloud; its packets are written one by one.
+    let (p1, p2) = (packet(0xA1), packet(0xA2));
+    let server = noke::server_packet(&[0x42; 19]);
+    bluez.send(json!({"op": "accept_packets", "mac": LOCK_A101,
+        "packets": [hex::encode(p1), hex::encode(p2)], "server_packet": hex::encode(server)}));
+    cloud.command("unlock", "u-online", "A-101", 60).await;
+    let req = cloud.request(0).await;
+    assert_eq!(req["device"], "lock-a101");
+    assert_eq!(req["mac"], LOCK_A101);
+    assert_eq!(req["action"], "unlock");
+    // The session the gateway read over GATT is the one the lock made for this connection.
+    let connected = bluez.wait_for("connected", WAIT, |e| {
+        e["ev"] == "connected" && e["mac"] == LOCK_A101
+    });
+    assert_eq!(
+        req["session"].as_str().unwrap().to_lowercase(),
+        connected["session"].as_str().unwrap().to_lowercase()
+    );
+    cloud
+        .answer(&req, &noke::format_command_packets(&[p1, p2]))
+        .await;
+    let r = cloud.result("unlock", "u-online", "done").await;
+    assert!(r["detail"].as_str().unwrap().contains("online"), "{r}");
+    bluez.wait_for("online unlock", WAIT, |e| {
+        e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "online"
+    });
+    let writes: Vec<String> = bluez
+        .events()
+        .iter()
+        .filter(|e| e["ev"] == "write" && e["mac"] == LOCK_A101)
+        .map(|e| e["hex"].as_str().unwrap().to_lowercase())
+        .collect();
+    assert_eq!(writes, vec![hex::encode(p1), hex::encode(p2)]);
+    let up = cloud
+        .event("lock_upload", |p| p["device"] == "lock-a101")
+        .await;
+    assert_eq!(
+        up["payload"]["packet"].as_str().unwrap().to_lowercase(),
+        hex::encode(server)
+    );
+
+    // The cloud does not answer: the offline unlock, checked by the lock (key, checksum,
+    // time).
+    cloud.command("unlock", "u-offline", "A-101", 60).await;
+    cloud.request(1).await;
+    let r = cloud.result("unlock", "u-offline", "done").await;
+    assert!(r["detail"].as_str().unwrap().contains("offline"), "{r}");
+    bluez.wait_for("offline unlock", WAIT, |e| {
+        e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "offline"
+    });
+
+    // A sleeping padlock: the unlock is queued, and delivered when the padlock wakes.
+    cloud.command("unlock", "u-sleeper", "A-102", 120).await;
+    cloud.result("unlock", "u-sleeper", "queued").await;
+    bluez.send(json!({"op": "wake", "mac": LOCK_A102}));
+    let req = cloud.request(2).await;
+    assert_eq!(req["device"], "lock-a102");
+    // This time the cloud answers with nothing useful: the lock gets the offline unlock.
+    let r = cloud.result("unlock", "u-sleeper", "done").await;
+    assert!(r["detail"].as_str().unwrap().contains("offline"), "{r}");
+    bluez.wait_for("sleeper unlocked", WAIT, |e| {
+        e["ev"] == "unlocked" && e["mac"] == LOCK_A102
+    });
+    bluez.send(json!({"op": "quit"}));
+}
