@@ -5,8 +5,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VENV := .venv
 PY := $(VENV)/bin/python
-# Seconds of proptest-style fuzzing of the sync parser in `make test` (more by hand).
-FUZZ_SECS ?= 20
+# Cases per fuzz target (tests/fuzz_*.rs: sync documents, commands, RS-485 wire data and
+# LibOSDP replies, BLE adverts/notifications/BTHome) in `make test`; more by hand, e.g.
+# `FUZZ_CASES=200000 cargo test --release --test fuzz_rs485 --test fuzz_ble`.
+FUZZ_CASES ?= 20000
 
 .PHONY: run test deps venv fmt-check clippy cargo-test schema-check bench-access clean
 
@@ -47,7 +49,7 @@ clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 cargo-test: venv
-	$(CARGO) test --all-targets
+	FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --all-targets
 
 schema-check: venv
 	$(PY) tests/schemas/check_examples.py

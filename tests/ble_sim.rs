@@ -627,3 +627,50 @@ fn an_installers_offline_unlock_needs_no_cloud() {
         r.rt.block_on(async move { m.operate("lock-zz", UnitAction::Unlock, true).await });
     assert!(matches!(out, Execution::Failed(_)), "{out:?}");
 }
+
+#[test]
+fn random_adverts_from_known_devices_never_panic_the_manager() {
+    let r = rig();
+    let cases: u64 = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    let macs = [
+        LOCK_A101,
+        CONTROLLER_B201,
+        SENSOR_PLAIN,
+        SENSOR_ENCRYPTED,
+        FOB_EVE,
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..cases {
+        let n = next();
+        let len = (n % 40) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let name = match n % 4 {
+            0 => Some(String::from_utf8_lossy(&bytes).into_owned()),
+            1 => Some(format!("NOKE{}", String::from_utf8_lossy(&bytes[..len.min(8)]))),
+            2 => Some("FOB1F_C0FFEE0000E1".into()),
+            _ => None,
+        };
+        let seen = gatehouse::ble::transport::Seen {
+            mac: macs[(n >> 8) as usize % macs.len()].into(),
+            name,
+            rssi: Some(-((n >> 16) as i16 & 0x7F)),
+            manufacturer: vec![((n >> 24) as u16, bytes.clone())],
+            service_data: vec![(bthome::SERVICE_UUID.into(), bytes)],
+        };
+        r.manager.on_advert(&seen, Instant::now(), Utc::now());
+    }
+    let c = r.manager.counters();
+    assert_eq!(c.adverts, cases);
+    assert!(c.malformed > 0, "{c:?}");
+    // Still working afterwards.
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+}

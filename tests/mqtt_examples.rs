@@ -15,6 +15,7 @@ use gatehouse::cloud::messages::{
     COMMAND_CONTEXT, Command, CommandResult, EventMessage, SignedCommand, SnapshotChunk, Status,
     SyncResult,
 };
+use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -42,9 +43,15 @@ enum Kind {
     CommandEnvelope,
     CommandResult,
     Command,
+    BleUnlockRequest,
+    BleUnlockResponse,
+    DeviceState,
 }
 
-const ALL_KINDS: [Kind; 7] = [
+const ALL_KINDS: [Kind; 10] = [
+    Kind::BleUnlockRequest,
+    Kind::BleUnlockResponse,
+    Kind::DeviceState,
     Kind::Status,
     Kind::Event,
     Kind::SnapshotChunk,
@@ -56,8 +63,11 @@ const ALL_KINDS: [Kind; 7] = [
 
 /// File name -> message, by prefix, first match wins (same table as check_examples.py).
 fn kind_of(file_name: &str) -> Option<Kind> {
-    const PREFIXES: [(&str, Kind); 7] = [
+    const PREFIXES: [(&str, Kind); 10] = [
         ("status-", Kind::Status),
+        ("ble-unlock-request", Kind::BleUnlockRequest),
+        ("ble-unlock-response", Kind::BleUnlockResponse),
+        ("device-state-", Kind::DeviceState),
         ("event-", Kind::Event),
         ("snapshot-chunk-", Kind::SnapshotChunk),
         ("sync-result-", Kind::SyncResult),
@@ -180,6 +190,33 @@ fn every_example_reads_as_its_message_type() {
                     "{name}: reason"
                 );
                 assert!(r.id.is_some() || r.status == "malformed", "{name}: id");
+            }
+            Kind::BleUnlockRequest => {
+                let r: UnlockRequest = read_as(name, text);
+                assert_eq!(r.session.len(), 40, "{name}: a 20-byte session");
+            }
+            Kind::BleUnlockResponse => {
+                let r: UnlockResponse = read_as(name, text);
+                assert!(r.commands.is_some() != r.error.is_some(), "{name}: one of two");
+                if let Some(c) = &r.commands {
+                    gatehouse::ble::noke::parse_command_packets(c)
+                        .unwrap_or_else(|e| panic!("{name}: packets refused: {e}"));
+                }
+            }
+            Kind::DeviceState => {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                let device = v["device"].as_str().expect("device").to_string();
+                // The gateway's own board produces this shape from the same fields.
+                let states = gatehouse::devstate::DeviceStates::new();
+                let fields: Vec<(&str, serde_json::Value)> = v
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(k, _)| *k != "device")
+                    .map(|(k, x)| (k.as_str(), x.clone()))
+                    .collect();
+                states.set(&device, &fields);
+                assert_eq!(states.get(&device).unwrap(), v, "{name}");
             }
             Kind::Command => {
                 let c: Command = read_as(name, text);

@@ -41,6 +41,9 @@ use crate::sync::{Device, DeviceKind};
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the last answer, the link stays up this long for the lock's server packets.
 const AFTER_LAST_PACKET: Duration = Duration::from_millis(300);
+/// Further connection attempts after a failed one (a sleeping lock's is not retried: it
+/// waits for the lock to wake).
+const CONNECT_RETRIES: u32 = 2;
 /// How long the lock has to answer one packet.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// `last_seen` in a device's retained state is refreshed at most this often.
@@ -602,7 +605,23 @@ impl<R: Radio> Manager<R> {
             return;
         };
         let mac = dev.mac.to_ascii_uppercase();
-        let mut link = match self.radio.connect(&mac, prof.connect_timeout).await {
+        let mut retries = 0;
+        let mut link = match loop {
+            match self.radio.connect(&mac, prof.connect_timeout).await {
+                // A busy adapter or a radio hiccup: again, after a pause that doubles.
+                Err(BleError::Timeout(_) | BleError::Disconnected(_) | BleError::Adapter(_))
+                    if retries < CONNECT_RETRIES =>
+                {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(250) * (1 << retries)).await;
+                }
+                Err(BleError::Unreachable(_)) if !prof.sleeps && retries < CONNECT_RETRIES => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(250) * (1 << retries)).await;
+                }
+                other => break other,
+            }
+        } {
             Ok(l) => l,
             Err(BleError::Unreachable(why)) if prof.sleeps => {
                 tracing::info!(device = id, "lock asleep ({why}): the command waits for it");

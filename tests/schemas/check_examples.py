@@ -29,6 +29,9 @@ MQTT_EXAMPLES = ROOT / "docs" / "examples" / "mqtt"
 # docs/examples/mqtt/<file name> -> schema, by prefix; the first match wins.
 MQTT_SCHEMAS = [
     ("status-", "mqtt-status.schema.json"),
+    ("ble-unlock-request", "mqtt-ble-unlock-request.schema.json"),
+    ("ble-unlock-response", "mqtt-ble-unlock-response.schema.json"),
+    ("device-state-", "mqtt-device-state.schema.json"),
     ("event-", "mqtt-event.schema.json"),
     ("snapshot-chunk-", "mqtt-snapshot-chunk.schema.json"),
     ("sync-result-", "mqtt-sync-result.schema.json"),
