@@ -655,7 +655,10 @@ fn random_adverts_from_known_devices_never_panic_the_manager() {
         let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
         let name = match n % 4 {
             0 => Some(String::from_utf8_lossy(&bytes).into_owned()),
-            1 => Some(format!("NOKE{}", String::from_utf8_lossy(&bytes[..len.min(8)]))),
+            1 => Some(format!(
+                "NOKE{}",
+                String::from_utf8_lossy(&bytes[..len.min(8)])
+            )),
             2 => Some("FOB1F_C0FFEE0000E1".into()),
             _ => None,
         };

@@ -10,12 +10,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{DateTime, Duration};
 use ed25519_dalek::{Signature, Signer as _, SigningKey};
+use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use gatehouse::cloud::commands::{self, CommandName, EmergencyReason};
 use gatehouse::cloud::messages::{
     COMMAND_CONTEXT, Command, CommandResult, EventMessage, SignedCommand, SnapshotChunk, Status,
     SyncResult,
 };
-use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -197,7 +197,10 @@ fn every_example_reads_as_its_message_type() {
             }
             Kind::BleUnlockResponse => {
                 let r: UnlockResponse = read_as(name, text);
-                assert!(r.commands.is_some() != r.error.is_some(), "{name}: one of two");
+                assert!(
+                    r.commands.is_some() != r.error.is_some(),
+                    "{name}: one of two"
+                );
                 if let Some(c) = &r.commands {
                     gatehouse::ble::noke::parse_command_packets(c)
                         .unwrap_or_else(|e| panic!("{name}: packets refused: {e}"));

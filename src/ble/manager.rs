@@ -372,8 +372,8 @@ impl<R: Radio> Manager<R> {
                 events.push((EventKind::Button, json!({"device": dev.id, "press": b})));
             }
             for (name, value, unit) in [
-                ("temperature", r.temperature_c, "°C"),
-                ("humidity", r.humidity, "%"),
+                ("temperature", r.temperature_c, "celsius"),
+                ("humidity", r.humidity, "percent_rh"),
             ] {
                 let Some(v) = value else { continue };
                 state.push((name, json!(v)));
