@@ -220,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("shares:        {}", c.shares);
                 println!("transfers:     {}", c.transfers);
                 println!("blacklist:     {}", c.blacklist);
+                println!("devices:       {}", c.devices);
                 match (s.first_event_seq, s.last_event_seq) {
                     (Some(a), Some(b)) => println!("events:        {} (seq {a}..={b})", s.events),
                     _ => println!("events:        0"),

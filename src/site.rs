@@ -872,6 +872,7 @@ pub struct Counts {
     pub shares: usize,
     pub transfers: usize,
     pub blacklist: usize,
+    pub devices: usize,
 }
 
 /// The whole site at one version.
@@ -1158,6 +1159,7 @@ impl Site {
             shares: t.shares.len(),
             transfers: t.transfers.len(),
             blacklist: t.blacklist.len(),
+            devices: t.devices.len(),
         }
     }
 

@@ -322,5 +322,28 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
     bluez.wait_for("sleeper unlocked", WAIT, |e| {
         e["ev"] == "unlocked" && e["mac"] == LOCK_A102
     });
+
+    // The adapter is power-cycled (as `bluetoothctl power off/on` or a reset): discovery ends,
+    // and the gateway starts it again by itself; new data flows.
+    bluez.send(json!({"op": "power", "on": false}));
+    bluez.wait_for("discovery stopped", WAIT, |e| {
+        e["ev"] == "discovery" && e["state"] == "stopped"
+    });
+    bluez.send(json!({"op": "power", "on": true}));
+    peers::eventually("discovery started again", WAIT, || {
+        let starts = bluez
+            .events()
+            .iter()
+            .filter(|e| e["ev"] == "discovery" && e["state"] == "started")
+            .count();
+        (starts >= 2).then_some(())
+    });
+    // Packet 2: 23.00 °C.
+    bluez.send(json!({"op": "sensor", "mac": SENSOR, "hex": "400002016402FC08"}));
+    cloud
+        .event("sensor_reading", |p| {
+            p["device"] == "sensor-hall-a" && p["value"] == 23.0
+        })
+        .await;
     bluez.send(json!({"op": "quit"}));
 }

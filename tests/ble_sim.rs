@@ -677,3 +677,22 @@ fn random_adverts_from_known_devices_never_panic_the_manager() {
     // Still working afterwards.
     r.advertise_until_awake(LOCK_A101, "lock-a101");
 }
+
+#[test]
+fn a_controller_never_heard_since_start_is_reported_offline() {
+    let r = rig();
+    r.manager
+        .check_availability(Instant::now() + Duration::from_secs(121));
+    let off = wait_event(&r.store, 0, "device_offline", WAIT, |p| {
+        p["device"] == "lock-b201"
+    });
+    assert!(off.payload["silent_s"].as_u64().unwrap() >= 120);
+    // Sensors allow 900 s; padlocks and fobs are never offline for silence.
+    let offline: Vec<String> = r
+        .events("device_offline")
+        .iter()
+        .map(|p| p["device"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(offline, vec!["lock-b201"]);
+    assert_eq!(r.manager.online("lock-b201"), Online::No);
+}

@@ -164,6 +164,36 @@ fn a_wrong_type_in_the_config_names_file_line_and_key() {
 }
 
 #[test]
+fn a_bad_ble_section_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gatehouse.toml");
+    for (body, expect) in [
+        (
+            "[ble]\nadapter = \"sim\"\n",
+            ":5: key `ble.adapter`: `sim` (simulated devices) needs demo.simulate_devices = true",
+        ),
+        (
+            "[ble]\nmax_connections = 0\n",
+            ":5: key `ble.max_connections`: 0 is out of range (expected 1 to 8)",
+        ),
+        (
+            "[ble]\nadapter = \"hci 0\"\n",
+            ":5: key `ble.adapter`: `hci 0` is not an adapter name",
+        ),
+        ("[ble]\nradio = 1\n", "unknown field `radio`"),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!("[site]\nid = \"s1\"\ngateway_id = \"g1\"\n{body}"),
+        )
+        .unwrap();
+        let o = gatehouse(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(expect), "{body}: {}", stderr(&o));
+    }
+}
+
+#[test]
 fn the_example_and_demo_configs_are_valid() {
     for f in ["config/gatehouse.example.toml", "config/demo.toml"] {
         let path = format!("{}/{f}", env!("CARGO_MANIFEST_DIR"));
@@ -410,7 +440,8 @@ fn stats_print_counts_and_version() {
     let text = stdout(&o);
     assert!(text.contains("version:       1"), "{text}");
     assert!(text.contains("units:         7"), "{text}");
-    assert!(text.contains("credentials:   11"), "{text}");
+    assert!(text.contains("credentials:   12"), "{text}");
+    assert!(text.contains("devices:       6"), "{text}");
     let o = gatehouse(&[
         "db",
         "stats",

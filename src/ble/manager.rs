@@ -50,6 +50,8 @@ const NOTIFY_TIMEOUT: Duration = Duration::from_secs(3);
 const LAST_SEEN_EVERY: Duration = Duration::from_secs(60);
 /// How often an advertising sleeper is reported awake.
 const WAKE_EVERY: Duration = Duration::from_secs(1);
+/// A refused fob is decided again at most this often.
+const DENIED_FOB_REPEAT: Duration = Duration::from_secs(60);
 /// Tracked fobs not on the site's list (bounded memory against a crowd of strangers' fobs).
 const MAX_FOB_MEMORY: usize = 4096;
 
@@ -101,6 +103,7 @@ pub struct Manager<R: Radio> {
     pool: tokio::sync::Semaphore,
     counters: Mutex<Counters>,
     handle: tokio::runtime::Handle,
+    started: Instant,
 }
 
 /// An online operation's packets, or why there are none.
@@ -139,6 +142,7 @@ impl<R: Radio> Manager<R> {
             pool: tokio::sync::Semaphore::new(max),
             counters: Mutex::new(Counters::default()),
             handle: tokio::runtime::Handle::current(),
+            started: Instant::now(),
         })
     }
 
@@ -279,6 +283,14 @@ impl<R: Radio> Manager<R> {
             lock(&self.counters).malformed += 1;
             return;
         };
+        let firmware = a.firmware.map(|(major, minor)| format!("{major}.{minor}"));
+        self.states.set(
+            &dev.id,
+            &[
+                ("hardware", json!(a.hardware_code)),
+                ("firmware", json!(firmware)),
+            ],
+        );
         let Some(locked) = a.locked else { return };
         let changed = {
             let mut live = lock(&self.live);
@@ -419,20 +431,16 @@ impl<R: Radio> Manager<R> {
             {
                 let mut fobs = lock(&self.fobs);
                 let key = (tracking_id.to_string(), entry.clone());
-                if fobs
-                    .get(&key)
-                    .is_some_and(|&t| now - t < self.cfg.fob_repeat)
-                {
+                if fobs.get(&key).is_some_and(|&next| now < next) {
                     continue;
                 }
                 if fobs.len() >= MAX_FOB_MEMORY {
-                    let repeat = self.cfg.fob_repeat;
-                    fobs.retain(|_, t| now - *t < repeat);
+                    fobs.retain(|_, next| now < *next);
                 }
                 if fobs.len() >= MAX_FOB_MEMORY {
                     continue;
                 }
-                fobs.insert(key, now);
+                fobs.insert(key, now + self.cfg.fob_repeat);
             }
             let attempt = Attempt {
                 request: Request {
@@ -448,7 +456,11 @@ impl<R: Radio> Manager<R> {
                     self.release(entry);
                 }
                 Ok(d) => {
-                    tracing::info!(fob = tracking_id, entry, reason = %d.reason, "BLE fob denied")
+                    tracing::info!(fob = tracking_id, entry, reason = %d.reason, "BLE fob denied");
+                    // A refused fob lingering near the gate is decided again less often: each
+                    // refusal is a security event that is never dropped from the outbox.
+                    let next = now + self.cfg.fob_repeat.max(DENIED_FOB_REPEAT);
+                    lock(&self.fobs).insert((tracking_id.to_string(), entry.clone()), next);
                 }
                 Err(e) => tracing::error!("fob decision not recorded: {e:#}"),
             }
@@ -497,6 +509,25 @@ impl<R: Radio> Manager<R> {
         let mut gone = Vec::new();
         {
             let mut live = lock(&self.live);
+            // A device not heard since the gateway started counts as silent since then.
+            for (id, dev) in &tables.devices {
+                if !live.contains_key(id) {
+                    let after = dev
+                        .offline_after_s
+                        .map(Duration::from_secs)
+                        .or(profile::for_kind(dev.kind).offline_after);
+                    if after.is_some_and(|a| now.saturating_duration_since(self.started) > a) {
+                        live.insert(
+                            id.clone(),
+                            Live {
+                                last_seen: Some(self.started),
+                                online: Some(true),
+                                ..Live::default()
+                            },
+                        );
+                    }
+                }
+            }
             for (id, l) in live.iter_mut() {
                 let Some(dev) = tables.devices.get(id) else {
                     continue;
@@ -506,10 +537,10 @@ impl<R: Radio> Manager<R> {
                     .map(Duration::from_secs)
                     .or(profile::for_kind(dev.kind).offline_after);
                 if let (Some(after), Some(seen), Some(true)) = (after, l.last_seen, l.online)
-                    && now - seen > after
+                    && now.saturating_duration_since(seen) > after
                 {
                     l.online = Some(false);
-                    gone.push((id.clone(), (now - seen).as_secs()));
+                    gone.push((id.clone(), now.saturating_duration_since(seen).as_secs()));
                 }
             }
         }
@@ -534,7 +565,12 @@ impl<R: Radio> Manager<R> {
             return Online::Unknown;
         }
         let prof = profile::for_kind(dev.kind);
-        let last = lock(&self.live).get(device).and_then(|l| l.last_seen);
+        let (last, reported_offline) = lock(&self.live)
+            .get(device)
+            .map_or((None, false), |l| (l.last_seen, l.online == Some(false)));
+        if reported_offline && !prof.sleeps {
+            return Online::No;
+        }
         let now = Instant::now();
         if prof.sleeps {
             match last {

@@ -142,6 +142,10 @@ STDIN: one JSON object per line, handled in order. Every op may carry "id" (echo
       later connections (null = random again).
   {"op":"clock","unix":N} | {"op":"clock","offset":S} | {"op":"clock","real":true}
       the padlocks' clock for the offline time check (it keeps running from N).
+  {"op":"power","on":false|true}   the adapter is powered off (connections dropped, every
+      discovery session ended: Discovering=false; StartDiscovery then fails
+      org.bluez.Error.NotReady) / on again (Powered changes; clients must start discovery
+      again), as after `bluetoothctl power off|on` or an adapter reset.
   {"op":"remove","mac":M}   the device object (and its GATT objects) disappear
       (InterfacesRemoved), as after bluetoothd's TemporaryTimeout; it reappears with its
       next received advertisement.
@@ -572,6 +576,7 @@ class Mock:
         self.watches = {}  # sender -> name-owner watch
         self.clock_offset = 0.0
         self.adv_timer = None
+        self.powered = True
 
         self.bus_name = dbus.service.BusName(BUS_NAME, bus, do_not_queue=True)
         self.root = mockobject.DBusMockObject(self.bus_name, "/", OM_IFACE, {}, None, True)
@@ -632,6 +637,8 @@ class Mock:
 
     # -- discovery --
     def start_discovery(self, sender):
+        if not self.powered:
+            raise bz_error("NotReady", "Resource Not Ready")
         if sender in self.discovery:
             raise bz_error("InProgress", "Operation already in progress")
         self.watch(sender)
@@ -1100,6 +1107,20 @@ class Mock:
                 self.apply_advert(d, req)
             res = self.advertise(d, report=False, force=bool(req.get("force")))
             emit("advert", d.mac, **res, **rid)
+        elif op == "power":
+            on = bool(req.get("on"))
+            if on != self.powered:
+                self.powered = on
+                if not on:
+                    for d in self.devices.values():
+                        self.fail_pending(d)
+                        self.drop(d, "power")
+                    if self.discovery:
+                        for sender in list(self.discovery):
+                            del self.discovery[sender]
+                        self.discovery_stopped("power")
+                props_changed(self.adapter, ADAPTER_IFACE, {"Powered": dbus.Boolean(on)})
+            emit("ack", None, op="power", on=on, **rid)
         elif op == "sleep":
             d = self.padlock(req)
             d.awake = False
