@@ -108,7 +108,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         rs485.as_ref().map(|r| r.relays()),
         ble.as_ref().map(|b| b.control.clone()),
     );
-    let (wakes_tx, wakes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (wakes_tx, wakes_rx) = tokio::sync::mpsc::channel(crate::ble::WAKE_QUEUE);
     if let Some(b) = &ble {
         b.control.set_relays(relays.clone());
         b.control.set_wakes(wakes_tx);

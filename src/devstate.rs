@@ -72,6 +72,12 @@ impl DeviceStates {
             .collect()
     }
 
+    /// Marks devices to be published again (their publication did not go out). Without a
+    /// wake-up: the caller retries on its own schedule (no busy loop while a queue is full).
+    pub fn mark_changed(&self, devices: impl IntoIterator<Item = String>) {
+        self.board().dirty.extend(devices);
+    }
+
     /// Every state (after a reconnect), and clears the marks.
     pub fn all(&self) -> Vec<(String, Value)> {
         let mut b = self.board();

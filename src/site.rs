@@ -769,6 +769,18 @@ impl Tables {
         self.blacklisted_fobs = fobs;
         self.blacklisted_cards = cards;
         self.revoked_keys = keys;
+        // One device per radio address: adverts are matched to devices by MAC.
+        let mut macs: HashMap<String, &str> = HashMap::new();
+        let mut ids: Vec<&String> = self.devices.keys().collect();
+        ids.sort();
+        for id in ids {
+            let mac = self.devices[id].mac.to_ascii_uppercase();
+            if let Some(other) = macs.insert(mac.clone(), id) {
+                return Err(invalid(format!(
+                    "devices `{other}` and `{id}` have the same mac `{mac}`"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1163,7 +1175,8 @@ impl Site {
         }
     }
 
-    /// The small tables as a snapshot without credentials, sorted by id (stable output).
+    /// The small tables as a snapshot without credentials, sorted by id (stable output). It
+    /// carries the BLE devices' offline and sensor keys: treat it as a secret.
     pub fn small_snapshot(&self, key: &CodeKey) -> sync::Snapshot {
         fn sorted<T: Clone>(it: impl Iterator<Item = T>, id: impl Fn(&T) -> String) -> Vec<T> {
             let mut v: Vec<T> = it.collect();

@@ -37,8 +37,12 @@ use crate::site::Tables;
 use crate::store::Store;
 use crate::sync::{Device, DeviceKind};
 
-/// How long one lock operation may take in all (connect, cloud, packets).
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A safety net only: every step of a lock operation is bounded on its own (connection
+/// attempts, the cloud's answer, each packet's answer, the notifications a lock may send).
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Notifications that are not the awaited answer (server packets, unreadable ones) accepted per
+/// packet written, and after the last one: a device that keeps talking is cut off.
+const MAX_EXTRA_NOTIFICATIONS: usize = 16;
 /// After the last answer, the link stays up this long for the lock's server packets.
 const AFTER_LAST_PACKET: Duration = Duration::from_millis(300);
 /// Further connection attempts after a failed one (a sleeping lock's is not retried: it
@@ -95,7 +99,7 @@ pub struct Manager<R: Radio> {
     states: Arc<DeviceStates>,
     rpc: Arc<CloudRpc>,
     relays: Mutex<Option<Arc<dyn Relays>>>,
-    wakes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    wakes: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
     live: Mutex<HashMap<String, Live>>,
     index: Mutex<Index>,
     fobs: Mutex<HashMap<(String, String), Instant>>,
@@ -104,6 +108,23 @@ pub struct Manager<R: Radio> {
     counters: Mutex<Counters>,
     handle: tokio::runtime::Handle,
     started: Instant,
+}
+
+/// Why a lock did not take a packet.
+#[derive(Debug)]
+enum LockError {
+    /// It shut down (went to sleep) instead of answering.
+    Sleep,
+    Other(String),
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::Sleep => f.write_str("the lock went to sleep (shutdown)"),
+            LockError::Other(e) => f.write_str(e),
+        }
+    }
 }
 
 /// An online operation's packets, or why there are none.
@@ -160,7 +181,7 @@ impl<R: Radio> Manager<R> {
     }
 
     /// Where to report that a sleeping device woke up (device ids).
-    pub fn set_wakes(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    pub fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>) {
         *lock(&self.wakes) = Some(tx);
     }
 
@@ -175,9 +196,19 @@ impl<R: Radio> Manager<R> {
         *lock(&self.counters)
     }
 
+    /// Appends an event (flushed). On a runtime worker (a lock operation) the flush runs in
+    /// `block_in_place`, so the worker's other tasks (the cloud link) move elsewhere meanwhile.
     fn record(&self, kind: EventKind, payload: Value) {
         lock(&self.counters).events += 1;
-        if let Err(e) = crate::daemon::record(&self.store, kind, payload) {
+        let write = || crate::daemon::record(&self.store, kind, payload);
+        let in_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let r = if in_worker {
+            tokio::task::block_in_place(write)
+        } else {
+            write()
+        };
+        if let Err(e) = r {
             tracing::error!(kind = kind.as_str(), "could not record an event: {e:#}");
         }
     }
@@ -252,12 +283,13 @@ impl<R: Radio> Manager<R> {
         match dev.kind {
             DeviceKind::Padlock | DeviceKind::Controller => self.lock_advert(&dev, seen),
             DeviceKind::Sensor => self.sensor_advert(&dev, prof, seen, now, wall),
-            DeviceKind::Fob => self.fob_seen(&fob_id(&mac), seen.rssi, now, wall),
+            DeviceKind::Fob => self.fob_seen(&fob_id(&mac), true, seen.rssi, now, wall),
         }
         if woke {
             tracing::debug!(device = %dev.id, "sleeping device advertises: awake");
+            // Full (the link is away or busy): dropped; the lock says it again a second later.
             if let Some(tx) = lock(&self.wakes).as_ref() {
-                let _ = tx.send(dev.id.clone());
+                let _ = tx.try_send(dev.id.clone());
             }
         }
     }
@@ -269,7 +301,7 @@ impl<R: Radio> Manager<R> {
             .and_then(|n| noke::parse_advert(n, first_manufacturer(seen), seen.rssi));
         match advert {
             Some(a) if a.hardware == noke::HardwareKind::Fob => {
-                self.fob_seen(&fob_id(mac), seen.rssi, now, wall)
+                self.fob_seen(&fob_id(mac), false, seen.rssi, now, wall)
             }
             _ => lock(&self.counters).unknown += 1,
         }
@@ -423,8 +455,29 @@ impl<R: Radio> Manager<R> {
 
     /// A fob heard near the gateway: one decision per fob and configured entry per
     /// `fob_repeat`; a grant pulses the entry's relay.
-    fn fob_seen(&self, tracking_id: &str, rssi: Option<i16>, now: Instant, wall: DateTime<Utc>) {
+    fn fob_seen(
+        &self,
+        tracking_id: &str,
+        listed: bool,
+        rssi: Option<i16>,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) {
         if self.cfg.fob_entries.is_empty() || rssi.is_some_and(|r| r < self.cfg.fob_min_rssi) {
+            return;
+        }
+        // Only fobs the site knows (a device, a credential, a blacklist entry) are decided: the
+        // gateway hears every fob that passes by, and anyone can advertise `FOB…` from random
+        // addresses; each refusal would be a security event kept forever in the outbox.
+        let known = listed || {
+            let site = self.store.site();
+            site.creds
+                .get_by_value(&crate::site::CredValue::Fob(tracking_id.into()))
+                .is_some()
+                || site.tables.blacklisted_fobs.contains(tracking_id)
+        };
+        if !known {
+            lock(&self.counters).unknown += 1;
             return;
         }
         for entry in &self.cfg.fob_entries {
@@ -679,9 +732,17 @@ impl<R: Radio> Manager<R> {
             .run_on_link(&dev, &mac, &mut link, &session, action, offline_only)
             .await;
         let _ = outcome.send(result);
-        // What the lock still says (server packets after an unlock) is uploaded.
-        while let Ok(value) = link.notification(AFTER_LAST_PACKET).await {
-            self.on_notification(&dev, &session, &value, "after");
+        // What the lock still says (server packets after an unlock) is uploaded, within one
+        // short window.
+        let end = tokio::time::Instant::now() + AFTER_LAST_PACKET;
+        for _ in 0..MAX_EXTRA_NOTIFICATIONS {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            match link.notification(left).await {
+                Ok(value) if !left.is_zero() => {
+                    self.on_notification(&dev, &session, &value, "after");
+                }
+                _ => break,
+            }
         }
         link.disconnect().await;
     }
@@ -717,7 +778,11 @@ impl<R: Radio> Manager<R> {
         action: UnitAction,
         offline_only: bool,
     ) -> Execution {
-        let packets = match self.packets(dev, mac, session, action, offline_only).await {
+        let read_at = tokio::time::Instant::now();
+        let packets = match self
+            .packets(dev, mac, session, read_at, action, offline_only)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return Execution::Failed(e),
         };
@@ -732,6 +797,15 @@ impl<R: Radio> Manager<R> {
             }
             match self.await_result(dev, session, link, via).await {
                 Ok(()) => {}
+                // A sleeping lock that shuts down before it took anything: the command waits
+                // for it to wake, like one that did not answer the connection.
+                Err(LockError::Sleep) if i == 0 && profile::for_kind(dev.kind).sleeps => {
+                    lock(&self.live)
+                        .entry(dev.id.clone())
+                        .or_default()
+                        .last_seen = None;
+                    return Execution::Queued;
+                }
                 Err(e) => return Execution::Failed(format!("packet {} of {n}: {e}", i + 1)),
             }
         }
@@ -751,16 +825,19 @@ impl<R: Radio> Manager<R> {
         session: &[u8; PACKET_LEN],
         link: &mut R::Link,
         via: &str,
-    ) -> Result<(), String> {
-        loop {
+    ) -> Result<(), LockError> {
+        for _ in 0..=MAX_EXTRA_NOTIFICATIONS {
             let value = link
                 .notification(NOTIFY_TIMEOUT)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LockError::Other(e.to_string()))?;
             if let Some(answer) = self.on_notification(dev, session, &value, via) {
                 return answer;
             }
         }
+        Err(LockError::Other(format!(
+            "more than {MAX_EXTRA_NOTIFICATIONS} notifications without an answer"
+        )))
     }
 
     /// Records what a notification says: a server packet is uploaded, an app packet is a
@@ -771,7 +848,7 @@ impl<R: Radio> Manager<R> {
         session: &[u8; PACKET_LEN],
         value: &[u8],
         via: &str,
-    ) -> Option<Result<(), String>> {
+    ) -> Option<Result<(), LockError>> {
         match noke::parse_notification(value) {
             Ok(Notification::Server(p)) => {
                 self.record(
@@ -789,8 +866,11 @@ impl<R: Radio> Manager<R> {
                 );
                 Some(match result {
                     AppResult::Success { .. } => Ok(()),
-                    AppResult::Shutdown { .. } => Err("the lock went to sleep (shutdown)".into()),
-                    other => Err(format!("the lock answered {}", other.event_name())),
+                    AppResult::Shutdown { .. } => Err(LockError::Sleep),
+                    other => Err(LockError::Other(format!(
+                        "the lock answered {}",
+                        other.event_name()
+                    ))),
                 })
             }
             Ok(Notification::Invalid(raw)) => {
@@ -799,7 +879,9 @@ impl<R: Radio> Manager<R> {
                     json!({"device": dev.id, "result": "invalid", "code": 0xFF, "via": via,
                            "raw": hex::encode_upper(raw)}),
                 );
-                Some(Err("the lock flagged the exchange as invalid".into()))
+                Some(Err(LockError::Other(
+                    "the lock flagged the exchange as invalid".into(),
+                )))
             }
             Err(e) => {
                 self.record(
@@ -819,23 +901,21 @@ impl<R: Radio> Manager<R> {
         dev: &Device,
         mac: &str,
         session: &[u8; PACKET_LEN],
+        read_at: tokio::time::Instant,
         action: UnitAction,
         offline_only: bool,
     ) -> Result<Packets, String> {
+        // The cloud's wait ends early enough for the session to be still valid for the offline
+        // unlock (a wake-to-answer lock's session lasts ~15 s).
+        let valid = profile::for_kind(dev.kind).session_valid;
+        let left = valid
+            .saturating_sub(read_at.elapsed())
+            .saturating_sub(Duration::from_secs(1));
+        let wait = self.cfg.online_unlock_timeout.min(left);
         let online_err = if offline_only {
             "offline unlock asked for".to_string()
         } else {
-            match self
-                .rpc
-                .request(
-                    &dev.id,
-                    mac,
-                    action,
-                    session,
-                    self.cfg.online_unlock_timeout,
-                )
-                .await
-            {
+            match self.rpc.request(&dev.id, mac, action, session, wait).await {
                 Ok(p) => return Ok(Packets::Online(p)),
                 Err(e) => e,
             }
@@ -874,14 +954,14 @@ impl<R: Radio> UnitControllers for Manager<R> {
 /// What the daemon needs of a manager, whatever its radio.
 pub trait Control: UnitControllers {
     fn set_relays(&self, relays: Arc<dyn Relays>);
-    fn set_wakes(&self, tx: tokio::sync::mpsc::UnboundedSender<String>);
+    fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>);
 }
 
 impl<R: Radio> Control for Manager<R> {
     fn set_relays(&self, relays: Arc<dyn Relays>) {
         Manager::set_relays(self, relays)
     }
-    fn set_wakes(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>) {
         Manager::set_wakes(self, tx)
     }
 }

@@ -33,6 +33,10 @@ use tokio_util::sync::CancellationToken;
 pub use manager::Manager;
 use transport::{Radio, Seen};
 
+/// Wake-ups (device ids) queued for the cloud link at most; beyond it they are dropped (an
+/// advertising sleeper is reported again every second).
+pub const WAKE_QUEUE: usize = 256;
+
 /// Adverts queued between the scanner and the advert thread; beyond it they are dropped (the
 /// next advert of the same device carries the same news).
 const ADVERT_QUEUE: usize = 8192;

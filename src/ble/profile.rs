@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use crate::sync::DeviceKind;
 
-const FILES: &[(&str, &str)] = &[
+/// The BLE profile files of `devices/`, embedded.
+pub const FILES: &[(&str, &str)] = &[
     (
         "noke-padlock.toml",
         include_str!("../../devices/noke-padlock.toml"),

@@ -50,6 +50,8 @@ pub struct CloudRpc {
     rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
     connected: Mutex<Option<std::sync::Arc<crate::cloud::link::LinkState>>>,
+    /// Random per process run: request ids never repeat across restarts.
+    run: u64,
     next: AtomicU64,
 }
 
@@ -61,8 +63,35 @@ impl Default for CloudRpc {
             rx: Mutex::new(Some(rx)),
             pending: Mutex::new(HashMap::new()),
             connected: Mutex::new(None),
+            run: {
+                let mut b = [0u8; 8];
+                // Without entropy, the time: still differs between runs.
+                if getrandom::getrandom(&mut b).is_err() {
+                    b = (std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64))
+                    .to_le_bytes();
+                }
+                u64::from_le_bytes(b)
+            },
             next: AtomicU64::new(1),
         }
+    }
+}
+
+/// Removes a request from the pending table when dropped.
+struct Pending<'a> {
+    rpc: &'a CloudRpc,
+    id: &'a str,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.rpc
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.id);
     }
 }
 
@@ -102,9 +131,10 @@ impl CloudRpc {
         if !self.link_up() {
             return Err("the cloud is unreachable".into());
         }
+        // Unique across restarts (a late answer to an earlier run's request must not match).
         let id = format!(
-            "ble-{}-{}",
-            std::process::id(),
+            "ble-{:016x}-{}",
+            self.run,
             self.next.fetch_add(1, Ordering::Relaxed)
         );
         let req = UnlockRequest {
@@ -124,9 +154,11 @@ impl CloudRpc {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), tx);
+        // Removed however this ends (answered, timed out, or the operation dropped).
+        let _pending = Pending { rpc: self, id: &id };
         let bytes = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let sent = self.tx.try_send(bytes).is_ok();
-        let answer = if sent {
+        if sent {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(_)) => Err("the request was dropped".into()),
@@ -137,12 +169,7 @@ impl CloudRpc {
             }
         } else {
             Err("the cloud link is not taking requests".into())
-        };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        answer
+        }
     }
 
     /// A message from `ble/unlock_response`. Malformed or unknown ones are logged and ignored.

@@ -54,15 +54,12 @@ pub struct Commands {
 pub struct BleBridge {
     pub rpc: Arc<crate::ble::rpc::CloudRpc>,
     requests: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
-    wakes: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    wakes: tokio::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl BleBridge {
     /// `None` when the rpc's requests were already taken by someone else.
-    pub fn new(
-        rpc: Arc<crate::ble::rpc::CloudRpc>,
-        wakes: mpsc::UnboundedReceiver<String>,
-    ) -> Option<Self> {
+    pub fn new(rpc: Arc<crate::ble::rpc::CloudRpc>, wakes: mpsc::Receiver<String>) -> Option<Self> {
         let requests = rpc.take_requests()?;
         Some(BleBridge {
             rpc,
@@ -70,6 +67,13 @@ impl BleBridge {
             wakes: tokio::sync::Mutex::new(wakes),
         })
     }
+}
+
+fn keep_unsent(unsent: &std::sync::Mutex<Vec<Outcome>>, outcomes: Vec<Outcome>) {
+    unsent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(outcomes);
 }
 
 /// Work for the command thread, in arrival order.
@@ -106,6 +110,9 @@ pub struct CloudLink {
     pub state: Arc<LinkState>,
     devices: Option<Arc<crate::devstate::DeviceStates>>,
     ble: Option<Arc<BleBridge>>,
+    /// Final command results reached while no session could publish them (a sleeping lock's
+    /// unlock finished as the connection dropped): published first on the next session.
+    unsent: Arc<std::sync::Mutex<Vec<Outcome>>>,
 }
 
 enum SessionEnd {
@@ -161,6 +168,7 @@ impl CloudLink {
             state: Arc::new(LinkState::default()),
             devices: None,
             ble: None,
+            unsent: Arc::default(),
         }
     }
 
@@ -329,6 +337,7 @@ impl CloudLink {
         let (cmd_job_tx, cmd_job_rx) = std::sync::mpsc::channel::<CmdJob>();
         if let Some(c) = &self.commands {
             let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
+            let unsent = self.unsent.clone();
             tokio::task::spawn_blocking(move || {
                 for job in cmd_job_rx {
                     let out = match job {
@@ -345,8 +354,11 @@ impl CloudLink {
                         }
                     };
                     record_effects(&store, &out);
-                    if !out.is_empty() && tx.blocking_send(out).is_err() {
-                        break;
+                    if !out.is_empty()
+                        && let Err(e) = tx.blocking_send(out)
+                    {
+                        // The session ended meanwhile: the next one publishes these.
+                        keep_unsent(&unsent, e.0);
                     }
                 }
             });
@@ -360,16 +372,14 @@ impl CloudLink {
             Some(b) => Some(b.wakes.lock().await),
             None => None,
         };
+        let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
+        for o in unsent {
+            let topic = self.topics.command_result(&o.result.name);
+            self.publish(&client, &mut out, topic, false, &o.result)?;
+        }
         if let Some(d) = &self.devices {
-            for (id, state) in d.all() {
-                self.publish(
-                    &client,
-                    &mut out,
-                    self.topics.device_state(&id),
-                    true,
-                    &state,
-                )?;
-            }
+            let all = d.all();
+            self.publish_states(&client, &mut out, d, all);
         }
         let mut assembly: Option<Assembly> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -422,10 +432,12 @@ impl CloudLink {
                         None => std::future::pending().await,
                     }
                 } => {
-                    client
-                        .try_publish(self.topics.ble_unlock_request(), false, req)
-                        .map_err(|e| anyhow::anyhow!("publishing: {e}"))?;
-                    out.requested.push_back(None);
+                    // Queue full: the request is dropped; the lock operation gets no answer and
+                    // falls back to the offline unlock.
+                    match client.try_publish(self.topics.ble_unlock_request(), false, req) {
+                        Ok(()) => out.requested.push_back(None),
+                        Err(e) => tracing::warn!("BLE unlock request not sent: {e}"),
+                    }
                 }
                 Some(device) = async {
                     match ble_wakes.as_mut() {
@@ -447,24 +459,31 @@ impl CloudLink {
                     }
                 } => {
                     if let Some(d) = &self.devices {
-                        for (id, state) in d.take_changed() {
-                            self.publish(&client, &mut out, self.topics.device_state(&id), true, &state)?;
-                        }
+                        let changed = d.take_changed();
+                        self.publish_states(&client, &mut out, d, changed);
                     }
                 }
                 _ = self.appended.notified() => {}
                 _ = tick.tick() => {
+                    // States a full queue held back.
+                    if let Some(d) = &self.devices {
+                        let changed = d.take_changed();
+                        self.publish_states(&client, &mut out, d, changed);
+                    }
                     let now = Utc::now();
                     if let Some(c) = &self.commands {
                         let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
+                        let unsent = self.unsent.clone();
                         tokio::task::spawn_blocking(move || {
                             let expired = commands::handle_expire(&c.router, &store, now);
                             record_effects(&store, &expired);
                             if let Err(e) = store.commands().prune(now) {
                                 tracing::warn!("pruning command ids: {e:#}");
                             }
-                            if !expired.is_empty() {
-                                let _ = tx.blocking_send(expired);
+                            if !expired.is_empty()
+                                && let Err(e) = tx.blocking_send(expired)
+                            {
+                                keep_unsent(&unsent, e.0);
                             }
                         });
                     }
@@ -507,6 +526,30 @@ impl CloudLink {
             }
         }
         Ok(())
+    }
+
+    /// Publishes device states (retained) while rumqttc's queue takes them; the rest are marked
+    /// changed again and go out on a later turn (a site with many devices, a mass change).
+    fn publish_states(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        d: &crate::devstate::DeviceStates,
+        states: Vec<(String, serde_json::Value)>,
+    ) {
+        let mut left = states.into_iter();
+        for (id, state) in left.by_ref() {
+            let bytes = serde_json::to_vec(&state).unwrap_or_default();
+            if client
+                .try_publish(self.topics.device_state(&id), true, bytes)
+                .is_err()
+            {
+                d.mark_changed(std::iter::once(id));
+                break;
+            }
+            out.requested.push_back(None);
+        }
+        d.mark_changed(left.map(|(id, _)| id));
     }
 
     fn publish<T: serde::Serialize>(

@@ -186,7 +186,12 @@ mod tests {
             .filter(|n| n.ends_with(".toml"))
             .collect();
         on_disk.sort();
-        let mut built: Vec<String> = BUILTIN.iter().map(|(f, _)| f.to_string()).collect();
+        // Modbus profiles here, BLE families in `ble::profile`.
+        let mut built: Vec<String> = BUILTIN
+            .iter()
+            .chain(crate::ble::profile::FILES)
+            .map(|(f, _)| f.to_string())
+            .collect();
         built.sort();
         assert_eq!(on_disk, built);
     }
