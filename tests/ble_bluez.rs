@@ -345,5 +345,41 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
             p["device"] == "sensor-hall-a" && p["value"] == 23.0
         })
         .await;
+
+    // bluetoothd restarts: org.bluez leaves the bus with every object it exported, and comes
+    // back with a fresh adapter. The gateway's scan ends, discovery is started again by
+    // itself, and both advertisements and connections work through the new bluetoothd.
+    bluez.send(json!({"op": "restart", "down_ms": 300}));
+    bluez.wait_for("bluetoothd back", WAIT, |e| {
+        e["ev"] == "restarted" && e["phase"] == "up"
+    });
+    let restarted_at = bluez.len();
+    peers::eventually("discovery started after the restart", WAIT, || {
+        let starts = bluez
+            .events()
+            .iter()
+            .filter(|e| e["ev"] == "discovery" && e["state"] == "started")
+            .count();
+        (starts >= 3).then_some(())
+    });
+    // Packet 3: 25.20 °C.
+    bluez.send(json!({"op": "sensor", "mac": SENSOR, "hex": "400003016402D809"}));
+    cloud
+        .event("sensor_reading", |p| {
+            p["device"] == "sensor-hall-a" && p["value"] == 25.2
+        })
+        .await;
+    // The cloud does not answer: an offline unlock over a connection to the new bluetoothd.
+    cloud
+        .command("unlock", "u-after-restart", "A-101", 60)
+        .await;
+    let r = cloud.result("unlock", "u-after-restart", "done").await;
+    assert!(r["detail"].as_str().unwrap().contains("offline"), "{r}");
+    peers::eventually("offline unlock after the restart", WAIT, || {
+        let n = bluez.count_since(restarted_at, |e| {
+            e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "offline"
+        });
+        (n >= 1).then_some(())
+    });
     bluez.send(json!({"op": "quit"}));
 }

@@ -146,6 +146,19 @@ STDIN: one JSON object per line, handled in order. Every op may carry "id" (echo
       discovery session ended: Discovering=false; StartDiscovery then fails
       org.bluez.Error.NotReady) / on again (Powered changes; clients must start discovery
       again), as after `bluetoothctl power off|on` or an adapter reset.
+  {"op":"restart"[,"down_ms":300]}   bluetoothd restarts (`systemctl restart bluetooth`, a
+      crash): every connection drops (event "disconnected" by "restart"; a pending Connect
+      fails org.bluez.Error.Failed), every discovery session ends (Discovering=false, event
+      "discovery" "stopped" with sender "restart"), filters and notify sessions are forgotten;
+      then InterfacesRemoved for every GATT object, device, the adapter and /org/bluez, and the
+      mock's bus connection closes: org.bluez (and its unique name) lose their owner
+      (NameOwnerChanged) and "/" with its ObjectManager is gone -> event "restarted"
+      phase "down". down_ms later a new connection (new unique name) takes org.bluez and
+      exports the template's objects and hci0 again (powered, not discovering, no device
+      objects, as bluetoothd's start) -> event "restarted" phase "up". The simulated devices
+      keep their state (awake, data, keys); device objects reappear with their next received
+      advertisement (once some client starts discovery), GATT objects on the next connection.
+      While down, "power" and "restart" answer "error"; other ops act on the devices only.
   {"op":"remove","mac":M}   the device object (and its GATT objects) disappear
       (InterfacesRemoved), as after bluetoothd's TemporaryTimeout; it reappears with its
       next received advertisement.
@@ -166,7 +179,7 @@ STDOUT: one JSON object per line, written and flushed at once; each has "ev", "t
   {"ev":"connecting","mac":M,"sender":..}      a Connect call started waiting
   {"ev":"connected","mac":M,"sender":..,"session":"hex"|null}   (after ServicesResolved)
   {"ev":"connect_failed","mac":M,"error":"org.bluez.Error.Failed","message":"..."}
-  {"ev":"disconnected","mac":M,"by":"client"|"device"|"sleep"|"remove"}
+  {"ev":"disconnected","mac":M,"by":"client"|"device"|"sleep"|"remove"|"power"|"restart"}
   {"ev":"read","mac":M,"char":"0004","hex":<whole value>,"offset":n}
   {"ev":"write","mac":M,"char":"0002","hex":...,"type":"command"|"request"}  (bluer's write()
         sends "command", i.e. write without response)
@@ -179,7 +192,8 @@ STDOUT: one JSON object per line, written and flushed at once; each has "ev", "t
         "out_of_order"}
   {"ev":"ack","mac":M|null,"op":..[,"id":..][, op-specific fields]}   for every op that has no
         other answer (advert/sensor answer with "advert", state with "state").
-  {"ev":"state","mac":null,"discovering":bool,"discovery_clients":[..],"clock_offset":s,
+  {"ev":"restarted","mac":null,"phase":"down"|"up"[,"down_ms":n]}   (the restart op)
+  {"ev":"state","mac":null,"bluetoothd":"up"|"down","discovering":bool,"discovery_clients":[..],"clock_offset":s,
         "devices":[{"mac","kind","name","path","exported","awake","connected","connecting",
         "notifying","rssi","manufacturer":{id:hex},"service_data":{uuid:hex},
         "accept_pending":n},...]}
@@ -566,9 +580,9 @@ MOCK = None  # the Mock instance, for the D-Bus method functions below
 
 
 class Mock:
-    def __init__(self, loop, bus, devices, opts):
+    def __init__(self, loop, address, devices, opts):
         self.loop = loop
-        self.bus = bus
+        self.address = address
         self.opts = opts
         self.devices = {d.mac: d for d in devices}
         self.discovery = {}  # sender -> True while it has a discovery session
@@ -577,8 +591,15 @@ class Mock:
         self.clock_offset = 0.0
         self.adv_timer = None
         self.powered = True
+        self.down = False  # between the two phases of a "restart"
+        self.old_services = []
+        self.start_service()
 
-        self.bus_name = dbus.service.BusName(BUS_NAME, bus, do_not_queue=True)
+    def start_service(self):
+        """Like bluetoothd starting: a new bus connection takes org.bluez and exports the
+        template's objects and adapter hci0 (powered, not discovering, no device objects)."""
+        self.bus = dbus.bus.BusConnection(self.address)
+        self.bus_name = dbus.service.BusName(BUS_NAME, self.bus, do_not_queue=True)
         self.root = mockobject.DBusMockObject(self.bus_name, "/", OM_IFACE, {}, None, True)
         mockobject.objects["/"] = self.root
         self.root.AddTemplate("bluez5", dbus.Dictionary({}, signature="sv"))
@@ -593,6 +614,59 @@ class Mock:
             ("RemoveDevice", Adapter_RemoveDevice),
         ):
             install(self.adapter, ADAPTER_IFACE, name, fn)
+
+    def stop_service(self):
+        """Like bluetoothd exiting: every connection, pending connect, notify and discovery
+        session ends, every exported object goes (InterfacesRemoved: GATT objects, devices,
+        the adapter, /org/bluez), then the bus connection closes, so org.bluez (and the unique
+        name) lose their owner (NameOwnerChanged)."""
+        for d in self.devices.values():
+            self.fail_pending(d, "Software caused connection abort")
+            self.drop(d, "restart")
+        if self.discovery:
+            self.discovery.clear()
+            self.discovery_stopped("restart")
+        self.filters.clear()
+        for w in self.watches.values():
+            w.cancel()
+        self.watches.clear()
+        for d in self.devices.values():
+            self.unexport_device(d)
+        for path in (ADAPTER_PATH, "/org/bluez"):
+            obj = mockobject.objects.get(path)
+            if obj is None:
+                continue
+            ifaces = sorted(
+                i
+                for i in set(obj.props) | set(obj.methods)
+                if i.startswith("org.bluez.") and i != "org.bluez.Mock"
+            )
+            self.root.RemoveObject(path)
+            self.root.EmitSignal(
+                OM_IFACE, "InterfacesRemoved", "oas", [dbus.ObjectPath(path), ifaces]
+            )
+        for path, obj in list(mockobject.objects.items()):
+            obj.remove_from_connection()
+        mockobject.objects.clear()
+        self.adapter = self.root = None
+        self.bus.flush()
+        self.bus.close()
+        # Kept: a collected BusName would try to release its name on the closed connection.
+        self.old_services.append((self.bus, self.bus_name))
+        self.bus = self.bus_name = None
+
+    def restart(self, down_ms, rid):
+        self.stop_service()
+        self.down = True
+        emit("restarted", None, phase="down", down_ms=down_ms, **rid)
+
+        def up():
+            self.start_service()
+            self.powered = True
+            self.down = False
+            emit("restarted", None, phase="up")
+
+        self.loop.after(down_ms, up)
 
     # -- helpers --
     def now_unix(self):
@@ -1107,7 +1181,16 @@ class Mock:
                 self.apply_advert(d, req)
             res = self.advertise(d, report=False, force=bool(req.get("force")))
             emit("advert", d.mac, **res, **rid)
+        elif op == "restart":
+            if self.down:
+                raise OpError("bluetoothd is already restarting")
+            down_ms = parse_int(req.get("down_ms", 300), "down_ms")
+            if not 0 <= down_ms <= 600_000:
+                raise OpError("down_ms out of range")
+            self.restart(down_ms, rid)
         elif op == "power":
+            if self.down:
+                raise OpError("bluetoothd is down (restart)")
             on = bool(req.get("on"))
             if on != self.powered:
                 self.powered = on
@@ -1247,6 +1330,7 @@ class Mock:
                 }
             )
         return {
+            "bluetoothd": "down" if self.down else "up",
             "discovering": self.discovering(),
             "discovery_clients": sorted(self.discovery),
             "clock_offset": self.clock_offset,
@@ -1484,8 +1568,7 @@ def main():
     try:
         dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
         loop = Loop()
-        bus = dbus.bus.BusConnection(address)
-        MOCK = Mock(loop, bus, devices, args)
+        MOCK = Mock(loop, address, devices, args)
 
         def on_signal(signum, frame):
             loop.running = False

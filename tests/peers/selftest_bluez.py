@@ -18,7 +18,7 @@ with the shutdown notification, Connect to a sleeping padlock fails with
 org.bluez.Error.Failed le-connection-abort-by-local, a wake during Connect completes it,
 StopDiscovery invalidates RSSI, remove/rediscover, a second client's discovery session ends
 when it leaves the bus, bad ops give "error" events, quit/SIGTERM exit 0 and take the bus down,
---adv-interval-ms repeats adverts.
+--adv-interval-ms repeats adverts, restart (bluetoothd goes and comes back).
 """
 
 import asyncio
@@ -623,6 +623,59 @@ async def scenario():
             props_changed(dev_path(SENSOR), DEV_IFACE, "RSSI"), timeout=1.0, what=f"periodic {i}"
         )
         assert set(m.body[1]) == {"RSSI"}, m.body
+
+    # --- restart: bluetoothd goes (objects removed, org.bluez unowned) and comes back ---
+    owners = []
+
+    def on_owner(msg):
+        if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == "org.bluez":
+            owners.append((msg.body[1], msg.body[2]))
+        return None
+
+    c.bus.add_message_handler(on_owner)
+    await c.ok(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "AddMatch",
+        "s",
+        ["type='signal',member='NameOwnerChanged',arg0='org.bluez'"],
+    )
+    (owner1,) = await c.ok(
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        "GetNameOwner", "s", ["org.bluez"],
+    )
+    c.drain()
+    peer.send(op="restart", down_ms=300, id=7)
+    down = await peer.wait(ev_is("restarted", phase="down"), what="restarted down")
+    assert down.get("id") == 7, down
+    await c.sig(props_changed(ADAPTER, "org.bluez.Adapter1", "Discovering", False), what="off")
+    await c.sig(removed(dev_path(SENSOR)), what="sensor removed by restart")
+    m = await c.sig(removed(ADAPTER), what="adapter removed by restart")
+    assert "org.bluez.Adapter1" in m.body[1], m.body
+    await c.sig(removed("/org/bluez"), what="/org/bluez removed by restart")
+    r = await c.call(
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        "GetNameOwner", "s", ["org.bluez"],
+    )
+    assert r.error_name == "org.freedesktop.DBus.Error.NameHasNoOwner", r.error_name
+    peer.send(op="power", on=False)
+    await peer.wait(ev_is("error", op="power"), what="power refused while down")
+    await peer.wait(ev_is("restarted", phase="up"), what="restarted up")
+    (owner2,) = await c.ok(
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        "GetNameOwner", "s", ["org.bluez"],
+    )
+    assert owner2 != owner1, (owner1, owner2)
+    assert owners == [(owner1, ""), ("", owner2)], owners
+    objs = await c.objects()
+    ad = objs[ADAPTER]["org.bluez.Adapter1"]
+    assert ad["Powered"] == Variant("b", True) and ad["Discovering"] == Variant("b", False), ad
+    assert "org.bluez.AgentManager1" in objs["/org/bluez"], objs.keys()
+    assert not any("/dev_" in p for p in objs), objs.keys()
+    await c.bz(ADAPTER, "org.bluez.Adapter1", "StartDiscovery")
+    await c.sig(added(dev_path(SENSOR)), what="sensor added after restart")
+
     c.bus.disconnect()
     sock = address.split("unix:path=", 1)[1].split(",", 1)[0]
     peer.p.send_signal(signal.SIGTERM)
