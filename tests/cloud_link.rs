@@ -813,3 +813,129 @@ async fn a_snapshot_in_chunks_and_deltas_apply_over_mqtt() {
     assert_eq!(store.stats().version, 41);
     link.stop().await;
 }
+
+/// A unit controller whose `lock-a101` answers only when the test lets it (a padlock out of
+/// range, retried); the others at once.
+struct GatedUnits {
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    executed: std::sync::Mutex<Vec<String>>,
+}
+
+impl gatehouse::cloud::commands::UnitControllers for GatedUnits {
+    fn online(&self, _device: &str) -> gatehouse::cloud::commands::Online {
+        gatehouse::cloud::commands::Online::Yes
+    }
+    fn execute(
+        &self,
+        device: &str,
+        _action: gatehouse::cloud::commands::UnitAction,
+    ) -> gatehouse::cloud::commands::Execution {
+        if device == "lock-a101" {
+            let _ = self.gate.lock().unwrap().recv();
+        }
+        self.executed.lock().unwrap().push(device.to_string());
+        gatehouse::cloud::commands::Execution::Done("unlocked".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_device_holds_up_only_its_own_commands() {
+    let b = broker();
+    let signer = SigningKey::from_bytes(&[1; 32]);
+    let t = topics();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 100_000).unwrap());
+    store
+        .apply(&gatehouse::sync::parse(include_bytes!("../config/demo-snapshot.json")).unwrap())
+        .unwrap();
+    let (release, gate) = std::sync::mpsc::channel();
+    let units = Arc::new(GatedUnits {
+        gate: std::sync::Mutex::new(gate),
+        executed: std::sync::Mutex::new(Vec::new()),
+    });
+    let commands = Arc::new(Commands {
+        router: Arc::new(Router::new(
+            units.clone(),
+            Arc::new(SimulatedRelays::new(["relay-board-1"])),
+        )),
+        cfg: CommandConfig {
+            public: signer.verifying_key(),
+            max_skew: chrono::Duration::seconds(30),
+            max_bytes: 16 * 1024,
+        },
+    });
+    let link = start_link(
+        store.clone(),
+        cloud_config(&b, Protocol::V311, &signer),
+        1,
+        Some(commands),
+    );
+    let results = Subscriber::connect(&b, "cloud", "gatehouse/site-1/gw-1/cmd/+/result").await;
+    let cloud = Subscriber::connect(&b, "cloud-pub", "none/#").await;
+    wait_online(&b, &t).await;
+    let send = |name: &str, bytes: Vec<u8>| {
+        let topic = format!("{}/cmd/{name}", t.base());
+        cloud
+            .client
+            .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, bytes)
+            .unwrap();
+    };
+    let slow = sign(
+        &command("unlock", "slow", unit("A-101"), Value::Null, 0, 60),
+        &signer,
+    );
+    send("unlock", slow.clone());
+    send("unlock", slow);
+    send(
+        "unlock",
+        sign(
+            &command("unlock", "fast", unit("A-102"), Value::Null, 0, 60),
+            &signer,
+        ),
+    );
+    send(
+        "ping",
+        sign(&command("ping", "p-1", None, Value::Null, 0, 60), &signer),
+    );
+    let result_of = |m: &broker::Received| serde_json::from_slice::<Value>(&m.payload).unwrap();
+    // The other unit's unlock and the ping are answered while A-101's padlock still hangs.
+    let got = results
+        .wait_for(
+            |m| {
+                let ids: Vec<Value> = m.iter().map(|x| result_of(x)["id"].clone()).collect();
+                ids.contains(&json!("fast")) && ids.contains(&json!("p-1"))
+            },
+            WAIT,
+        )
+        .await;
+    assert!(
+        !got.iter().any(|m| result_of(m)["id"] == "slow"),
+        "the slow command cannot have finished yet"
+    );
+    assert_eq!(
+        *units.executed.lock().unwrap(),
+        vec!["lock-a102".to_string()]
+    );
+    // Released: done once; its duplicate, queued behind it in the same lane, gets its result.
+    release.send(()).unwrap();
+    let got = results
+        .wait_for(
+            |m| m.iter().filter(|x| result_of(x)["id"] == "slow").count() == 2,
+            WAIT,
+        )
+        .await;
+    for m in got.iter().filter(|x| result_of(x)["id"] == "slow") {
+        assert_eq!(result_of(m)["status"], "done", "{}", m.text());
+    }
+    assert_eq!(
+        units
+            .executed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| *d == "lock-a101")
+            .count(),
+        1
+    );
+    link.stop().await;
+}

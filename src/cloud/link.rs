@@ -69,6 +69,103 @@ impl BleBridge {
     }
 }
 
+/// Lanes at most per session; commands for further targets share the `main` lane.
+const MAX_LANES: usize = 16;
+
+/// The lane of a job: its command's target, or the woken device.
+fn lane_of(job: &CmdJob, c: &Commands) -> String {
+    match job {
+        CmdJob::Wake(device) => format!("device:{device}"),
+        CmdJob::Message(name, bytes) => {
+            let cfg = &c.cfg;
+            match commands::verify(
+                bytes,
+                name,
+                &cfg.public,
+                Utc::now(),
+                cfg.max_skew,
+                cfg.max_bytes,
+            ) {
+                Ok(cmd) => match cmd.target {
+                    Some(t) => match (t.unit, t.entry, t.device) {
+                        (Some(u), _, _) => format!("unit:{u}"),
+                        (_, Some(e), _) => format!("entry:{e}"),
+                        (_, _, Some(d)) => format!("device:{d}"),
+                        _ => "main".into(),
+                    },
+                    None => "main".into(),
+                },
+                // Refused before any effect: answered at once, in the main lane.
+                Err(_) => "main".into(),
+            }
+        }
+    }
+}
+
+/// Runs the command jobs of a session in lanes (see `session_once`).
+fn dispatch_commands(
+    jobs: std::sync::mpsc::Receiver<CmdJob>,
+    c: &Arc<Commands>,
+    store: &Arc<Store>,
+    tx: &mpsc::Sender<Vec<Outcome>>,
+    unsent: &Arc<std::sync::Mutex<Vec<Outcome>>>,
+) {
+    let mut lanes: HashMap<String, std::sync::mpsc::Sender<CmdJob>> = HashMap::new();
+    for job in jobs {
+        let mut key = lane_of(&job, c);
+        if !lanes.contains_key(&key) && lanes.len() >= MAX_LANES {
+            key = "main".into();
+        }
+        let lane = lanes.entry(key.clone()).or_insert_with(|| {
+            let (lane_tx, lane_rx) = std::sync::mpsc::channel::<CmdJob>();
+            let (c, store, tx, unsent) = (c.clone(), store.clone(), tx.clone(), unsent.clone());
+            let spawned = std::thread::Builder::new()
+                .name("cmd-lane".into())
+                .spawn(move || {
+                    for job in lane_rx {
+                        run_command_job(job, &c, &store, &tx, &unsent);
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("could not start a command lane: {e}");
+            }
+            lane_tx
+        });
+        // A lane that could not start: run the job here.
+        if let Err(std::sync::mpsc::SendError(job)) = lane.send(job) {
+            lanes.remove(&key);
+            run_command_job(job, c, store, tx, unsent);
+        }
+    }
+}
+
+fn run_command_job(
+    job: CmdJob,
+    c: &Commands,
+    store: &Store,
+    tx: &mpsc::Sender<Vec<Outcome>>,
+    unsent: &std::sync::Mutex<Vec<Outcome>>,
+) {
+    let out = match job {
+        CmdJob::Message(name, payload) => vec![commands::handle(
+            &c.router,
+            store,
+            &payload,
+            &name,
+            Utc::now(),
+            &c.cfg,
+        )],
+        CmdJob::Wake(device) => commands::handle_wake(&c.router, store, &device, Utc::now()),
+    };
+    record_effects(store, &out);
+    if !out.is_empty()
+        && let Err(e) = tx.blocking_send(out)
+    {
+        // The session ended meanwhile: the next one publishes these.
+        keep_unsent(unsent, e.0);
+    }
+}
+
 fn keep_unsent(unsent: &std::sync::Mutex<Vec<Outcome>>, outcomes: Vec<Outcome>) {
     unsent
         .lock()
@@ -76,7 +173,7 @@ fn keep_unsent(unsent: &std::sync::Mutex<Vec<Outcome>>, outcomes: Vec<Outcome>) 
         .extend(outcomes);
 }
 
-/// Work for the command thread, in arrival order.
+/// Work for the command lanes, in arrival order.
 enum CmdJob {
     /// A message from `cmd/<name>`.
     Message(String, Vec<u8>),
@@ -332,36 +429,18 @@ impl CloudLink {
             });
         }
         let (cmd_tx, mut cmd_rx) = mpsc::channel::<Vec<Outcome>>(64);
-        // Commands are handled one after the other on one blocking thread: a second delivery of
-        // a command then finds the first one's result (and the devices see commands in order).
+        // Commands run in lanes, one per target (unit, entry, device), each a thread taking its
+        // jobs one after the other in arrival order: a second delivery of a command follows the
+        // first in its lane and finds its result, and a device sees its commands in order, while
+        // a slow device (a padlock out of range) holds up only its own lane.
         let (cmd_job_tx, cmd_job_rx) = std::sync::mpsc::channel::<CmdJob>();
         if let Some(c) = &self.commands {
             let (c, store, tx) = (c.clone(), self.store.clone(), cmd_tx.clone());
             let unsent = self.unsent.clone();
-            tokio::task::spawn_blocking(move || {
-                for job in cmd_job_rx {
-                    let out = match job {
-                        CmdJob::Message(name, payload) => vec![commands::handle(
-                            &c.router,
-                            &store,
-                            &payload,
-                            &name,
-                            Utc::now(),
-                            &c.cfg,
-                        )],
-                        CmdJob::Wake(device) => {
-                            commands::handle_wake(&c.router, &store, &device, Utc::now())
-                        }
-                    };
-                    record_effects(&store, &out);
-                    if !out.is_empty()
-                        && let Err(e) = tx.blocking_send(out)
-                    {
-                        // The session ended meanwhile: the next one publishes these.
-                        keep_unsent(&unsent, e.0);
-                    }
-                }
-            });
+            std::thread::Builder::new()
+                .name("cmd-dispatch".into())
+                .spawn(move || dispatch_commands(cmd_job_rx, &c, &store, &tx, &unsent))
+                .context("starting the command thread")?;
         }
         // The BLE bridge's channels and the device states belong to this session while it lasts.
         let mut ble_requests = match &self.ble {
