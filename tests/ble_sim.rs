@@ -704,3 +704,35 @@ fn a_controller_never_heard_since_start_is_reported_offline() {
     assert_eq!(offline, vec!["lock-b201"]);
     assert_eq!(r.manager.online("lock-b201"), Online::No);
 }
+
+#[test]
+fn locate_writes_the_clouds_chirp_packets() {
+    let r = rig();
+    let chirp = packet(0xC1);
+    r.radio.with_lock(LOCK_A101, |l| l.accepted = vec![chirp]);
+    r.serve_cloud(move |req| {
+        assert_eq!(req.action, "locate");
+        UnlockResponse {
+            request_id: req.request_id.clone(),
+            commands: Some(noke::format_command_packets(&[chirp])),
+            error: None,
+        }
+    });
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = r.command(
+        "loc-1",
+        "locate",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    assert!(
+        res.detail
+            .as_deref()
+            .unwrap()
+            .starts_with("located (online"),
+        "{res:?}"
+    );
+    let written = r.radio.with_lock(LOCK_A101, |l| l.written.clone()).unwrap();
+    assert_eq!(written, vec![chirp]);
+}
