@@ -215,8 +215,8 @@ pub struct RawDemo {
     /// Access attempts the daemon makes once at start, to show decisions without hardware.
     #[serde(default)]
     pub attempts: Vec<Spanned<DemoAttempt>>,
-    /// Answer cloud commands with simulated padlocks, controllers and relays (the devices the
-    /// site names), until real drivers exist.
+    /// Simulated devices: `sim:` bus ports, `[ble] adapter = "sim"`, and cloud commands for
+    /// padlocks, controllers and relays that nothing else drives.
     #[serde(default)]
     pub simulate_devices: bool,
 }
@@ -493,15 +493,18 @@ impl Config {
     }
 }
 
-type ErrFn<'a> = dyn Fn(Range<usize>, &str, String) -> ConfigError + 'a;
+pub(crate) type ErrFn<'a> = dyn Fn(Range<usize>, &str, String) -> ConfigError + 'a;
 
-fn check_cloud(
-    c: &RawCloud,
-    site: &RawSite,
-    resolve: &dyn Fn(&str) -> PathBuf,
+/// An optional number: `default` when absent, an error naming its line when outside `lo..=hi`.
+pub(crate) fn in_range(
     err: &ErrFn,
-) -> Result<CloudConfig, ConfigError> {
-    let in_range = |v: &Option<Spanned<u64>>, key: &str, default: u64, lo: u64, hi: u64| match v {
+    v: &Option<Spanned<u64>>,
+    key: &str,
+    default: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<u64, ConfigError> {
+    match v {
         None => Ok(default),
         Some(x) if (lo..=hi).contains(x.get_ref()) => Ok(*x.get_ref()),
         Some(x) => Err(err(
@@ -509,6 +512,17 @@ fn check_cloud(
             key,
             format!("{} is out of range (expected {lo} to {hi})", x.get_ref()),
         )),
+    }
+}
+
+fn check_cloud(
+    c: &RawCloud,
+    site: &RawSite,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    err: &ErrFn,
+) -> Result<CloudConfig, ConfigError> {
+    let in_range = |v: &Option<Spanned<u64>>, key: &str, default: u64, lo: u64, hi: u64| {
+        in_range(err, v, key, default, lo, hi)
     };
     if c.host.get_ref().trim().is_empty() {
         return Err(err(

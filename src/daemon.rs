@@ -201,6 +201,19 @@ struct BleRunning {
     join: Box<dyn FnOnce() + Send>,
 }
 
+impl BleRunning {
+    fn start<R: crate::ble::transport::Radio>(
+        m: Arc<crate::ble::Manager<R>>,
+        shutdown: &CancellationToken,
+    ) -> BleRunning {
+        let ble = crate::ble::Ble::start(m.clone(), shutdown.child_token());
+        BleRunning {
+            control: m,
+            join: Box::new(move || ble.join()),
+        }
+    }
+}
+
 /// Starts the BLE module when `[ble]` is configured: BlueZ's adapter, or the demo's simulated
 /// devices.
 async fn start_ble(
@@ -211,22 +224,18 @@ async fn start_ble(
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Option<BleRunning> {
-    use crate::ble::{Ble, Manager, config::Adapter};
+    use crate::ble::{Manager, config::Adapter};
     let ble_cfg = cfg.ble.clone()?;
     match ble_cfg.adapter.clone() {
         Adapter::Simulated => {
             let radio = crate::ble::sim::demo_radio(&engine.store().site().tables);
             let m = Manager::new(radio, ble_cfg, engine.clone(), states.clone(), rpc.clone());
-            let ble = Ble::start(m.clone(), shutdown.child_token());
             tracker.spawn(crate::ble::sim::demo_script(
                 m.clone(),
                 shutdown.child_token(),
             ));
             tracing::info!("BLE: simulated padlocks, sensors and fobs (demo)");
-            Some(BleRunning {
-                control: m,
-                join: Box::new(move || ble.join()),
-            })
+            Some(BleRunning::start(m, shutdown))
         }
         adapter => {
             let name = match &adapter {
@@ -238,11 +247,7 @@ async fn start_ble(
                     tracing::info!(adapter = radio.adapter_name(), "BLE adapter open");
                     let m =
                         Manager::new(radio, ble_cfg, engine.clone(), states.clone(), rpc.clone());
-                    let ble = Ble::start(m.clone(), shutdown.child_token());
-                    Some(BleRunning {
-                        control: m,
-                        join: Box::new(move || ble.join()),
-                    })
+                    Some(BleRunning::start(m, shutdown))
                 }
                 Err(e) => {
                     tracing::error!(

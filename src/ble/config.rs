@@ -1,6 +1,5 @@
 //! The `[ble]` section: the BLE adapter and how the gateway uses it.
 
-use std::ops::Range;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -65,18 +64,12 @@ impl Default for BleConfig {
     }
 }
 
-type ErrFn<'a> = dyn Fn(Range<usize>, &str, String) -> ConfigError + 'a;
+use crate::config::ErrFn;
 
 pub fn check(raw: &RawBle, err: &ErrFn, simulate_devices: bool) -> Result<BleConfig, ConfigError> {
     let mut c = BleConfig::default();
-    let range = |v: &Option<Spanned<u64>>, key: &str, default: u64, lo: u64, hi: u64| match v {
-        None => Ok(default),
-        Some(x) if (lo..=hi).contains(x.get_ref()) => Ok(*x.get_ref()),
-        Some(x) => Err(err(
-            x.span(),
-            key,
-            format!("{} is out of range (expected {lo} to {hi})", x.get_ref()),
-        )),
+    let range = |v: &Option<Spanned<u64>>, key: &str, default: u64, lo: u64, hi: u64| {
+        crate::config::in_range(err, v, key, default, lo, hi)
     };
     if let Some(a) = &raw.adapter {
         let name = a.get_ref().trim();

@@ -73,12 +73,14 @@ struct Live {
     motion: Option<bool>,
     door_open: Option<bool>,
     last_wake: Option<Instant>,
+    /// Advertised hardware code and firmware, as last put in the device's state.
+    identity: Option<(String, Option<(u8, u8)>)>,
 }
 
 /// The site's BLE devices by MAC, rebuilt when the site database changes.
 struct Index {
     tables: Option<Arc<Tables>>,
-    by_mac: HashMap<String, Device>,
+    by_mac: HashMap<String, Arc<Device>>,
 }
 
 /// Counters, for logs and the benchmark.
@@ -214,14 +216,14 @@ impl<R: Radio> Manager<R> {
     }
 
     /// The site device with this MAC (upper case), from an index rebuilt when the site changes.
-    fn device_by_mac(&self, mac: &str) -> Option<Device> {
+    fn device_by_mac(&self, mac: &str) -> Option<Arc<Device>> {
         let tables = self.store.site().tables.clone();
         let mut idx = lock(&self.index);
         if !idx.tables.as_ref().is_some_and(|t| Arc::ptr_eq(t, &tables)) {
             idx.by_mac = tables
                 .devices
                 .values()
-                .map(|d| (d.mac.to_ascii_uppercase(), d.clone()))
+                .map(|d| (d.mac.to_ascii_uppercase(), Arc::new(d.clone())))
                 .collect();
             idx.tables = Some(tables);
         }
@@ -263,12 +265,8 @@ impl<R: Radio> Manager<R> {
             let was = l.online.replace(true);
             (was, woke, publish_seen)
         };
-        if was_online != Some(true) {
-            self.record(
-                EventKind::DeviceOnline,
-                json!({"device": dev.id, "mac": mac, "kind": dev.kind, "rssi": seen.rssi}),
-            );
-        }
+        // The state first, then the event (as for offline): whoever sees the event finds the
+        // state already saying so.
         if publish_seen || was_online != Some(true) {
             self.states.set(
                 &dev.id,
@@ -278,6 +276,12 @@ impl<R: Radio> Manager<R> {
                     ("last_seen", json!(wall)),
                     ("rssi", json!(seen.rssi)),
                 ],
+            );
+        }
+        if was_online != Some(true) {
+            self.record(
+                EventKind::DeviceOnline,
+                json!({"device": dev.id, "mac": mac, "kind": dev.kind, "rssi": seen.rssi}),
             );
         }
         match dev.kind {
@@ -315,20 +319,33 @@ impl<R: Radio> Manager<R> {
             lock(&self.counters).malformed += 1;
             return;
         };
-        let firmware = a.firmware.map(|(major, minor)| format!("{major}.{minor}"));
-        self.states.set(
-            &dev.id,
-            &[
-                ("hardware", json!(a.hardware_code)),
-                ("firmware", json!(firmware)),
-            ],
-        );
-        let Some(locked) = a.locked else { return };
-        let changed = {
+        let (new_identity, changed) = {
             let mut live = lock(&self.live);
             let l = live.entry(dev.id.clone()).or_default();
-            l.locked.replace(locked) != Some(locked)
+            let new_identity = l
+                .identity
+                .as_ref()
+                .is_none_or(|(hw, fw)| *hw != a.hardware_code || *fw != a.firmware);
+            if new_identity {
+                l.identity = Some((a.hardware_code.clone(), a.firmware));
+            }
+            let changed = a.locked.is_some() && l.locked != a.locked;
+            if changed {
+                l.locked = a.locked;
+            }
+            (new_identity, changed)
         };
+        if new_identity {
+            let firmware = a.firmware.map(|(major, minor)| format!("{major}.{minor}"));
+            self.states.set(
+                &dev.id,
+                &[
+                    ("hardware", json!(a.hardware_code)),
+                    ("firmware", json!(firmware)),
+                ],
+            );
+        }
+        let Some(locked) = a.locked else { return };
         if changed {
             self.states.set(&dev.id, &[("locked", json!(locked))]);
             self.record(
