@@ -161,6 +161,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     if let Err(e) = store.events().trim(now, &local) {
                         tracing::warn!("trimming the event log: {e:#}");
                     }
+                    if let Err(e) = store.lived().persist() {
+                        tracing::warn!("saving the lived time: {e:#}");
+                    }
                 })
                 .await;
             }

@@ -25,27 +25,29 @@
 //! few microseconds; a writer checks and persists without it, then takes the write lock only to
 //! swap (snapshot) or commit (delta). Readers therefore see the old site or the new, never a mix.
 //!
-//! # Event log (tree `events`)
-//!
-//! `<seq:u64be>` → JSON [`Event`]. Sequence numbers increase by one per event and are never
-//! reused (the next number is recovered from the last key at open). [`EventLog::append`] flushes
-//! before it returns: an event is on disk before its effect is reported. The log is bounded by
-//! a count; the oldest events go first.
+//! The event log (the cloud outbox) is in [`events`], the command log in [`commands`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use chrono::{DateTime, Utc};
+
 use serde::{Deserialize, Serialize};
 
-use crate::events::EventKind;
 use crate::site::{
     CodeKey, Counts, CredTable, LoadedGroup, PreparedDelta, Site, SiteError, StoredGroup,
     stored_chunks,
 };
 use crate::sync::{self, SyncMessage};
+
+mod commands;
+mod events;
+mod lived;
+
+pub use commands::{CommandLog, SeenCommand};
+pub use events::{Event, EventLog, LogLimits, NewEvent};
+pub use lived::LivedClock;
 
 /// Credentials per stored chunk.
 const CHUNK: usize = 16_384;
@@ -61,7 +63,7 @@ const FORMAT: u32 = 1;
 /// `tests/crash.rs` stop an import exactly inside the windows that matter (a new generation
 /// fully on disk but not current; current but the old one not yet removed) rather than hoping
 /// a timed SIGKILL lands there. Unset, it costs one environment lookup per generation written.
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     if std::env::var_os("GATEHOUSE_CRASH_AT").is_some_and(|v| v == name) {
         eprintln!("GATEHOUSE_CRASH_AT={name}: aborting");
         std::process::abort();
@@ -118,6 +120,7 @@ pub struct Store {
     /// Gateway state: database epoch, session counter (tree `state`).
     state: sled::Tree,
     commands: CommandLog,
+    lived: LivedClock,
 }
 
 fn gen_prefix(g: u64) -> Vec<u8> {
@@ -263,9 +266,7 @@ impl Store {
             state.insert("epoch", hex::encode(e).as_bytes())?;
             state.flush()?;
         }
-        let commands = CommandLog {
-            tree: db.open_tree("commands")?,
-        };
+        let commands = CommandLog::open(db.open_tree("commands")?);
         let meta: Option<Meta> = match tree.get("meta")? {
             Some(b) => Some(serde_json::from_slice(&b).context("database meta record is corrupt")?),
             None => None,
@@ -323,6 +324,7 @@ impl Store {
             key,
             events,
             recovered_keys: n_garbage,
+            lived: LivedClock::open(state.clone())?,
             state,
             commands,
         };
@@ -439,6 +441,11 @@ impl Store {
 
     pub fn events(&self) -> &EventLog {
         &self.events
+    }
+
+    /// Time this database has lived through (monotonic, across restarts): see [`LivedClock`].
+    pub fn lived(&self) -> &LivedClock {
+        &self.lived
     }
 
     pub fn commands(&self) -> &CommandLog {
@@ -676,412 +683,8 @@ impl Store {
 
     /// Flushes everything to disk. Called at shutdown.
     pub fn flush(&self) -> anyhow::Result<()> {
+        self.lived.persist()?;
         self.db.flush()?;
         Ok(())
-    }
-}
-
-/// One entry of the durable event log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub seq: u64,
-    /// When it happened, UTC.
-    pub at: DateTime<Utc>,
-    /// The same instant in the facility's local time, with its offset (RFC 3339).
-    pub local: String,
-    pub kind: String,
-    pub payload: serde_json::Value,
-}
-
-/// An event to append; the log assigns the sequence number.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub at: DateTime<Utc>,
-    pub local: String,
-    pub kind: EventKind,
-    pub payload: serde_json::Value,
-}
-
-/// Bounds of the event log (which is also the cloud outbox).
-#[derive(Debug, Clone, Copy)]
-pub struct LogLimits {
-    pub max_events: u64,
-    pub max_bytes: u64,
-    pub max_age: chrono::Duration,
-}
-
-impl LogLimits {
-    pub fn with_max_events(max_events: u64) -> Self {
-        LogLimits {
-            max_events,
-            ..LogLimits::default()
-        }
-    }
-}
-
-impl Default for LogLimits {
-    fn default() -> Self {
-        LogLimits {
-            max_events: 1_000_000,
-            max_bytes: 256 << 20,
-            max_age: chrono::Duration::days(30),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct LogState {
-    next: u64,
-    count: u64,
-    bytes: u64,
-}
-
-/// The durable, bounded event log. It is also the cloud outbox: an event leaves it only when the
-/// broker has acknowledged it ([`EventLog::remove_delivered`]) or when the log is over its bounds,
-/// and then the oldest events that are not security events go first
-/// ([`crate::events::is_security_kind`]); an `outbox_overflow` event counts what was dropped.
-pub struct EventLog {
-    tree: sled::Tree,
-    state: Mutex<LogState>,
-    limits: LogLimits,
-    appended: Arc<tokio::sync::Notify>,
-}
-
-/// Key of the next sequence number to assign: the empty key sorts before every 8-byte event key,
-/// so reads from a cursor never see it.
-const HIGH_WATER: &[u8] = b"";
-
-fn seq_of(k: &[u8]) -> anyhow::Result<u64> {
-    Ok(u64::from_be_bytes(
-        k.try_into().context("event log key is not 8 bytes")?,
-    ))
-}
-
-impl EventLog {
-    fn open(tree: sled::Tree, limits: LogLimits) -> anyhow::Result<EventLog> {
-        let next = match tree.range(0u64.to_be_bytes()..).next_back() {
-            Some(kv) => seq_of(&kv?.0)? + 1,
-            None => 1,
-        };
-        // Sequence numbers are never reused, even when the log was emptied by deliveries.
-        let floor = tree
-            .get(HIGH_WATER)?
-            .map(|v| seq_of(&v))
-            .transpose()?
-            .unwrap_or(1);
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for kv in tree.range(0u64.to_be_bytes()..) {
-            let (_, v) = kv?;
-            count += 1;
-            bytes += v.len() as u64;
-        }
-        Ok(EventLog {
-            tree,
-            state: Mutex::new(LogState {
-                next: next.max(floor),
-                count,
-                bytes,
-            }),
-            limits: LogLimits {
-                max_events: limits.max_events.max(1),
-                ..limits
-            },
-            appended: Arc::new(tokio::sync::Notify::new()),
-        })
-    }
-
-    /// Appends events and flushes them to disk before returning their sequence numbers.
-    pub fn append(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
-        let seqs = self.append_unflushed(events)?;
-        self.tree.flush()?;
-        Ok(seqs)
-    }
-
-    /// Appends without waiting for the disk (the background flush, at most 500 ms later, makes
-    /// them durable). For events whose loss in a power cut is acceptable.
-    pub fn append_unflushed(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut batch = sled::Batch::default();
-        let mut seqs = Vec::with_capacity(events.len());
-        let (mut next, mut added) = (st.next, 0u64);
-        for e in events {
-            let ev = Event {
-                seq: next,
-                at: e.at,
-                local: e.local.clone(),
-                kind: e.kind.as_str().to_string(),
-                payload: e.payload.clone(),
-            };
-            let v = serde_json::to_vec(&ev)?;
-            added += v.len() as u64;
-            batch.insert(&next.to_be_bytes(), v);
-            seqs.push(next);
-            next += 1;
-        }
-        // The high-water mark of sequence numbers, in the same batch.
-        batch.insert(HIGH_WATER, &next.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        st.next = next;
-        st.count += events.len() as u64;
-        st.bytes += added;
-        self.appended.notify_one();
-        if st.count > self.limits.max_events || st.bytes > self.limits.max_bytes {
-            let at = events.last().map_or_else(Utc::now, |e| e.at);
-            let local = events.last().map(|e| e.local.clone()).unwrap_or_default();
-            self.trim_locked(&mut st, at, &local)?;
-        }
-        Ok(seqs)
-    }
-
-    /// Enforces the bounds now (also the maximum age). The cloud link calls it periodically.
-    pub fn trim(&self, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.trim_locked(&mut st, now, local)
-    }
-
-    /// Drops the oldest non-security events until the log is within 95 % of its bounds (so that
-    /// trimming is not repeated at every append) and nothing is older than the maximum age.
-    /// Security events are kept even beyond the bounds. Records one `outbox_overflow` event.
-    fn trim_locked(
-        &self,
-        st: &mut LogState,
-        now: DateTime<Utc>,
-        local: &str,
-    ) -> anyhow::Result<u64> {
-        let target_events = self.limits.max_events - self.limits.max_events / 20;
-        let target_bytes = self.limits.max_bytes - self.limits.max_bytes / 20;
-        let cutoff = now.checked_sub_signed(self.limits.max_age);
-        let over_bounds = st.count > self.limits.max_events || st.bytes > self.limits.max_bytes;
-        let (mut count, mut bytes) = (st.count, st.bytes);
-        let mut batch = sled::Batch::default();
-        let (mut dropped, mut first, mut last) = (0u64, None, 0u64);
-        for kv in self.tree.range(0u64.to_be_bytes()..) {
-            let (k, v) = kv?;
-            let shrinking = over_bounds && (count > target_events || bytes > target_bytes);
-            let ev: Option<Event> = serde_json::from_slice(&v).ok();
-            let too_old = match (&ev, cutoff) {
-                (Some(e), Some(c)) => e.at < c,
-                _ => false,
-            };
-            // Events are in time order: once one is neither needed for space nor too old,
-            // none after it is.
-            if !shrinking && !too_old {
-                break;
-            }
-            // A corrupt record is dropped like an ordinary one (and counted).
-            if ev
-                .as_ref()
-                .is_some_and(|e| crate::events::is_security_kind(&e.kind))
-            {
-                continue;
-            }
-            let seq = seq_of(&k)?;
-            batch.remove(k);
-            count = count.saturating_sub(1);
-            bytes = bytes.saturating_sub(v.len() as u64);
-            dropped += 1;
-            first.get_or_insert(seq);
-            last = seq;
-        }
-        if dropped == 0 {
-            return Ok(0);
-        }
-        let overflow = Event {
-            seq: st.next,
-            at: now,
-            local: local.to_string(),
-            kind: crate::events::EventKind::OutboxOverflow
-                .as_str()
-                .to_string(),
-            payload: serde_json::json!({
-                "dropped": dropped,
-                "first_seq": first,
-                "last_seq": last,
-                "max_events": self.limits.max_events,
-                "max_bytes": self.limits.max_bytes,
-                "max_age_seconds": self.limits.max_age.num_seconds(),
-            }),
-        };
-        let v = serde_json::to_vec(&overflow)?;
-        count += 1;
-        bytes += v.len() as u64;
-        batch.insert(&st.next.to_be_bytes(), v);
-        batch.insert(HIGH_WATER, &(st.next + 1).to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        st.next += 1;
-        st.count = count;
-        st.bytes = bytes;
-        tracing::warn!(dropped, first_seq = ?first, last_seq = last, "event log over its bounds: dropped the oldest non-security events");
-        Ok(dropped)
-    }
-
-    /// Removes events the broker has acknowledged. Not flushed: an acknowledgement lost in a
-    /// crash only means the event is sent again (the cloud drops duplicates by id).
-    pub fn remove_delivered(&self, seqs: &[u64]) -> anyhow::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for s in seqs {
-            if let Some(v) = self.tree.remove(s.to_be_bytes())? {
-                st.count = st.count.saturating_sub(1);
-                st.bytes = st.bytes.saturating_sub(v.len() as u64);
-            }
-        }
-        Ok(())
-    }
-
-    /// Woken after every append (the cloud link waits on it).
-    pub fn appended(&self) -> Arc<tokio::sync::Notify> {
-        self.appended.clone()
-    }
-
-    /// Bytes of event records held.
-    pub fn bytes(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).bytes
-    }
-
-    /// Flushes the log to disk.
-    pub fn flush(&self) -> anyhow::Result<()> {
-        self.tree.flush()?;
-        Ok(())
-    }
-
-    /// Up to `limit` stored records with `seq >= cursor`, in order, as their JSON bytes (an
-    /// [`Event`] object). The cloud link sends them without parsing them.
-    pub fn read_raw_from(
-        &self,
-        cursor: u64,
-        limit: usize,
-    ) -> anyhow::Result<Vec<(u64, sled::IVec)>> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
-            let (k, v) = kv?;
-            out.push((seq_of(&k)?, v));
-        }
-        Ok(out)
-    }
-
-    /// The next sequence number to be assigned.
-    pub fn next_seq(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).next
-    }
-
-    /// Up to `limit` events with `seq >= cursor`, in order.
-    pub fn read_from(&self, cursor: u64, limit: usize) -> anyhow::Result<Vec<Event>> {
-        let mut out = Vec::new();
-        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
-            let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v).context("event record is corrupt")?);
-        }
-        Ok(out)
-    }
-
-    pub fn len(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// (first, last) sequence numbers held.
-    pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
-        let mut events = self.tree.range(0u64.to_be_bytes()..);
-        let first = events
-            .next()
-            .and_then(|kv| kv.ok())
-            .and_then(|(k, _)| seq_of(&k).ok());
-        let last = events
-            .next_back()
-            .and_then(|kv| kv.ok())
-            .and_then(|(k, _)| seq_of(&k).ok());
-        (first, last.or(first))
-    }
-}
-
-/// Commands seen, by id, kept until they expire: a replayed or twice-delivered command is
-/// recognised and not executed again. Tree `commands`: id -> JSON [`SeenCommand`].
-pub struct CommandLog {
-    tree: sled::Tree,
-}
-
-/// What is remembered of a command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SeenCommand {
-    pub expires_at: DateTime<Utc>,
-    /// The result last reported for it (JSON), if any.
-    pub result: Option<serde_json::Value>,
-}
-
-impl CommandLog {
-    /// Records a command id durably. Returns the earlier record if the id was already known
-    /// (nothing is changed then): the caller must not execute it again.
-    pub fn claim(
-        &self,
-        id: &str,
-        expires_at: DateTime<Utc>,
-    ) -> anyhow::Result<Option<SeenCommand>> {
-        let new = serde_json::to_vec(&SeenCommand {
-            expires_at,
-            result: None,
-        })?;
-        match self
-            .tree
-            .compare_and_swap(id, None as Option<&[u8]>, Some(new))?
-        {
-            Ok(()) => {
-                self.tree.flush()?;
-                Ok(None)
-            }
-            Err(e) => {
-                let cur = e
-                    .current
-                    .context("compare_and_swap reported a missing value")?;
-                Ok(Some(
-                    serde_json::from_slice(&cur).context("command record is corrupt")?,
-                ))
-            }
-        }
-    }
-
-    /// Stores the result reported for a command (so that a duplicate can be answered with it).
-    pub fn set_result(&self, id: &str, result: serde_json::Value) -> anyhow::Result<()> {
-        if let Some(cur) = self.tree.get(id)? {
-            let mut seen: SeenCommand = serde_json::from_slice(&cur)?;
-            seen.result = Some(result);
-            self.tree.insert(id, serde_json::to_vec(&seen)?)?;
-            self.tree.flush()?;
-        }
-        Ok(())
-    }
-
-    pub fn get(&self, id: &str) -> anyhow::Result<Option<SeenCommand>> {
-        Ok(match self.tree.get(id)? {
-            Some(v) => Some(serde_json::from_slice(&v)?),
-            None => None,
-        })
-    }
-
-    /// Forgets commands that expired before `now` (they are refused as expired anyway).
-    pub fn prune(&self, now: DateTime<Utc>) -> anyhow::Result<usize> {
-        let mut b = sled::Batch::default();
-        let mut n = 0;
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            let expired =
-                serde_json::from_slice::<SeenCommand>(&v).map_or(true, |s| s.expires_at < now);
-            if expired {
-                b.remove(k);
-                n += 1;
-            }
-        }
-        self.tree.apply_batch(b)?;
-        Ok(n)
-    }
-
-    pub fn len(&self) -> usize {
-        self.tree.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
     }
 }
