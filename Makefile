@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # `FUZZ_CASES=200000 cargo test --release --test fuzz_rs485 --test fuzz_ble`.
 FUZZ_CASES ?= 20000
 
-.PHONY: run test deps venv fmt-check clippy cargo-test schema-check bench-access clean
+.PHONY: run test faults deps venv fmt-check clippy cargo-test schema-check bench-access bench-outbox clean
 
 run:
 	$(CARGO) build --release --bin gatehouse
@@ -56,6 +56,17 @@ schema-check: venv
 
 test: deps venv fmt-check clippy cargo-test schema-check
 	@echo "make test: all checks passed"
+
+## The fault campaign, long version: every tests/faults_*.rs case (kills at named crash points
+## and at random moments with a slowed disk, disk full, clock steps, poison messages) with
+## GATEHOUSE_FAULT_SCALE times the rounds of `make test`. Each case prints what it checked.
+## Takes tens of minutes.
+FAULT_SCALE ?= 20
+faults: deps venv
+	GATEHOUSE_FAULT_SCALE=$(FAULT_SCALE) $(CARGO) test --release $(patsubst tests/%.rs,--test %,$(wildcard tests/faults_*.rs)) -- --nocapture --test-threads=1
+
+bench-outbox:
+	$(CARGO) run --release --bin gatehouse-bench -- outbox
 
 bench-access:
 	$(CARGO) run --release --bin gatehouse-bench -- access
