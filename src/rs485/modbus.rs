@@ -121,6 +121,38 @@ struct Dev<'a> {
     candidates: Vec<Option<bool>>,
     readings: Vec<Option<(f64, Instant)>>,
     identified: bool,
+    /// Poll slots missed since the device was last polled on time (see [`next_slot`]).
+    late: Late,
+}
+
+/// Missed poll slots of one device: counted, and reported once as a `device_error` when the
+/// device has not been polled on its period for [`LATE_REPORT_AFTER`].
+#[derive(Debug, Default)]
+struct Late {
+    /// Slots skipped in all (for metrics).
+    total: u64,
+    /// Since when every poll has been late, and whether that was reported.
+    since: Option<Instant>,
+    reported: bool,
+}
+
+/// How long a device may miss its period before a `device_error` says so.
+const LATE_REPORT_AFTER: Duration = Duration::from_secs(60);
+
+/// The fixed poll schedule: the slot after `scheduled` (the slot this poll was due at) is
+/// `scheduled + period`; if that is already past at `now`, the missed slots are skipped (not
+/// made up with a burst) and counted. Slots stay on multiples of the period from the first
+/// one, so a device's polls do not drift by the time each poll takes.
+fn next_slot(scheduled: Instant, now: Instant, period: Duration) -> (Instant, u64) {
+    let next = scheduled + period;
+    if next >= now || period.is_zero() {
+        return (next, 0);
+    }
+    let behind = now.duration_since(next).as_nanos();
+    let missed = behind / period.as_nanos() + 1;
+    let missed = u64::try_from(missed).unwrap_or(u64::MAX);
+    let skip = u32::try_from(missed).unwrap_or(u32::MAX);
+    (next + period.saturating_mul(skip), missed)
 }
 
 /// A software-timed pulse to end.
@@ -196,6 +228,7 @@ async fn run_async(
             candidates: vec![None; input_count(d)],
             readings: vec![None; d.profile.readings.len()],
             identified: false,
+            late: Late::default(),
         })
         .collect();
     while !shared.stopping() {
@@ -616,6 +649,12 @@ impl Bus<'_> {
                 .tx(i, move |c| Box::pin(c.read_holding_registers(reg, 1)))
                 .await
             {
+                // A reply with fewer registers than asked is refused like any short reply.
+                Ok(words) if words.is_empty() => {
+                    result = Err(TxError::Protocol(
+                        "identity read answered 0 of 1 registers".into(),
+                    ));
+                }
                 Ok(words) => {
                     self.devs[i].identified = true;
                     tracing::info!(device = %cfg.id, firmware = ?words, "device identified");
@@ -675,12 +714,42 @@ impl Bus<'_> {
         let extra = d
             .failures
             .saturating_sub(cfg.profile.offline_after_failures.saturating_sub(1));
-        let wait = if extra == 0 {
-            interval
+        let now = Instant::now();
+        let mut late_for = None;
+        if extra == 0 {
+            // On its period: the next slot of the fixed schedule.
+            let (next, missed) = next_slot(d.next_poll, now, interval);
+            d.next_poll = next;
+            if missed == 0 {
+                d.late = Late {
+                    total: d.late.total,
+                    ..Late::default()
+                };
+            } else {
+                d.late.total = d.late.total.saturating_add(missed);
+                let since = *d.late.since.get_or_insert(now);
+                if !d.late.reported && now.duration_since(since) >= LATE_REPORT_AFTER {
+                    d.late.reported = true;
+                    late_for = Some(d.late.total);
+                }
+            }
         } else {
-            (interval * 2u32.saturating_pow(extra.min(16))).min(MAX_BACKOFF.max(interval))
-        };
-        d.next_poll = Instant::now() + wait;
+            // Backing off a failing device: from now, doubling.
+            let wait =
+                (interval * 2u32.saturating_pow(extra.min(16))).min(MAX_BACKOFF.max(interval));
+            d.next_poll = now + wait;
+        }
+        if let Some(total) = late_for {
+            self.device_error(
+                i,
+                &format!(
+                    "cannot be polled every {} ms: every poll for the last minute was late \
+                     ({total} poll slots skipped so far); lengthen poll_interval_ms or put fewer \
+                     devices on the bus",
+                    interval.as_millis()
+                ),
+            );
+        }
         match result {
             Err(TxError::Port(p)) => Some(p),
             _ => None,
@@ -784,6 +853,39 @@ impl Bus<'_> {
             if let Err(e) = self.write_coil(off.device, off.channel, false).await {
                 self.device_error(off.device, &format!("ending a pulse at close: {e}"));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_keeps_to_multiples_of_the_period_and_skips_missed_slots() {
+        let t0 = Instant::now();
+        let p = Duration::from_millis(10);
+        // A poll that took 3 ms: the next one is at t0 + 10 ms, not t0 + 13 ms.
+        assert_eq!(next_slot(t0, t0 + Duration::from_millis(3), p), (t0 + p, 0));
+        // Done exactly at the next slot: that slot is due now, nothing missed.
+        assert_eq!(next_slot(t0, t0 + p, p), (t0 + p, 0));
+        // Just past it: that slot is skipped, the one after is next.
+        assert_eq!(
+            next_slot(t0, t0 + p + Duration::from_micros(1), p),
+            (t0 + 2 * p, 1)
+        );
+        // A poll that overran by 25 ms: slots 10 and 20 are skipped, not made up; next is 30.
+        assert_eq!(
+            next_slot(t0, t0 + Duration::from_millis(25), p),
+            (t0 + 3 * p, 2)
+        );
+        // Many periods in a row stay on the grid (no drift).
+        let mut at = t0;
+        for k in 1..=1000u32 {
+            let (next, missed) = next_slot(at, at + Duration::from_millis(7), p);
+            assert_eq!(missed, 0);
+            assert_eq!(next, t0 + p * k);
+            at = next;
         }
     }
 }
