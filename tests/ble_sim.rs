@@ -6,211 +6,22 @@
 
 #[path = "support/peers.rs"]
 mod peers;
+#[path = "ble_sim/rig.rs"]
+mod rig;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ed25519_dalek::SigningKey;
 use serde_json::{Value, json};
 
-use gatehouse::access::AccessEngine;
+use gatehouse::ble::bthome;
 use gatehouse::ble::config::BleConfig;
 use gatehouse::ble::noke;
-use gatehouse::ble::rpc::{CloudRpc, UnlockRequest, UnlockResponse};
-use gatehouse::ble::sim::{SimLock, SimRadio};
-use gatehouse::ble::{Ble, Manager, bthome};
-use gatehouse::cloud::commands::{
-    CommandConfig, Execution, Online, RelayOp, Relays, Router, UnitAction, handle, handle_expire,
-    handle_wake, sign,
-};
-use gatehouse::cloud::messages::{Command, CommandResult};
-use gatehouse::devstate::DeviceStates;
-use gatehouse::store::Store;
-use peers::{demo_store, logged, wait_event};
-
-const WAIT: Duration = Duration::from_secs(10);
-// The demo site's BLE devices (config/demo-snapshot.json).
-const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
-const LOCK_A102: &str = "D0:1F:A6:44:B3:02";
-const KEY_A101: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
-const KEY_A102: [u8; 16] = [15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0];
-const CONTROLLER_B201: &str = "D0:1F:A6:44:B3:11";
-const SENSOR_PLAIN: &str = "3C:2E:F5:00:00:A1";
-const SENSOR_ENCRYPTED: &str = "3C:2E:F5:00:00:B2";
-const SENSOR_KEY: &str = "231D39C1D7CC1AB1AEE224CD096DB932";
-const FOB_EVE: &str = "C0:FF:EE:00:00:E1";
-
-/// Relay operations the fob grants asked for.
-#[derive(Default)]
-struct RecordingRelays(Mutex<Vec<(String, u16, RelayOp)>>);
-
-impl Relays for RecordingRelays {
-    fn online(&self, _device: &str) -> Online {
-        Online::Yes
-    }
-    fn execute(&self, device: &str, channel: u16, op: RelayOp) -> Execution {
-        self.0.lock().unwrap().push((device.into(), channel, op));
-        Execution::Done("pulsed".into())
-    }
-}
-
-struct Rig {
-    _dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-    store: Arc<Store>,
-    radio: SimRadio,
-    manager: Arc<Manager<SimRadio>>,
-    rpc: Arc<CloudRpc>,
-    states: Arc<DeviceStates>,
-    relays: Arc<RecordingRelays>,
-    router: Router,
-    signer: SigningKey,
-    wakes: tokio::sync::mpsc::Receiver<String>,
-    stop: tokio_util::sync::CancellationToken,
-}
-
-fn rig_with(cfg: BleConfig, edit: impl FnOnce(&mut Value)) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let store = demo_store(dir.path());
-    let mut doc = serde_json::to_value(store.export()).unwrap();
-    let before = doc.clone();
-    edit(&mut doc);
-    if doc != before {
-        doc["version"] = json!(doc["version"].as_u64().unwrap() + 1);
-        let file = dir.path().join("edited.json");
-        std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
-        gatehouse::cli::import_file(&store, &file).unwrap();
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let radio = SimRadio::new();
-    radio.add_lock(LOCK_A101, SimLock::new("NOKE3P_D01FA644B301", KEY_A101));
-    let mut sleeper = SimLock::new("NOKE1A_D01FA644B302", KEY_A102);
-    sleeper.asleep = true;
-    radio.add_lock(LOCK_A102, sleeper);
-    radio.add_lock(
-        CONTROLLER_B201,
-        SimLock::new("NOKE3E_D01FA644B311", [0x10; 16]),
-    );
-    let rpc = Arc::new(CloudRpc::new());
-    let states = Arc::new(DeviceStates::new());
-    let engine = Arc::new(AccessEngine::new(store.clone(), None));
-    let relays = Arc::new(RecordingRelays::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (wake_tx, wakes) = tokio::sync::mpsc::channel(gatehouse::ble::WAKE_QUEUE);
-    let manager = rt.block_on(async {
-        let m = Manager::new(radio.clone(), cfg, engine, states.clone(), rpc.clone());
-        m.set_relays(relays.clone());
-        m.set_wakes(wake_tx);
-        let _ble = Ble::start(m.clone(), stop.clone());
-        m
-    });
-    let router = Router::new(manager.clone(), relays.clone());
-    peers::eventually("the scanner listens", WAIT, || {
-        radio.scanning().then_some(())
-    });
-    Rig {
-        _dir: dir,
-        rt,
-        store,
-        radio,
-        manager,
-        rpc,
-        states,
-        relays,
-        router,
-        signer: SigningKey::from_bytes(&[9; 32]),
-        wakes,
-        stop,
-    }
-}
-
-fn rig() -> Rig {
-    rig_with(fast(), |_| {})
-}
-
-/// Short cloud wait, so the offline fallback is quick.
-fn fast() -> BleConfig {
-    BleConfig {
-        online_unlock_timeout: Duration::from_millis(300),
-        fob_entries: vec!["gate-1".into()],
-        fob_min_rssi: -70,
-        ..BleConfig::default()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl Rig {
-    /// A signed command through the router, as the cloud link runs it (a blocking thread).
-    fn command(&self, id: &str, name: &str, target: Value, ttl: chrono::Duration) -> CommandResult {
-        let now = Utc::now();
-        let cmd = Command {
-            v: 1,
-            id: id.into(),
-            name: name.into(),
-            issued_at: now,
-            expires_at: now + ttl,
-            target: serde_json::from_value(target).unwrap(),
-            args: Value::Null,
-        };
-        let ccfg = CommandConfig::new(self.signer.verifying_key());
-        handle(
-            &self.router,
-            &self.store,
-            &sign(&cmd, &self.signer),
-            name,
-            now,
-            &ccfg,
-        )
-        .result
-    }
-
-    /// Plays the cloud: answers every unlock request with `answer(request)`.
-    fn serve_cloud(&self, answer: impl Fn(&UnlockRequest) -> UnlockResponse + Send + 'static) {
-        let mut rx = self.rpc.take_requests().unwrap();
-        let rpc = self.rpc.clone();
-        self.rt.spawn(async move {
-            while let Some(bytes) = rx.recv().await {
-                let req: UnlockRequest = serde_json::from_slice(&bytes).unwrap();
-                let resp = serde_json::to_vec(&answer(&req)).unwrap();
-                rpc.on_response(&resp);
-            }
-        });
-    }
-
-    fn advertise_until_awake(&self, mac: &str, device: &str) {
-        let end = Instant::now() + WAIT;
-        while self.manager.online(device) != Online::Yes {
-            assert!(Instant::now() < end, "{device} never seen awake");
-            self.radio.advertise_lock(mac, -60);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn events(&self, kind: &str) -> Vec<Value> {
-        logged(&self.store)
-            .into_iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.payload)
-            .collect()
-    }
-}
-
-fn packet(tag: u8) -> [u8; 20] {
-    let mut p = [tag; 20];
-    p[0] = 0x7E;
-    p[3] = tag;
-    p
-}
+use gatehouse::ble::rpc::UnlockResponse;
+use gatehouse::cloud::commands::{Execution, Online, UnitAction, handle_expire, handle_wake};
+use peers::{logged, wait_event};
+use rig::*;
 
 #[test]
 fn online_unlock_writes_the_clouds_packets_one_by_one_and_uploads_server_packets() {
@@ -735,4 +546,348 @@ fn locate_writes_the_clouds_chirp_packets() {
     );
     let written = r.radio.with_lock(LOCK_A101, |l| l.written.clone()).unwrap();
     assert_eq!(written, vec![chirp]);
+}
+
+// ----------------------------------------------------------------------------------------------
+// When results are reached; refused cloud packets; locks that sleep while the cloud is asked;
+// locks whose clock is off.
+
+/// When the `n`-th request reached the cloud (after its command started: a result stamped at
+/// the start would be earlier).
+fn asked_before(
+    asked: &Mutex<Vec<(gatehouse::ble::rpc::UnlockRequest, chrono::DateTime<Utc>)>>,
+    n: usize,
+) -> chrono::DateTime<Utc> {
+    asked.lock().unwrap()[n].1
+}
+
+#[test]
+fn a_results_at_is_when_it_was_reached_online_offline_and_woken() {
+    let mut r = rig();
+    let p1 = packet(0xB1);
+    r.radio.with_lock(LOCK_A101, |l| l.accepted = vec![p1]);
+    // The first request is answered with packets; later ones never (the cloud is silent).
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let asked = r.serve_cloud_recording(move |req| {
+        first
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            .then(|| UnlockResponse {
+                request_id: req.request_id.clone(),
+                commands: Some(noke::format_command_packets(&[p1])),
+                error: None,
+            })
+    });
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let online = r.command(
+        "at-1",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(online.status, "done", "{online:?}");
+    assert!(
+        online.detail.as_deref().unwrap().contains("online"),
+        "{online:?}"
+    );
+    assert!(
+        online.at >= asked_before(&asked, 0),
+        "{online:?} stamped before the cloud was asked"
+    );
+
+    let offline = r.command(
+        "at-2",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(offline.status, "done", "{offline:?}");
+    assert!(
+        offline.detail.as_deref().unwrap().contains("offline"),
+        "{offline:?}"
+    );
+    assert!(
+        offline.at >= asked_before(&asked, 1),
+        "{offline:?} stamped before the cloud was asked"
+    );
+
+    // Queued for the sleeping padlock, then woken: the final result is stamped when the
+    // padlock took the unlock, after the cloud was asked in that run.
+    let queued = r.command(
+        "at-3",
+        "unlock",
+        json!({"unit": "A-102"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(queued.status, "queued", "{queued:?}");
+    r.radio.with_lock(LOCK_A102, |l| l.asleep = false);
+    r.radio.advertise_lock(LOCK_A102, -58);
+    let woke = r.woken(LOCK_A102, "lock-a102");
+    let out = handle_wake(&r.router, &r.store, &woke, Utc::now());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].result.status, "done", "{:?}", out[0].result);
+    assert!(
+        out[0].result.at >= asked_before(&asked, 2),
+        "{:?}",
+        out[0].result
+    );
+    assert!(out[0].result.at >= queued.at);
+}
+
+#[test]
+fn a_queued_command_that_expires_while_an_earlier_one_runs_is_expired() {
+    let mut r = rig_with(
+        BleConfig {
+            online_unlock_timeout: Duration::from_secs(5),
+            ..fast()
+        },
+        |_| {},
+    );
+    // Two commands wait for the sleeping padlock; the second expires in 3 s.
+    let first = r.command(
+        "ex-1",
+        "unlock",
+        json!({"unit": "A-102"}),
+        chrono::Duration::minutes(1),
+    );
+    let second = r.command(
+        "ex-2",
+        "unlock",
+        json!({"unit": "A-102"}),
+        chrono::Duration::seconds(3),
+    );
+    assert_eq!(
+        (first.status.as_str(), second.status.as_str()),
+        ("queued", "queued")
+    );
+    let expires = second.at + chrono::Duration::seconds(3);
+    // The cloud answers the first one only once the second has expired (with an error: the
+    // offline unlock follows).
+    let _asked = r.serve_cloud_recording(move |req| {
+        while Utc::now() <= expires + chrono::Duration::milliseconds(100) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(UnlockResponse {
+            request_id: req.request_id.clone(),
+            commands: None,
+            error: Some("busy".into()),
+        })
+    });
+    r.radio.with_lock(LOCK_A102, |l| l.asleep = false);
+    r.radio.advertise_lock(LOCK_A102, -58);
+    let woke = r.woken(LOCK_A102, "lock-a102");
+    let out = handle_wake(&r.router, &r.store, &woke, Utc::now());
+    let statuses: Vec<_> = out
+        .iter()
+        .map(|o| (o.result.id.clone().unwrap(), o.result.status.clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("ex-1".to_string(), "done".to_string()),
+            ("ex-2".to_string(), "expired".to_string())
+        ]
+    );
+    assert!(out[1].result.at > expires, "{:?}", out[1].result);
+    assert!(out[1].result.at >= out[0].result.at);
+    assert_eq!(
+        r.radio.unlocks(LOCK_A102),
+        1,
+        "the expired one was not carried out"
+    );
+}
+
+#[test]
+fn a_cloud_list_the_lock_refuses_is_followed_by_the_offline_unlock() {
+    let r = rig();
+    // The lock refuses the cloud's packets (made for another key, say): 0x61 to the first.
+    let (p1, p2) = (packet(0xD1), packet(0xD2));
+    r.serve_cloud(move |req| UnlockResponse {
+        request_id: req.request_id.clone(),
+        commands: Some(noke::format_command_packets(&[p1, p2])),
+        error: None,
+    });
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = r.command(
+        "rf-1",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    let detail = res.detail.as_deref().unwrap();
+    assert!(detail.starts_with("unlocked (offline"), "{res:?}");
+    assert!(
+        detail.contains("the lock refused the cloud's packets (invalid_key to packet 1 of 2)"),
+        "{res:?}"
+    );
+    assert_eq!(r.radio.unlocks(LOCK_A101), 1);
+    let written = r.radio.with_lock(LOCK_A101, |l| l.written.clone()).unwrap();
+    assert_eq!(written.len(), 2, "the refused packet, then the offline one");
+    assert_eq!(written[0], p1);
+    let results: Vec<(String, String)> = r
+        .events("lock_result")
+        .iter()
+        .map(|p| {
+            (
+                p["result"].as_str().unwrap().into(),
+                p["via"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        vec![
+            ("invalid_key".into(), "online".into()),
+            ("success".into(), "offline".into())
+        ]
+    );
+
+    // Both refused (the lock was re-keyed too): failed, saying what each answered.
+    r.radio.with_lock(LOCK_A101, |l| l.offline_key = [0xEE; 16]);
+    let res = r.command(
+        "rf-2",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    let detail = res.detail.as_deref().unwrap();
+    assert!(
+        detail.contains("refused the cloud's packets (invalid_key to packet 1 of 2)"),
+        "{res:?}"
+    );
+    assert!(
+        detail.contains("offline unlock: the lock answered invalid_key"),
+        "{res:?}"
+    );
+
+    // `locate` has no offline form: the lock's refusal is the result.
+    let res = r.command(
+        "rf-3",
+        "locate",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    assert!(
+        res.detail.as_deref().unwrap().contains("invalid_key"),
+        "{res:?}"
+    );
+    let after = r.radio.with_lock(LOCK_A101, |l| l.written.len()).unwrap();
+    assert_eq!(
+        after, 5,
+        "rf-2: cloud packet + offline; rf-3: the cloud packet only"
+    );
+}
+
+#[test]
+fn a_padlock_that_sleeps_while_the_cloud_is_asked_queues_the_command() {
+    let mut r = rig();
+    // Nobody answers: without noticing the lock, the gateway would wait out the cloud.
+    let asked = r.serve_cloud_recording(|_| None);
+    for (id, shutdown) in [("zz-1", true), ("zz-2", false)] {
+        r.advertise_until_awake(LOCK_A101, "lock-a101");
+        let before = r.events("lock_result").len();
+        // It goes to sleep right after the session read: with 0x64, or dropping the link.
+        r.radio
+            .with_lock(LOCK_A101, |l| l.falls_asleep = Some(shutdown));
+        let res = r.command(
+            id,
+            "unlock",
+            json!({"unit": "A-101"}),
+            chrono::Duration::minutes(1),
+        );
+        assert_eq!(res.status, "queued", "{res:?}");
+        assert_eq!(r.manager.online("lock-a101"), Online::Asleep);
+        assert!(
+            r.radio
+                .with_lock(LOCK_A101, |l| l.written.is_empty())
+                .unwrap()
+        );
+        let said: Vec<Value> = r.events("lock_result").split_off(before);
+        if shutdown {
+            assert_eq!(said.len(), 1, "{said:?}");
+            assert_eq!(said[0]["result"], "shutdown");
+            assert_eq!(said[0]["via"], "waiting", "{said:?}");
+        } else {
+            assert!(said.is_empty(), "{said:?}");
+        }
+        // It wakes: the command runs (the cloud is silent: the offline unlock).
+        r.radio.with_lock(LOCK_A101, |l| l.asleep = false);
+        r.radio.advertise_lock(LOCK_A101, -58);
+        let woke = r.woken(LOCK_A101, "lock-a101");
+        let out = handle_wake(&r.router, &r.store, &woke, Utc::now());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result.status, "done", "{:?}", out[0].result);
+        assert_eq!(out[0].result.id.as_deref(), Some(id));
+        r.radio.with_lock(LOCK_A101, |l| l.written.clear());
+    }
+    assert_eq!(r.radio.unlocks(LOCK_A101), 2);
+    assert_eq!(
+        asked.lock().unwrap().len(),
+        4,
+        "asked before each sleep and after each wake"
+    );
+}
+
+#[test]
+fn an_offline_unlock_refused_for_the_locks_clock_says_so() {
+    let r = rig();
+    let _requests = r.rpc.take_requests().unwrap();
+    r.advertise_until_awake(LOCK_A101, "lock-a101");
+    // The site database's key opens the lock.
+    let res = r.command(
+        "ck-1",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "done", "{res:?}");
+    // Its battery is changed: its clock restarts two hours behind.
+    r.radio.with_lock(LOCK_A101, |l| l.clock_offset_s = -7200);
+    let res = r.command(
+        "ck-2",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    assert!(res.detail.as_deref().unwrap().contains("clock"), "{res:?}");
+    let refused = r.events("lock_result").last().unwrap().clone();
+    assert_eq!(refused["result"], "invalid_key");
+    assert_eq!(refused["via"], "offline");
+    assert_eq!(refused["clock_suspect"], true, "{refused}");
+    assert_eq!(refused["key"], "site_database");
+    assert_eq!(refused["lock_time"], "unknown");
+    assert!(refused["packet_time"].is_string(), "{refused}");
+    assert!(
+        refused["key_worked_at"].is_string(),
+        "the same key opened it before: {refused}"
+    );
+    // A lock re-keyed behind the site database's back: the key never worked on it, so nothing
+    // tells the key from the clock.
+    let other = rig();
+    let _requests = other.rpc.take_requests().unwrap();
+    other
+        .radio
+        .with_lock(LOCK_A101, |l| l.offline_key = [0xEE; 16]);
+    other.advertise_until_awake(LOCK_A101, "lock-a101");
+    let res = other.command(
+        "ck-3",
+        "unlock",
+        json!({"unit": "A-101"}),
+        chrono::Duration::minutes(1),
+    );
+    assert_eq!(res.status, "failed", "{res:?}");
+    let refused = other.events("lock_result").last().unwrap().clone();
+    assert_eq!(refused["clock_suspect"], true, "{refused}");
+    assert!(refused["key_worked_at"].is_null(), "{refused}");
+    // The cloud's packets refused are not a clock matter of the gateway's.
+    let online = r.events("lock_result");
+    assert!(
+        online
+            .iter()
+            .filter(|p| p["via"] == "online")
+            .all(|p| p.get("clock_suspect").is_none())
+    );
 }

@@ -603,7 +603,6 @@ impl<R: Radio> Manager<R> {
             );
         }
     }
-
 }
 
 /// What the daemon needs of a manager, whatever its radio.

@@ -1098,9 +1098,7 @@ impl Router {
                 let (e, at) = self.units.execute_timed(&job.device, action);
                 (e, at.unwrap_or(now))
             }
-            DeviceOp::Relay { channel, op } => {
-                (self.relays.execute(&job.device, channel, op), now)
-            }
+            DeviceOp::Relay { channel, op } => (self.relays.execute(&job.device, channel, op), now),
         }
     }
 

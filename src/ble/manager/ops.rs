@@ -108,6 +108,17 @@ enum NoPackets {
     Failed(String),
 }
 
+/// For an offline unlock the lock refused as `invalid_key`: what else it may mean.
+fn clock_hint(via: Via, e: &LockError) -> &'static str {
+    match (via, e) {
+        (Via::Offline(_), LockError::Refused("invalid_key")) => {
+            " (a wrong offline key, or the lock's clock far from the gateway's: see the \
+             lock_result event's clock_suspect)"
+        }
+        _ => "",
+    }
+}
+
 /// An outcome, stamped now.
 fn reached(e: Execution) -> (Execution, DateTime<Utc>) {
     (e, Utc::now())
@@ -264,7 +275,10 @@ impl<R: Radio> Manager<R> {
 
     /// The lock is asleep: commands for it wait until it advertises again.
     fn asleep(&self, id: &str) {
-        lock(&self.live).entry(id.to_string()).or_default().last_seen = None;
+        lock(&self.live)
+            .entry(id.to_string())
+            .or_default()
+            .last_seen = None;
     }
 
     fn note_battery(&self, dev: &Device, prof: &Profile, session: &[u8; PACKET_LEN]) {
@@ -346,7 +360,12 @@ impl<R: Radio> Manager<R> {
                 )
             }
             Err(e) => {
-                return Execution::Failed(format!("packet {} of {n}: {}", e.index + 1, e.error));
+                return Execution::Failed(format!(
+                    "packet {} of {n}: {}{}",
+                    e.index + 1,
+                    e.error,
+                    clock_hint(via, &e.error)
+                ));
             }
         };
         // The cloud's packets were unusable for this lock: the offline unlock, on the same
@@ -356,9 +375,16 @@ impl<R: Radio> Manager<R> {
             Err(why) => return Execution::Failed(format!("{refused}; {why}")),
         };
         tracing::info!(device = %dev.id, "offline unlock ({refused})");
-        match self.write_all(dev, session, link, &[p], Via::Offline(o)).await {
+        match self
+            .write_all(dev, session, link, &[p], Via::Offline(o))
+            .await
+        {
             Ok(()) => Execution::Done(format!("unlocked (offline, 1 packet(s), after {refused})")),
-            Err(e) => Execution::Failed(format!("{refused}; offline unlock: {}", e.error)),
+            Err(e) => Execution::Failed(format!(
+                "{refused}; offline unlock: {}{}",
+                e.error,
+                clock_hint(Via::Offline(o), &e.error)
+            )),
         }
     }
 
