@@ -1586,4 +1586,14 @@ impl<A: UnitControllers + ?Sized, B: UnitControllers + ?Sized> UnitControllers f
             _ => self.0.execute(device, action),
         }
     }
+    fn execute_timed(
+        &self,
+        device: &str,
+        action: UnitAction,
+    ) -> (Execution, Option<DateTime<Utc>>) {
+        match self.0.online(device) {
+            Online::Unknown => self.1.execute_timed(device, action),
+            _ => self.0.execute_timed(device, action),
+        }
+    }
 }
