@@ -554,10 +554,7 @@ fn locate_writes_the_clouds_chirp_packets() {
 
 /// When the `n`-th request reached the cloud (after its command started: a result stamped at
 /// the start would be earlier).
-fn asked_before(
-    asked: &Mutex<Vec<(gatehouse::ble::rpc::UnlockRequest, chrono::DateTime<Utc>)>>,
-    n: usize,
-) -> chrono::DateTime<Utc> {
+fn asked_before(asked: &Asked, n: usize) -> chrono::DateTime<Utc> {
     asked.lock().unwrap()[n].1
 }
 

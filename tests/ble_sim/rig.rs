@@ -22,6 +22,9 @@ use gatehouse::store::Store;
 
 use crate::peers::{self, demo_store, logged};
 
+/// The cloud's requests, each with the time it came.
+pub type Asked = Arc<Mutex<Vec<(UnlockRequest, DateTime<Utc>)>>>;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 // The demo site's BLE devices (config/demo-snapshot.json).
 pub const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
@@ -192,7 +195,7 @@ impl Rig {
     pub fn serve_cloud_recording(
         &self,
         answer: impl Fn(&UnlockRequest) -> Option<UnlockResponse> + Send + Sync + 'static,
-    ) -> Arc<Mutex<Vec<(UnlockRequest, DateTime<Utc>)>>> {
+    ) -> Asked {
         let asked = Arc::new(Mutex::new(Vec::new()));
         let mut rx = self.rpc.take_requests().unwrap();
         let (rpc, log, answer) = (self.rpc.clone(), asked.clone(), Arc::new(answer));

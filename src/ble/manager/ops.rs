@@ -38,7 +38,9 @@ impl LockError {
     fn unusable_packets(&self) -> bool {
         matches!(
             self,
-            LockError::Refused("invalid_key" | "invalid_command" | "invalid_data" | "invalid")
+            LockError::Refused(
+                "invalid_key" | "invalid_command" | "invalid_data" | "invalid" | "invalid_result"
+            )
         )
     }
 }
