@@ -15,8 +15,8 @@ session gives the 51 60 success notification as PropertiesChanged(Value); wrong 
 time give 51 61 (also a padlock's own clock_offset_s, and its refuse_packets list); the
 PROTOCOLS.md test vector is accepted; online packets are accepted in order with a trailing
 server packet; device-side disconnect, reconnect with cached GATT, sleep with the shutdown
-notification, Connect to a sleeping padlock fails with org.bluez.Error.Failed le-connection-abort-by-local, a wake during Connect completes it,
-StopDiscovery invalidates RSSI, remove/rediscover, a second client's discovery session ends
+notification, Connect to a sleeping padlock fails with org.bluez.Error.Failed
+le-connection-abort-by-local, a wake during Connect completes it, StopDiscovery invalidates RSSI, remove/rediscover, a second client's discovery session ends
 when it leaves the bus, bad ops give "error" events, quit/SIGTERM exit 0 and take the bus down,
 --adv-interval-ms repeats adverts, restart (bluetoothd goes and comes back).
 """
