@@ -11,14 +11,15 @@ property is InvalidArgs; advert/sensor updates arrive as PropertiesChanged; Conn
 Connected, the GATT objects and ServicesResolved before it returns; the Noke service and
 characteristics are found by UUID (no AcquireNotify path: NotSupported); the session read
 carries the battery; StartNotify + WriteValue of an offline unlock packet built here from the
-session gives the 51 60 success notification as PropertiesChanged(Value); wrong key / stale
-time give 51 61 (also a padlock's own clock_offset_s, and its refuse_packets list); the
-PROTOCOLS.md test vector is accepted; online packets are accepted in order with a trailing
-server packet; device-side disconnect, reconnect with cached GATT, sleep with the shutdown
-notification, Connect to a sleeping padlock fails with org.bluez.Error.Failed
-le-connection-abort-by-local, a wake during Connect completes it, StopDiscovery invalidates RSSI, remove/rediscover, a second client's discovery session ends
-when it leaves the bus, bad ops give "error" events, quit/SIGTERM exit 0 and take the bus down,
---adv-interval-ms repeats adverts, restart (bluetoothd goes and comes back).
+session gives the 51 60 success notification as PropertiesChanged(Value); wrong key / stale time
+give 51 61 (also a padlock's own clock_offset_s, and its refuse_packets list); the PROTOCOLS.md
+test vector is accepted; online packets are accepted in order with a trailing server packet;
+device-side disconnect, reconnect with cached GATT, sleep with the shutdown notification,
+Connect to a sleeping padlock fails with org.bluez.Error.Failed le-connection-abort-by-local, a
+wake during Connect completes it, StopDiscovery invalidates RSSI, remove/rediscover, a second
+client's discovery session ends when it leaves the bus, bad ops give "error" events,
+quit/SIGTERM exit 0 and take the bus down, --adv-interval-ms repeats adverts, restart
+(bluetoothd goes and comes back).
 """
 
 import asyncio
