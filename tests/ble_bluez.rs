@@ -197,6 +197,11 @@ impl Cloud {
     }
 }
 
+/// A command result's `at`.
+fn at(r: &Value) -> chrono::DateTime<Utc> {
+    serde_json::from_value(r["at"].clone()).unwrap()
+}
+
 fn packet(tag: u8) -> [u8; 20] {
     let mut p = [tag; 20];
     p[0] = 0x7E;
@@ -204,23 +209,23 @@ fn packet(tag: u8) -> [u8; 20] {
     p
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
-    let mut bluez = Peer::start_with(
-        "bluez_mock.py",
-        &[
-            format!("--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"),
-            format!("--padlock={LOCK_A102}::0F0E0D0C0B0A09080706050403020100"),
-            format!("--sensor={SENSOR}"),
-            format!("--fob={FOB_EVE}"),
-            "--adv-interval-ms=500".into(),
-            "--connect-timeout-ms=2000".into(),
-        ],
-    );
-    let address = bluez.events()[0]["address"].as_str().unwrap().to_string();
-    // lock-a102 sleeps: not advertising, not connectable.
-    bluez.send(json!({"op": "sleep", "mac": LOCK_A102, "shutdown": false}));
+/// The mock BlueZ with these devices, a broker, the cloud's subscriber and the daemon.
+struct Site {
+    bluez: Peer,
+    cloud: Cloud,
+    _daemon: Daemon,
+    _broker: Broker,
+    _dir: tempfile::TempDir,
+}
 
+async fn start(devices: &[String]) -> Site {
+    let mut args = devices.to_vec();
+    args.extend([
+        "--adv-interval-ms=500".to_string(),
+        "--connect-timeout-ms=2000".to_string(),
+    ]);
+    let bluez = Peer::start_with("bluez_mock.py", &args);
+    let address = bluez.events()[0]["address"].as_str().unwrap().to_string();
     let b = Broker::start();
     let signer = SigningKey::from_bytes(&[5; 32]);
     let t = Topics::new("gatehouse", "site-1", "gw-1");
@@ -229,7 +234,7 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &b, &cloud.signer);
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let _daemon = Daemon(
+    let daemon = Daemon(
         Command::new(common::gatehouse_bin())
             .args(["run", "--config", cfg.to_str().unwrap()])
             .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
@@ -238,6 +243,27 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
             .spawn()
             .unwrap(),
     );
+    Site {
+        bluez,
+        cloud,
+        _daemon: daemon,
+        _broker: b,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
+    let site = start(&[
+        format!("--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"),
+        format!("--padlock={LOCK_A102}::0F0E0D0C0B0A09080706050403020100"),
+        format!("--sensor={SENSOR}"),
+        format!("--fob={FOB_EVE}"),
+    ])
+    .await;
+    let (mut bluez, cloud) = (site.bluez, site.cloud);
+    // lock-a102 sleeps: not advertising, not connectable.
+    bluez.send(json!({"op": "sleep", "mac": LOCK_A102, "shutdown": false}));
 
     // Discovery through bluer: the padlock, the BTHome sensor (its reading) and the fob (a
     // decision at the gate) are heard.
@@ -277,11 +303,17 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
         req["session"].as_str().unwrap().to_lowercase(),
         connected["session"].as_str().unwrap().to_lowercase()
     );
+    let asked = Utc::now();
     cloud
         .answer(&req, &noke::format_command_packets(&[p1, p2]))
         .await;
     let r = cloud.result("unlock", "u-online", "done").await;
     assert!(r["detail"].as_str().unwrap().contains("online"), "{r}");
+    // Stamped when the lock took the last packet, not when the command arrived.
+    assert!(
+        at(&r) >= asked,
+        "{r} stamped before the cloud answered ({asked})"
+    );
     bluez.wait_for("online unlock", WAIT, |e| {
         e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "online"
     });
@@ -380,6 +412,93 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
             e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "offline"
         });
         (n >= 1).then_some(())
+    });
+    bluez.send(json!({"op": "quit"}));
+}
+
+/// A padlock that refuses the cloud's packets but takes the offline unlock; one that goes to
+/// sleep while the gateway waits for the cloud's packets; one whose clock was reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn padlock_faults_through_bluer_and_a_mock_bluez() {
+    let site = start(&[format!(
+        "--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"
+    )])
+    .await;
+    let (mut bluez, cloud) = (site.bluez, site.cloud);
+    cloud
+        .event("device_online", |p| p["device"] == "lock-a101")
+        .await;
+
+    // The lock refuses the cloud's list (0x61): the offline unlock follows on the same link,
+    // and the result says both.
+    let (p1, p2) = (packet(0xD1), packet(0xD2));
+    bluez.send(json!({"op": "config", "mac": LOCK_A101, "refuse_packets": [hex::encode(p1)]}));
+    cloud.command("unlock", "u-refused", "A-101", 60).await;
+    let req = cloud.request(0).await;
+    let asked = Utc::now();
+    cloud
+        .answer(&req, &noke::format_command_packets(&[p1, p2]))
+        .await;
+    let r = cloud.result("unlock", "u-refused", "done").await;
+    let detail = r["detail"].as_str().unwrap();
+    assert!(detail.starts_with("unlocked (offline"), "{r}");
+    assert!(
+        detail.contains("the lock refused the cloud's packets (invalid_key to packet 1 of 2)"),
+        "{r}"
+    );
+    assert!(at(&r) >= asked, "{r}");
+    bluez.wait_for("refused, then the offline unlock", WAIT, |e| {
+        e["ev"] == "unlocked" && e["mac"] == LOCK_A101 && e["via"] == "offline"
+    });
+    assert!(
+        bluez
+            .events()
+            .iter()
+            .any(|e| e["ev"] == "invalid_packet" && e["reason"] == "refused"),
+        "the cloud's packet was written and refused"
+    );
+
+    // It goes to sleep (0x64, its idle timeout) after the session read, before anything is
+    // written, while the gateway waits for the cloud: the command is queued at once, and
+    // carried out when it wakes.
+    bluez.send(json!({"op": "config", "mac": LOCK_A101, "falls_asleep": {"shutdown": true}}));
+    let writes_before = bluez.events().iter().filter(|e| e["ev"] == "write").count();
+    cloud.command("unlock", "u-sleepy", "A-101", 120).await;
+    cloud.request(1).await;
+    cloud.result("unlock", "u-sleepy", "queued").await;
+    let shutdown = cloud
+        .event("lock_result", |p| p["result"] == "shutdown")
+        .await;
+    assert_eq!(shutdown["payload"]["via"], "waiting", "{shutdown}");
+    assert_eq!(
+        bluez.events().iter().filter(|e| e["ev"] == "write").count(),
+        writes_before,
+        "nothing written to the sleeping lock"
+    );
+    bluez.send(json!({"op": "wake", "mac": LOCK_A101}));
+    cloud.request(2).await;
+    let r = cloud.result("unlock", "u-sleepy", "done").await;
+    assert!(r["detail"].as_str().unwrap().contains("offline"), "{r}");
+
+    // Its battery was changed: its clock restarted two hours behind. The site database's key
+    // opened it before; now the offline unlock is refused, and the event says the clock is
+    // suspect.
+    bluez.send(json!({"op": "config", "mac": LOCK_A101, "clock_offset_s": -7200}));
+    cloud.command("unlock", "u-clock", "A-101", 60).await;
+    cloud.request(3).await;
+    let r = cloud.result("unlock", "u-clock", "failed").await;
+    assert!(r["detail"].as_str().unwrap().contains("clock"), "{r}");
+    let refused = cloud
+        .event("lock_result", |p| {
+            p["result"] == "invalid_key" && p["via"] == "offline"
+        })
+        .await;
+    let p = &refused["payload"];
+    assert_eq!(p["clock_suspect"], true, "{refused}");
+    assert_eq!(p["key"], "site_database", "{refused}");
+    assert!(p["key_worked_at"].is_string(), "{refused}");
+    bluez.wait_for("refused for its time", WAIT, |e| {
+        e["ev"] == "invalid_packet" && e["reason"] == "time"
     });
     bluez.send(json!({"op": "quit"}));
 }

@@ -27,6 +27,12 @@ pub struct SimLock {
     pub written: Vec<[u8; 20]>,
     /// Allowed clock difference for offline packets, in seconds.
     pub time_window_s: i64,
+    /// The lock's clock minus the real time, in seconds (a battery change resets a clock).
+    pub clock_offset_s: i64,
+    /// On the next connection, right after the session is read, the lock goes to sleep (its
+    /// idle timeout): with a shutdown notification (0x64) first (`Some(true)`) or by just
+    /// dropping the link (`Some(false)`). Once.
+    pub falls_asleep: Option<bool>,
 }
 
 impl SimLock {
@@ -41,6 +47,8 @@ impl SimLock {
             unlocks: 0,
             written: Vec::new(),
             time_window_s: 300,
+            clock_offset_s: 0,
+            falls_asleep: None,
         }
     }
 }
@@ -118,7 +126,7 @@ impl Radio for SimRadio {
         let mut st = self.lock();
         st.sessions += 1;
         let n = st.sessions;
-        let Some(lock) = st.locks.get(mac) else {
+        let Some(lock) = st.locks.get_mut(mac) else {
             return Err(BleError::Unreachable(format!(
                 "{mac}: no such device in range"
             )));
@@ -133,11 +141,22 @@ impl Radio for SimRadio {
             *b = (n as u8).wrapping_mul(31).wrapping_add(i as u8 * 7);
         }
         session[2..4].copy_from_slice(&lock.battery_mv.to_le_bytes());
+        let mut queue = VecDeque::new();
+        if let Some(shutdown) = lock.falls_asleep.take() {
+            lock.asleep = true;
+            if shutdown {
+                let sleep = noke::AppResult::Shutdown {
+                    locked: true,
+                    timed_out: true,
+                };
+                queue.push_back(sleep.to_packet().to_vec());
+            }
+        }
         Ok(SimLink {
             radio: self.clone(),
             mac: mac.to_string(),
             session,
-            queue: VecDeque::new(),
+            queue,
         })
     }
 }
@@ -156,7 +175,7 @@ impl Link for SimLink {
 
     async fn write(&mut self, packet: &[u8; 20]) -> Result<(), BleError> {
         let session = self.session;
-        let now = chrono::Utc::now().timestamp();
+        let real = chrono::Utc::now().timestamp();
         let replies = self
             .radio
             .with_lock(&self.mac, |lock| {
@@ -175,6 +194,7 @@ impl Link for SimLink {
                     }
                     return Ok(out);
                 }
+                let now = real + lock.clock_offset_s;
                 match noke::open_offline_packet(&lock.offline_key, &session, packet) {
                     Ok((header, _, t)) if (i64::from(t) - now).abs() <= lock.time_window_s => {
                         lock.unlocks += 1;
@@ -194,6 +214,10 @@ impl Link for SimLink {
     async fn notification(&mut self, timeout: Duration) -> Result<Vec<u8>, BleError> {
         match self.queue.pop_front() {
             Some(n) => Ok(n),
+            // Asleep: the link is gone (after what the lock said before it went).
+            None if self.radio.with_lock(&self.mac, |l| l.asleep) != Some(false) => Err(
+                BleError::Disconnected(format!("{}: the lock dropped the connection", self.mac)),
+            ),
             None => {
                 tokio::time::sleep(timeout).await;
                 Err(BleError::Timeout("no notification".into()))

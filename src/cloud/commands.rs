@@ -842,6 +842,15 @@ pub enum Execution {
 pub trait UnitControllers: Send + Sync {
     fn online(&self, device: &str) -> Online;
     fn execute(&self, device: &str, action: UnitAction) -> Execution;
+    /// [`Self::execute`], with the time its outcome was reached when that is not the moment
+    /// handling began (a BLE lock that waits for the cloud's packets): the result's `at`.
+    fn execute_timed(
+        &self,
+        device: &str,
+        action: UnitAction,
+    ) -> (Execution, Option<DateTime<Utc>>) {
+        (self.execute(device, action), None)
+    }
 }
 
 /// Relay outputs (entry gates and doors, raw relay devices). Same calling rules as
@@ -1082,10 +1091,14 @@ impl Router {
         }
     }
 
-    fn execute(&self, job: &Job) -> Execution {
+    /// The device's outcome, and when it was reached (`now` unless the device says otherwise).
+    fn execute(&self, job: &Job, now: DateTime<Utc>) -> (Execution, DateTime<Utc>) {
         match job.op {
-            DeviceOp::Unit(action) => self.units.execute(&job.device, action),
-            DeviceOp::Relay { channel, op } => self.relays.execute(&job.device, channel, op),
+            DeviceOp::Unit(action) => {
+                let (e, at) = self.units.execute_timed(&job.device, action);
+                (e, at.unwrap_or(now))
+            }
+            DeviceOp::Relay { channel, op } => (self.relays.execute(&job.device, channel, op), now),
         }
     }
 
@@ -1113,20 +1126,20 @@ impl Router {
                 refuse(job, Reason::TargetOffline, detail)
             }
             Online::Asleep => self.enqueue(job, now),
-            Online::Yes => match self.execute(&job) {
-                Execution::Queued => self.enqueue(job, now),
-                Execution::Done(detail) => {
-                    let r = result(&job.id, &job.name, "done", None, Some(detail), now);
+            Online::Yes => match self.execute(&job, now) {
+                (Execution::Queued, at) => self.enqueue(job, at),
+                (Execution::Done(detail), at) => {
+                    let r = result(&job.id, &job.name, "done", None, Some(detail), at);
                     job.finish(r)
                 }
-                Execution::Failed(detail) => {
+                (Execution::Failed(detail), at) => {
                     let r = result(
                         &job.id,
                         &job.name,
                         "failed",
                         Some("device_error"),
                         Some(detail),
-                        now,
+                        at,
                     );
                     job.finish(r)
                 }
@@ -1173,14 +1186,19 @@ impl Router {
         };
         let mut out = Vec::new();
         let mut jobs = mine.into_iter();
+        // The time moves on as the device works through them: each result is stamped, and each
+        // expiry checked, when it is reached.
+        let mut now = now;
         while let Some(job) = jobs.next() {
             if job.expires_at <= now {
                 out.push(expired(job, now));
                 continue;
             }
-            let r = match self.execute(&job) {
+            let (e, at) = self.execute(&job, now);
+            now = now.max(at);
+            let r = match e {
                 Execution::Done(detail) => {
-                    result(&job.id, &job.name, "done", None, Some(detail), now)
+                    result(&job.id, &job.name, "done", None, Some(detail), at)
                 }
                 Execution::Failed(detail) => result(
                     &job.id,
@@ -1188,7 +1206,7 @@ impl Router {
                     "failed",
                     Some("device_error"),
                     Some(detail),
-                    now,
+                    at,
                 ),
                 Execution::Queued => {
                     let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -1566,6 +1584,16 @@ impl<A: UnitControllers + ?Sized, B: UnitControllers + ?Sized> UnitControllers f
         match self.0.online(device) {
             Online::Unknown => self.1.execute(device, action),
             _ => self.0.execute(device, action),
+        }
+    }
+    fn execute_timed(
+        &self,
+        device: &str,
+        action: UnitAction,
+    ) -> (Execution, Option<DateTime<Utc>>) {
+        match self.0.online(device) {
+            Online::Unknown => self.1.execute_timed(device, action),
+            _ => self.0.execute_timed(device, action),
         }
     }
 }

@@ -93,7 +93,10 @@ PADLOCK GATT (legacy protocol; MTU property 23)
    2. offline: with an offline key: K[i] = (offline_key[i] + session[i]) mod 256;
       P = AES-128 forward cipher (encrypt) of bytes 4..20 under K; valid when
       P[15] == sum(P[0..15]) mod 256 and |uint32 LE P[2..6] - lock clock| <= --time-window-s
+      (the lock clock: the "clock" op's, plus the padlock's own "clock_offset_s")
       -> notification 51 60 <cmd id> 00.., event "unlocked" via "offline".
+   0. a packet of the "refuse_packets" list (config op) -> notification 51 61 00.. (invalid
+      key), event "invalid_packet" reason "refused" (the cloud's packets, refused by the lock).
    3. anything else -> notification 51 61 00.. (invalid key), event "invalid_packet".
    <cmd id> = byte 3 of the written packet (the last clear header byte) unless the
    accept_packets op gave "cmd_id".
@@ -138,8 +141,15 @@ STDIN: one JSON object per line, handled in order. Every op may carry "id" (echo
   {"op":"disconnect","mac":M}   the device drops the connection (event "disconnected" by
       "device"); no-op if not connected.
   {"op":"config","mac":M[,"battery_mv":n][,"offline_key":"hex"|null][,"session":"hex40"|null]
-        [,"connectable":bool][,"rssi":n]}   "session" fixes the session of the current and
-      later connections (null = random again).
+        [,"connectable":bool][,"rssi":n][,"clock_offset_s":n]
+        [,"falls_asleep":{"shutdown":true,"ms":0}|null][,"refuse_packets":["hex40",...]]}
+      "session" fixes the session of the current and later connections (null = random again).
+      "clock_offset_s": this padlock's clock runs that far from the others (a battery change
+      reset it). "falls_asleep": on the next connection, "ms" after notifications are started,
+      the padlock goes to sleep before anything is written (its idle timeout): notification
+      51 64 01 00 unless "shutdown" is false, event "fell_asleep", then the link drops (event
+      "disconnected" by "sleep"); once. "refuse_packets": packets it answers 51 61 (see the
+      write rules, 0.).
   {"op":"clock","unix":N} | {"op":"clock","offset":S} | {"op":"clock","real":true}
       the padlocks' clock for the offline time check (it keeps running from N).
   {"op":"power","on":false|true}   the adapter is powered off (connections dropped, every
@@ -188,7 +198,8 @@ STDOUT: one JSON object per line, written and flushed at once; each has "ev", "t
         had StartNotify on; otherwise the lock does not send it)
   {"ev":"accepted","mac":M,"hex":...,"index":i,"remaining":n}
   {"ev":"unlocked","mac":M,"via":"offline"|"online"[,"time":unix,"skew":s]}
-  {"ev":"invalid_packet","mac":M,"hex":...,"reason":"length"|"no_key"|"checksum"|"time"|
+  {"ev":"fell_asleep","mac":M,"shutdown":bool}   (the falls_asleep config)
+  {"ev":"invalid_packet","mac":M,"hex":...,"reason":"length"|"refused"|"no_key"|"checksum"|"time"|
         "out_of_order"}
   {"ev":"ack","mac":M|null,"op":..[,"id":..][, op-specific fields]}   for every op that has no
         other answer (advert/sensor answer with "advert", state with "state").
@@ -503,6 +514,9 @@ class Dev:
         self.accept_cmd_id = None
         self.gatt = None  # dict role -> DBusMockObject once exported
         self.notify_subs = set()
+        self.clock_offset = 0.0  # this padlock's clock minus the mock's, seconds
+        self.falls_asleep = None  # None, or {"shutdown": bool, "ms": n}: once, at StartNotify
+        self.refuse = []  # packets answered 51 61 (invalid key) at once, before any other check
 
     @property
     def notifying(self):
@@ -1108,6 +1122,20 @@ class Mock:
         if first:
             props_changed(obj, CHRC_IFACE, {"Notifying": dbus.Boolean(True)})
         emit("notify_state", d.mac, char="0003", on=True, sender=sender)
+        if d.falls_asleep is not None:
+            fa, d.falls_asleep = d.falls_asleep, None
+            self.loop.after(max(fa["ms"], 1), lambda: self.fall_asleep(d, fa["shutdown"]))
+
+    def fall_asleep(self, d, shutdown):
+        """The padlock's idle timeout: it goes to sleep (0x64 with the timeout flag, unless
+        silent) and drops the link before anything was written."""
+        if not d.connected:
+            return
+        d.awake = False
+        if shutdown:
+            self.notify(d, app_packet(0x51, 0x64, 0x01, 0x00))
+        emit("fell_asleep", d.mac, shutdown=shutdown)
+        self.loop.after(max(self.opts.notify_delay_ms, 1), lambda: self.drop(d, "sleep"))
 
     def unsubscribe(self, d, sender):
         if sender not in d.notify_subs:
@@ -1129,6 +1157,8 @@ class Mock:
             return
         if len(pkt) != 20:
             return self.invalid(d, pkt, "length")
+        if pkt in d.refuse:
+            return self.invalid(d, pkt, "refused")
         if d.accept:
             if pkt == d.accept[0]:
                 d.accept.pop(0)
@@ -1154,7 +1184,7 @@ class Mock:
         if plain[15] != sum(plain[:15]) & 0xFF:
             return self.invalid(d, pkt, "checksum")
         ts = struct.unpack("<I", plain[2:6])[0]
-        skew = ts - self.now_unix()
+        skew = ts - (self.now_unix() + d.clock_offset)
         if abs(skew) > self.opts.time_window_s:
             return self.invalid(d, pkt, "time", time=ts, skew=round(skew, 3))
         self.notify(d, app_packet(0x51, 0x60, pkt[3]))
@@ -1263,6 +1293,24 @@ class Mock:
                 d.connectable = bool(req["connectable"])
             if "rssi" in req:
                 d.rssi = parse_int(req["rssi"], "rssi")
+            if "clock_offset_s" in req:
+                d.clock_offset = float(parse_int(req["clock_offset_s"], "clock_offset_s"))
+            if "falls_asleep" in req:
+                fa = req["falls_asleep"]
+                if fa is None:
+                    d.falls_asleep = None
+                elif isinstance(fa, dict):
+                    d.falls_asleep = {
+                        "shutdown": bool(fa.get("shutdown", True)),
+                        "ms": parse_int(fa.get("ms", 0), "falls_asleep.ms"),
+                    }
+                else:
+                    raise OpError("falls_asleep must be an object or null")
+            if "refuse_packets" in req:
+                pkts = req["refuse_packets"]
+                if not isinstance(pkts, list):
+                    raise OpError("refuse_packets must be a list of hex strings")
+                d.refuse = [parse_hex(x, "packet", 20) for x in pkts]
             emit("ack", d.mac, op=op, **rid)
         elif op == "clock":
             if req.get("real"):

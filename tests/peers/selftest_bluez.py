@@ -11,14 +11,15 @@ property is InvalidArgs; advert/sensor updates arrive as PropertiesChanged; Conn
 Connected, the GATT objects and ServicesResolved before it returns; the Noke service and
 characteristics are found by UUID (no AcquireNotify path: NotSupported); the session read
 carries the battery; StartNotify + WriteValue of an offline unlock packet built here from the
-session gives the 51 60 success notification as PropertiesChanged(Value); wrong key / stale
-time give 51 61; the PROTOCOLS.md test vector is accepted; online packets are accepted in
-order with a trailing server packet; device-side disconnect, reconnect with cached GATT, sleep
-with the shutdown notification, Connect to a sleeping padlock fails with
-org.bluez.Error.Failed le-connection-abort-by-local, a wake during Connect completes it,
-StopDiscovery invalidates RSSI, remove/rediscover, a second client's discovery session ends
-when it leaves the bus, bad ops give "error" events, quit/SIGTERM exit 0 and take the bus down,
---adv-interval-ms repeats adverts, restart (bluetoothd goes and comes back).
+session gives the 51 60 success notification as PropertiesChanged(Value); wrong key / stale time
+give 51 61 (also a padlock's own clock_offset_s, and its refuse_packets list); the PROTOCOLS.md
+test vector is accepted; online packets are accepted in order with a trailing server packet;
+device-side disconnect, reconnect with cached GATT, sleep with the shutdown notification,
+Connect to a sleeping padlock fails with org.bluez.Error.Failed le-connection-abort-by-local, a
+wake during Connect completes it, StopDiscovery invalidates RSSI, remove/rediscover, a second
+client's discovery session ends when it leaves the bus, bad ops give "error" events,
+quit/SIGTERM exit 0 and take the bus down, --adv-interval-ms repeats adverts, restart
+(bluetoothd goes and comes back).
 """
 
 import asyncio
@@ -444,6 +445,24 @@ async def scenario():
     await c.bz(tx, CHRC_IFACE, "WriteValue", "aya{sv}", [b"\x01\x02", {}])
     await peer.wait(ev_is("invalid_packet", PADLOCK, reason="length"), what="short packet")
     await c.sig(props_changed(rx, CHRC_IFACE, "Value"), what="short packet notification")
+
+    # this padlock's own clock two hours behind: a packet made now is refused for its time
+    peer.send(op="config", mac=PADLOCK, clock_offset_s=-7200)
+    late = offline_packet(OFFLINE_KEY, UNLOCK_CMD, session, int(time.time()))
+    await c.bz(tx, CHRC_IFACE, "WriteValue", "aya{sv}", [late, {}])
+    m = await c.sig(props_changed(rx, CHRC_IFACE, "Value"), what="clock-off notification")
+    assert m.body[1]["Value"].value[:2] == b"\x51\x61", m.body
+    ev = await peer.wait(ev_is("invalid_packet", PADLOCK, hex=late.hex()), what="clock off")
+    assert ev["reason"] == "time" and ev["skew"] > 7000, ev
+    peer.send(op="config", mac=PADLOCK, clock_offset_s=0)
+    # a packet on its refuse list: 51 61, even one that would open it
+    good = offline_packet(OFFLINE_KEY, UNLOCK_CMD, session, int(time.time()))
+    peer.send(op="config", mac=PADLOCK, refuse_packets=[good.hex()])
+    await c.bz(tx, CHRC_IFACE, "WriteValue", "aya{sv}", [good, {}])
+    m = await c.sig(props_changed(rx, CHRC_IFACE, "Value"), what="refused notification")
+    assert m.body[1]["Value"].value[:2] == b"\x51\x61", m.body
+    await peer.wait(ev_is("invalid_packet", PADLOCK, reason="refused"), what="refused")
+    peer.send(op="config", mac=PADLOCK, refuse_packets=[])
 
     # the PROTOCOLS.md test vector, with the lock's session and clock set to it
     peer.send(op="config", mac=PADLOCK, session=VEC_SESSION.hex())
