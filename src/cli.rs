@@ -165,8 +165,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
-            let notes = crate::preflight::check(&cfg)
-                .with_context(|| format!("{}", config.display()))?;
+            let notes =
+                crate::preflight::check(&cfg).with_context(|| format!("{}", config.display()))?;
             for n in notes {
                 println!("{}: note: {n}", config.display());
             }

@@ -6,7 +6,8 @@
 //!   file and directory gatehouse or sled creates is 0600 / 0700 whatever the umask it was
 //!   started with.
 //! - The data directory is created 0700 ([`prepare_data_dir`]).
-//! - At open, an existing data directory is inspected ([`inspect`]), symlinks not followed:
+//! - At open, an existing data directory, its `db/` (all of it) and `code.key` are inspected
+//!   ([`inspect`]), symlinks not followed (other files there are the operator's):
 //!   - anything in it (or itself) **writable** by group or others is refused: someone else may
 //!     have changed the database or the key, and the gateway cannot tell;
 //!   - anything only **readable** (or searchable) by group or others is fixed (chmod go-rwx) with
@@ -109,7 +110,10 @@ impl Inspection {
     }
 }
 
-/// Walks `dir` (which must exist) and everything under it, without following symlinks, and
+/// What gatehouse keeps in the data directory: sled's directory and the code key.
+const OURS: [&str; 2] = ["db", "code.key"];
+
+/// Walks `dir` (which must exist), its `db/` and `code.key`, without following symlinks, and
 /// sorts what lets group or others in.
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     let mut out = Inspection::default();
@@ -140,7 +144,14 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
                 Err(e) => return Err(e).with_context(|| format!("reading `{}`", p.display())),
             };
             for e in entries {
-                stack.push(e.with_context(|| format!("reading `{}`", p.display()))?.path());
+                let e = e
+                    .with_context(|| format!("reading `{}`", p.display()))?
+                    .path();
+                // In the data directory itself, only what gatehouse keeps there: other files
+                // (an export, a snapshot to import) are the operator's.
+                if p != dir || OURS.iter().any(|o| e.file_name() == Some(o.as_ref())) {
+                    stack.push(e);
+                }
             }
         }
         if mode & 0o077 != 0 {
@@ -178,13 +189,24 @@ pub fn creatable(dir: &Path) -> anyhow::Result<()> {
                 dir.display(),
                 p.display()
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => p = parent,
-                _ => return Ok(()),
-            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match p.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                    _ => return Ok(()),
+                }
+            }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("data directory `{}`: reading `{}`", dir.display(), p.display())
+                    format!(
+                        "data directory `{}`: reading `{}`",
+                        dir.display(),
+                        p.display()
+                    )
                 });
             }
         }
@@ -194,7 +216,10 @@ pub fn creatable(dir: &Path) -> anyhow::Result<()> {
 /// Whether this user may create or write `dir` (its nearest existing ancestor when missing).
 pub fn writable(dir: &Path) -> bool {
     use rustix::fs::Access;
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     rustix::fs::access(existing, Access::WRITE_OK | Access::EXEC_OK).is_ok()
 }
 
