@@ -123,6 +123,8 @@ struct CheckArgs {
 }
 
 pub fn main() -> ExitCode {
+    // Before anything is created: files 0600, directories 0700 (see `fsperm`).
+    crate::fsperm::private_umask();
     let cli = Cli::parse();
     let level = match &cli.command {
         Command::Run { .. } => None,
@@ -163,6 +165,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
+            let notes =
+                crate::preflight::check(&cfg).with_context(|| format!("{}", config.display()))?;
+            for n in notes {
+                println!("{}: note: {n}", config.display());
+            }
             println!(
                 "{}: ok (site `{}`, gateway `{}`, data in `{}`)",
                 config.display(),

@@ -287,13 +287,32 @@ pub(crate) fn valid_id(s: &str) -> bool {
 impl Config {
     /// Reads and checks a config file. The error, if any, is the first problem found.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: 0,
             key: None,
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(path, &text)
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            // Name the first bad byte by line and column (1-based, counted in bytes).
+            let at = e.valid_up_to();
+            let line_start = bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            ConfigError {
+                file: path.to_path_buf(),
+                line: bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1,
+                key: None,
+                message: format!(
+                    "column {}: invalid UTF-8 (byte 0x{:02x} at offset {at}); the file must be \
+                     UTF-8 text",
+                    at - line_start + 1,
+                    bytes[at]
+                ),
+            }
+        })?;
+        Config::parse(path, text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -366,6 +385,9 @@ impl Config {
                 "is empty (expected a directory)".into(),
             ));
         }
+        if let Err(e) = crate::fsperm::creatable(&resolve(dd.get_ref())) {
+            return Err(err(dd.span(), "storage.data_dir", format!("{e:#}")));
+        }
         let me = &raw.storage.max_events;
         if *me.get_ref() < 1000 {
             return Err(err(
@@ -375,14 +397,7 @@ impl Config {
             ));
         }
         let digital_key_public = match &raw.access.digital_key_public_key {
-            Some(k) => Some(digital_key::parse_public_key(k.get_ref()).ok_or_else(|| {
-                err(
-                    k.span(),
-                    "access.digital_key_public_key",
-                    "not an Ed25519 public key (expected 64 hex digits or base64 of 32 bytes)"
-                        .into(),
-                )
-            })?),
+            Some(k) => Some(public_key(k, "access.digital_key_public_key", &err)?),
             None => None,
         };
         let initial_snapshot = match &raw.access.initial_snapshot {
@@ -515,6 +530,35 @@ pub(crate) fn in_range(
     }
 }
 
+/// The cloud's Ed25519 public key: refused when it does not parse, and when it is a weak
+/// (small-order) point such as all zeros — a placeholder left in, under which a forged signature
+/// could verify.
+fn public_key(k: &Spanned<String>, key: &str, err: &ErrFn) -> Result<VerifyingKey, ConfigError> {
+    let pk = digital_key::parse_public_key(k.get_ref()).ok_or_else(|| {
+        err(
+            k.span(),
+            key,
+            "not an Ed25519 public key (expected 64 hex digits or base64 of 32 bytes)".into(),
+        )
+    })?;
+    if pk.as_bytes().iter().all(|&b| b == 0) || pk.is_weak() {
+        return Err(err(
+            k.span(),
+            key,
+            format!(
+                "{} is not a usable Ed25519 public key (a weak, small-order point): put the \
+                 cloud's real public key here",
+                if pk.as_bytes().iter().all(|&b| b == 0) {
+                    "all zeros"
+                } else {
+                    "this key"
+                }
+            ),
+        ));
+    }
+    Ok(pk)
+}
+
 fn check_cloud(
     c: &RawCloud,
     site: &RawSite,
@@ -611,14 +655,7 @@ fn check_cloud(
             ));
         }
     };
-    let command_public =
-        digital_key::parse_public_key(c.command_public_key.get_ref()).ok_or_else(|| {
-            err(
-                c.command_public_key.span(),
-                "cloud.command_public_key",
-                "not an Ed25519 public key (expected 64 hex digits or base64 of 32 bytes)".into(),
-            )
-        })?;
+    let command_public = public_key(&c.command_public_key, "cloud.command_public_key", err)?;
     let prefix = c
         .topic_prefix
         .as_ref()

@@ -53,6 +53,7 @@ pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> any
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    crate::preflight::check(&cfg)?;
     let mut signals = Signals::install()?;
     let store = {
         let cfg = cfg.clone();

@@ -41,10 +41,12 @@ use crate::site::{
 };
 use crate::sync::{self, SyncMessage};
 
+mod codekey;
 mod commands;
 mod events;
 mod lived;
 
+pub use codekey::read as read_code_key;
 pub use commands::{CommandLog, SeenCommand};
 pub use events::{Event, EventLog, LogLimits, NewEvent};
 pub use lived::LivedClock;
@@ -136,47 +138,6 @@ fn gen_key(g: u64, tag: u8, n: &[u8]) -> Vec<u8> {
     k
 }
 
-/// Reads or creates the code key file, refusing one that others can read.
-fn load_code_key(path: &Path) -> anyhow::Result<CodeKey> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                bail!(
-                    "secret file `{}` has mode {mode:04o}; it must be readable by its owner only \
-                     (chmod 600 `{}`)",
-                    path.display(),
-                    path.display()
-                );
-            }
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading `{}`", path.display()))?;
-            let bytes = hex::decode(text.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .with_context(|| format!("`{}` does not hold 64 hex digits", path.display()))?;
-            Ok(CodeKey::from_bytes(bytes))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            getrandom::getrandom(&mut key)
-                .map_err(|e| anyhow::anyhow!("no randomness for the code key: {e}"))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating `{}`", path.display()))?;
-            writeln!(f, "{}", hex::encode(key))?;
-            f.sync_all()?;
-            Ok(CodeKey::from_bytes(key))
-        }
-        Err(e) => Err(e).with_context(|| format!("reading `{}`", path.display())),
-    }
-}
-
 fn empty_site() -> Site {
     let s = sync::Snapshot {
         schema_version: sync::SCHEMA_VERSION,
@@ -237,9 +198,7 @@ impl Store {
 
     /// [`Store::open`] with all the event log's bounds.
     pub fn open_with(dir: &Path, limits: LogLimits) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data directory `{}`", dir.display()))?;
-        let key = load_code_key(&dir.join("code.key"))?;
+        crate::fsperm::prepare_data_dir(dir)?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(8 << 20)
@@ -257,6 +216,7 @@ impl Store {
                         .context(format!("opening database `{}`", dir.join("db").display()))
                 }
             })?;
+        crate::fsperm::tighten(dir)?;
         let tree = db.open_tree("site")?;
         let events = EventLog::open(db.open_tree("events")?, limits)?;
         let state = db.open_tree("state")?;
@@ -281,6 +241,7 @@ impl Store {
                 m.format
             );
         }
+        let key = codekey::open(dir, &state, meta.is_some())?;
         // Remove any generation that meta does not name: left by a snapshot import that was
         // killed, or by a clean-up that did not finish.
         let current = meta.as_ref().map(|m| m.gen_);
