@@ -351,10 +351,12 @@ pub fn verify(
 ) -> Result<Command, Refusal> {
     use Reason::*;
     if bytes.len() > max_bytes {
-        return Err(Refusal::new(TooLarge, probe_large_id(bytes, max_bytes)).detail(format!(
-            "{} bytes, at most {max_bytes} accepted",
-            bytes.len()
-        )));
+        return Err(
+            Refusal::new(TooLarge, probe_large_id(bytes, max_bytes)).detail(format!(
+                "{} bytes, at most {max_bytes} accepted",
+                bytes.len()
+            )),
+        );
     }
     let envelope: serde_json::Map<String, Value> =
         serde_json::from_slice(bytes).map_err(|_| Refusal::new(NotJson, None))?;

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -193,6 +193,10 @@ const MAX_SNAPSHOT_PARTS: u32 = 65_536;
 #[derive(Debug, Default)]
 pub struct LinkState {
     pub connected: AtomicBool,
+    /// Connections tried since the link started.
+    pub attempts: AtomicU64,
+    /// The reconnection wait before jitter (the next wait is drawn in 50-100 % of it), in ms.
+    pub delay_ms: AtomicU64,
 }
 
 pub struct CloudLink {
@@ -219,7 +223,10 @@ enum SessionEnd {
     Shutdown,
     Lost(String),
     /// The broker sent a packet over the incoming limit (MQTT 3.1.1 cannot tell it the limit).
-    TooLarge { bytes: usize, max: usize },
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
 }
 
 /// A publish requested from rumqttc, in order: an event (its sequence number) or anything else.
@@ -370,6 +377,7 @@ impl CloudLink {
                 return;
             }
             let mut connected = false;
+            self.state.attempts.fetch_add(1, Ordering::Relaxed);
             let end = self.session_once(&shutdown, &mut connected).await;
             self.state.connected.store(false, Ordering::Relaxed);
             // A connection that reached CONNACK resets the wait, unless the broker ended it by
@@ -387,6 +395,9 @@ impl CloudLink {
             if healthy {
                 delay = self.cfg.reconnect_min;
             }
+            self.state
+                .delay_ms
+                .store(delay.as_millis() as u64, Ordering::Relaxed);
             let wait = jitter(delay);
             tracing::info!(
                 broker = %format!("{}:{}", self.cfg.host, self.cfg.port),
@@ -702,7 +713,11 @@ impl CloudLink {
         if client.packet_size(topic.len(), bytes.len()) > out.max_packet {
             // Sending it would end the connection; nothing the gateway publishes besides events
             // grows with input (results carry bounded ids), so this is only a guard.
-            tracing::error!(topic, bytes = bytes.len(), "message too large to publish: not sent");
+            tracing::error!(
+                topic,
+                bytes = bytes.len(),
+                "message too large to publish: not sent"
+            );
             return Ok(());
         }
         client

@@ -156,7 +156,9 @@ pub fn connect(s: &Settings, capacity: usize) -> (Client, Loop) {
             o.set_outgoing_inflight_upper_limit(s.inflight.saturating_add(INFLIGHT_HEADROOM));
             // Sent in CONNECT: the broker must not send a larger packet (it drops it instead).
             // rumqttc limits what it sends by the broker's CONNACK value, when there is one.
-            o.set_max_packet_size(Some(u32::try_from(s.max_incoming_bytes).unwrap_or(u32::MAX)));
+            o.set_max_packet_size(Some(
+                u32::try_from(s.max_incoming_bytes).unwrap_or(u32::MAX),
+            ));
             o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                 &s.will.0,
                 s.will.1.clone(),
