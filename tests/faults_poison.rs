@@ -161,12 +161,8 @@ fn poison(kind: &str, topic_len: usize, signer: &SigningKey) -> Vec<(String, Vec
     ];
     // At the packet limit (3.1.1: remaining length = topic + 2 + packet id 2 + payload).
     let at_limit = INCOMING_LIMIT - 4 - topic_len;
-    for (label, n) in [
-        ("-1", at_limit - 1),
-        ("", at_limit),
-        ("+1 (over)", at_limit + 1),
-    ] {
-        v.push((format!("packet limit{label} ({n} bytes)"), vec![b'{'; n]));
+    for (label, n) in [("-1", at_limit - 1), ("", at_limit), ("+1", at_limit + 1)] {
+        v.push((format!("packet limit{label}"), vec![b'{'; n]));
     }
     match kind {
         "snapshot" => {
@@ -325,6 +321,14 @@ impl Gateway {
     fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+    /// Connections the daemon dropped for a message over its packet limit (its log).
+    fn dropped_too_large(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("larger than the gateway takes in")
+            .count()
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -509,13 +513,22 @@ async fn poison_on_every_topic_leaves_the_gateway_answering() {
         list.extend(mutations(&valid, scale() * 8, &mut seed));
         for (label, payload) in list {
             let bytes = payload.len();
+            let dropped = gw.dropped_too_large();
             cloud.publish(topic, payload).await;
             let what = format!("{label} on {topic}");
             cloud.canary(&mut gw, &what).await;
             cases += 1;
+            // Exactly the message over the packet limit cost a connection (MQTT 3.1.1).
+            let over = usize::from(label == "packet limit+1");
+            assert_eq!(gw.dropped_too_large(), dropped + over, "{what}");
             let short = topic.trim_start_matches(t.base());
+            let conn = if over == 1 {
+                "connection dropped and back"
+            } else {
+                "same connection"
+            };
             println!(
-                "faults: poison {short} {label} ({bytes} bytes): a signed ping answered, a fresh event delivered, the daemon alive"
+                "faults: poison {short} {label} ({bytes} bytes): {conn}, a signed ping answered, a fresh event delivered, the daemon alive"
             );
         }
     }
