@@ -18,6 +18,10 @@
 //! in the order they were requested; a FIFO of what was requested (an event's sequence number, or
 //! nothing for status and results) turns that into `pkid -> seq`, and `PubAck(pkid)` into a delete.
 //!
+//! No record can block the outbox: one whose message is over the connection's packet limit is
+//! published as an `event_unpublishable` marker with its id and seq ([`limits`]) and deleted on
+//! its PUBACK like any event.
+//!
 //! At risk: nothing that was appended. A crash between a PUBACK and the (unflushed) delete only
 //! sends that event again. The event loop is polled by this task alone and never waits on
 //! anything else: publishing uses `try_publish`, snapshots are applied on a blocking thread.
