@@ -16,12 +16,13 @@
 //! Each check either passes or ends handling with a result whose `status` is `malformed` or
 //! `refused` and whose `reason` is the stable word in brackets ([`Reason`]):
 //!
-//! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; nothing is parsed,
-//!    so the result carries no id);
+//! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; only the envelope's
+//!    `payload` is looked for and its first `max_bytes` decoded, for an id to echo);
 //! 2. it is a JSON object with a string `payload` (`malformed`, `not_json`);
 //! 3. `payload` is base64url of a JSON object (`malformed`, `bad_payload`); from here on the
 //!    result echoes the payload's `id` whenever one can be read, even from a payload that is
-//!    cut short or otherwise invalid;
+//!    cut short or otherwise invalid (an id over [`MAX_ID_LEN`] bytes is cut to it, with
+//!    `id_truncated`);
 //! 4. `signature` is present and is base64url of 64 bytes (`refused`, `unsigned`);
 //! 5. the signature verifies (`refused`, `bad_signature`);
 //! 6. `v` is 1 (`malformed`, `unsupported_version`);
