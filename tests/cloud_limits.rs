@@ -140,14 +140,36 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn stored_kinds(store: &Store, kind: &str) -> Vec<Value> {
-    store
-        .events()
-        .read_from(0, 100_000)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| e.payload)
+/// Every event recorded so far, by seq: those still in the outbox and those the subscriber
+/// received (delivered ones leave the outbox).
+fn recorded(store: &Store, sub: &Subscriber) -> std::collections::BTreeMap<u64, (String, Value)> {
+    let mut all: std::collections::BTreeMap<u64, (String, Value)> = sub
+        .messages()
+        .iter()
+        .map(json_of)
+        .map(|v| {
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            (v["seq"].as_u64().unwrap(), (kind, v["payload"].clone()))
+        })
+        .collect();
+    for e in store.events().read_from(0, 100_000).unwrap() {
+        all.insert(e.seq, (e.kind, e.payload));
+    }
+    all
+}
+
+/// The payloads of the events of `kind` recorded so far (waits until every event appended so far
+/// is accounted for).
+async fn recorded_kinds(store: &Store, sub: &Subscriber, kind: &str) -> Vec<Value> {
+    let appended = store.events().next_seq() - 1;
+    until("every event accounted for", || {
+        recorded(store, sub).len() as u64 >= appended
+    })
+    .await;
+    recorded(store, sub)
+        .into_values()
+        .filter(|(k, _)| k == kind)
+        .map(|(_, p)| p)
         .collect()
 }
 
@@ -244,6 +266,8 @@ async fn a_message_over_the_packet_limit_on_311_is_recorded_once_and_retried_wit
     )
     .await
     .unwrap();
+    let events = Subscriber::connect(&b, "cloud-events", &t.events()).await;
+    events.wait_subscribed(1, WAIT).await;
     let cfg = cloud_config(&b, Protocol::V311, &signer);
     let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
     let link = start_link(store.clone(), cfg, &signer);
@@ -259,7 +283,7 @@ async fn a_message_over_the_packet_limit_on_311_is_recorded_once_and_retried_wit
         "wait not grown to the cap ({min:?}..{max:?})"
     );
     // Recorded once (coalesced), with the size and never the content.
-    let recorded = stored_kinds(&store, "message_too_large");
+    let recorded = recorded_kinds(&store, &events, "message_too_large").await;
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     assert_eq!(recorded[0]["limit"], INCOMING_LIMIT);
     assert!(recorded[0]["bytes"].as_u64().unwrap() > INCOMING_LIMIT as u64);
@@ -267,8 +291,6 @@ async fn a_message_over_the_packet_limit_on_311_is_recorded_once_and_retried_wit
     assert!(!recorded[0].to_string().contains("xxxx"));
     // The cloud clears the retained message: the gateway connects and stays, the event goes
     // out and commands are answered.
-    let events = Subscriber::connect(&b, "cloud-events", &t.events()).await;
-    events.wait_subscribed(1, WAIT).await;
     let results = Subscriber::connect(&b, "cloud-results", &format!("{topic}/result")).await;
     results.wait_subscribed(1, WAIT).await;
     broker::publish_qos1(b.mqtt_options("cloud-clear"), &topic, Vec::new(), true)
@@ -315,6 +337,8 @@ async fn a_message_over_the_packet_limit_on_5_is_not_sent_by_the_broker() {
     let topic = format!("{}/cmd/ping", t.base());
     let results = Subscriber::connect(&b, "cloud-results", &format!("{topic}/result")).await;
     results.wait_subscribed(1, WAIT).await;
+    let events = Subscriber::connect(&b, "cloud-events", &t.events()).await;
+    events.wait_subscribed(1, WAIT).await;
     wait_online(&b, &t).await;
     broker::publish_qos1(
         big_publisher(&b, "cloud-big"),
@@ -338,7 +362,11 @@ async fn a_message_over_the_packet_limit_on_5_is_not_sent_by_the_broker() {
     assert_eq!(json_of(&r[0])["id"], "p-1");
     // The large message never reached the gateway: same connection, nothing recorded.
     assert_eq!(link.state.attempts.load(Ordering::Relaxed), 1);
-    assert!(stored_kinds(&store, "message_too_large").is_empty());
+    assert!(
+        recorded_kinds(&store, &events, "message_too_large")
+            .await
+            .is_empty()
+    );
     println!(
         "limits: 5: a message over the announced maximum packet size was dropped by the broker; the link stayed up"
     );
@@ -362,6 +390,8 @@ async fn empty_messages_are_ignored_and_a_snapshot_on_sync_delta_is_refused() {
     results.wait_subscribed(1, WAIT).await;
     let sync = Subscriber::connect(&b, "cloud-sync", &t.sync_result()).await;
     sync.wait_subscribed(1, WAIT).await;
+    let events = Subscriber::connect(&b, "cloud-events", &t.events()).await;
+    events.wait_subscribed(1, WAIT).await;
     wait_online(&b, &t).await;
     let cloud = Subscriber::connect(&b, "cloud-pub", "none/#").await;
     let send = |topic: String, v: Vec<u8>, retain: bool| {
@@ -389,7 +419,11 @@ async fn empty_messages_are_ignored_and_a_snapshot_on_sync_delta_is_refused() {
     // The canaries' answers are the only ones: nothing for the empty messages.
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!(json_of(&r[0])["id"], "p-after-empty");
-    assert!(stored_kinds(&store, "command_refused").is_empty());
+    assert!(
+        recorded_kinds(&store, &events, "command_refused")
+            .await
+            .is_empty()
+    );
     // The snapshot on sync/delta: refused, with the reason; nothing applied.
     assert_eq!(s.len(), 1);
     let refused = json_of(&s[0]);
@@ -404,7 +438,7 @@ async fn empty_messages_are_ignored_and_a_snapshot_on_sync_delta_is_refused() {
             .contains("sync/snapshot")
     );
     assert_eq!(store.site().version, 0);
-    let refusals = stored_kinds(&store, "sync_refused");
+    let refusals = recorded_kinds(&store, &events, "sync_refused").await;
     assert_eq!(refusals.len(), 1);
     assert!(
         refusals[0]["reason"]
