@@ -66,6 +66,12 @@ pub enum EventKind {
     BatteryLow,
     /// A BTHome button was pressed.
     Button,
+    /// An event whose message is over the packet limit, sent in its place with the same `id`
+    /// and `seq` (payload: `original_kind`, `original_bytes`). Only ever on the wire.
+    EventUnpublishable,
+    /// The broker sent a message over the packet size the gateway takes in (MQTT 3.1.1); the
+    /// connection was dropped (payload: `bytes`, `limit`, `protocol`, `occurrences`).
+    MessageTooLarge,
 }
 
 impl EventKind {
@@ -102,6 +108,8 @@ impl EventKind {
             EventKind::LockStateChanged => "lock_state_changed",
             EventKind::BatteryLow => "battery_low",
             EventKind::Button => "button",
+            EventKind::EventUnpublishable => "event_unpublishable",
+            EventKind::MessageTooLarge => "message_too_large",
         }
     }
 

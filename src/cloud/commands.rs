@@ -16,12 +16,13 @@
 //! Each check either passes or ends handling with a result whose `status` is `malformed` or
 //! `refused` and whose `reason` is the stable word in brackets ([`Reason`]):
 //!
-//! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; nothing is parsed,
-//!    so the result carries no id);
+//! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; only the envelope's
+//!    `payload` is looked for and its first `max_bytes` decoded, for an id to echo);
 //! 2. it is a JSON object with a string `payload` (`malformed`, `not_json`);
 //! 3. `payload` is base64url of a JSON object (`malformed`, `bad_payload`); from here on the
 //!    result echoes the payload's `id` whenever one can be read, even from a payload that is
-//!    cut short or otherwise invalid;
+//!    cut short or otherwise invalid (an id over [`MAX_ID_LEN`] bytes is cut to it, with
+//!    `id_truncated`);
 //! 4. `signature` is present and is base64url of 64 bytes (`refused`, `unsigned`);
 //! 5. the signature verifies (`refused`, `bad_signature`);
 //! 6. `v` is 1 (`malformed`, `unsupported_version`);
@@ -236,8 +237,13 @@ impl Refusal {
 
     /// The result to publish; `name` is the topic's command name.
     pub fn to_result(&self, name: &str, at: DateTime<Utc>) -> CommandResult {
+        let (id, id_truncated) = match &self.id {
+            Some(id) if id.len() > MAX_ID_LEN => (Some(cut_id(id).to_string()), Some(true)),
+            id => (id.clone(), None),
+        };
         CommandResult {
-            id: self.id.clone(),
+            id,
+            id_truncated,
             name: name.to_string(),
             status: self.status().as_str().to_string(),
             reason: Some(self.reason.as_str().to_string()),
@@ -269,8 +275,10 @@ impl<'de> Visitor<'de> for IdProbe<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<String>()? {
             if key == "id" && self.0.is_none() {
+                // Kept whatever its length (the text it comes from is bounded): a result shows
+                // an over-long id cut, with `id_truncated`.
                 if let Value::String(s) = map.next_value::<Value>()?
-                    && s.len() <= MAX_ID_LEN
+                    && !s.is_empty()
                 {
                     *self.0 = Some(s);
                 }
@@ -280,6 +288,50 @@ impl<'de> Visitor<'de> for IdProbe<'_> {
         }
         Ok(())
     }
+}
+
+/// An id cut to [`MAX_ID_LEN`] bytes at a character boundary.
+fn cut_id(id: &str) -> &str {
+    let mut end = MAX_ID_LEN.min(id.len());
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
+}
+
+/// The id of a message too large to be read whole: the envelope is scanned for its `payload`
+/// string (nothing else is kept), and only the first `max_bytes` of the payload are decoded.
+fn probe_large_id(bytes: &[u8], max_bytes: usize) -> Option<String> {
+    struct Payload<'a, 'de>(&'a mut Option<&'de str>);
+    impl<'de> DeserializeSeed<'de> for Payload<'_, 'de> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Payload<'_, 'de> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<&'de str>()? {
+                if key == "payload" && self.0.is_none() {
+                    *self.0 = Some(map.next_value::<&'de str>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut payload = None;
+    let _ = Payload(&mut payload).deserialize(&mut serde_json::Deserializer::from_slice(bytes));
+    let b64 = payload?.trim();
+    // Whole groups of 4 characters decode without padding.
+    let take = (max_bytes.div_ceil(3) * 4).min(b64.len() / 4 * 4);
+    let prefix = URL_SAFE_NO_PAD.decode(b64.get(..take)?).ok()?;
+    probe_id(&prefix)
 }
 
 fn probe_id(payload: &[u8]) -> Option<String> {
@@ -300,10 +352,12 @@ pub fn verify(
 ) -> Result<Command, Refusal> {
     use Reason::*;
     if bytes.len() > max_bytes {
-        return Err(Refusal::new(TooLarge, None).detail(format!(
-            "{} bytes, at most {max_bytes} accepted",
-            bytes.len()
-        )));
+        return Err(
+            Refusal::new(TooLarge, probe_large_id(bytes, max_bytes)).detail(format!(
+                "{} bytes, at most {max_bytes} accepted",
+                bytes.len()
+            )),
+        );
     }
     let envelope: serde_json::Map<String, Value> =
         serde_json::from_slice(bytes).map_err(|_| Refusal::new(NotJson, None))?;
@@ -945,6 +999,7 @@ fn result(
 ) -> CommandResult {
     CommandResult {
         id: Some(id.to_string()),
+        id_truncated: None,
         name: name.to_string(),
         status: status.to_string(),
         reason: reason.map(str::to_string),

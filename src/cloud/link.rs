@@ -18,13 +18,17 @@
 //! in the order they were requested; a FIFO of what was requested (an event's sequence number, or
 //! nothing for status and results) turns that into `pkid -> seq`, and `PubAck(pkid)` into a delete.
 //!
+//! No record can block the outbox: one whose message is over the connection's packet limit is
+//! published as an `event_unpublishable` marker with its id and seq ([`limits`]) and deleted on
+//! its PUBACK like any event.
+//!
 //! At risk: nothing that was appended. A crash between a PUBACK and the (unflushed) delete only
 //! sends that event again. The event loop is polled by this task alone and never waits on
 //! anything else: publishing uses `try_publish`, snapshots are applied on a blocking thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -36,8 +40,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::commands::{self, Effect, Outcome};
+use crate::cloud::limits::{self, TooLargeLog};
 use crate::cloud::messages::{EventMessage, SnapshotChunk, Status, SyncResult, Topics};
-use crate::cloud::mqtt::{self, Client, Ev, Loop};
+use crate::cloud::mqtt::{self, Client, Ev, Loop, PollError};
 use crate::config::{CloudConfig, Transport};
 use crate::events::EventKind;
 use crate::store::{Applied, ApplyError, Store};
@@ -192,6 +197,10 @@ const MAX_SNAPSHOT_PARTS: u32 = 65_536;
 #[derive(Debug, Default)]
 pub struct LinkState {
     pub connected: AtomicBool,
+    /// Connections tried since the link started.
+    pub attempts: AtomicU64,
+    /// The reconnection wait before jitter (the next wait is drawn in 50-100 % of it), in ms.
+    pub delay_ms: AtomicU64,
 }
 
 pub struct CloudLink {
@@ -210,11 +219,18 @@ pub struct CloudLink {
     /// Final command results reached while no session could publish them (a sleeping lock's
     /// unlock finished as the connection dropped): published first on the next session.
     unsent: Arc<std::sync::Mutex<Vec<Outcome>>>,
+    /// `message_too_large` events, coalesced.
+    too_large: std::sync::Mutex<TooLargeLog>,
 }
 
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// The broker sent a packet over the incoming limit (MQTT 3.1.1 cannot tell it the limit).
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
 }
 
 /// A publish requested from rumqttc, in order: an event (its sequence number) or anything else.
@@ -231,6 +247,8 @@ struct Outbox {
     window: usize,
     /// The database epoch (for event ids), read once per session.
     epoch: String,
+    /// The largest packet this connection may send ([`limits::outgoing_limit`]).
+    max_packet: usize,
 }
 
 /// Snapshot parts being assembled.
@@ -266,6 +284,7 @@ impl CloudLink {
             devices: None,
             ble: None,
             unsent: Arc::default(),
+            too_large: Default::default(),
         }
     }
 
@@ -284,6 +303,25 @@ impl CloudLink {
 
     pub fn topics(&self) -> &Topics {
         &self.topics
+    }
+
+    /// The broker sent a packet over the incoming limit: recorded (coalesced), never its content.
+    fn message_too_large(&self, bytes: usize, max: usize) {
+        tracing::warn!(
+            bytes,
+            max,
+            "the broker sent a message larger than the gateway takes in: connection dropped"
+        );
+        let due = self
+            .too_large
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(std::time::Instant::now(), bytes, max, self.cfg.protocol);
+        if let Some(payload) = due
+            && let Err(e) = crate::daemon::record(&self.store, EventKind::MessageTooLarge, payload)
+        {
+            tracing::error!("recording message_too_large: {e:#}");
+        }
     }
 
     fn status(&self, online: bool) -> Status {
@@ -324,7 +362,8 @@ impl CloudLink {
             inflight: c.inflight,
             // Large enough for snapshot chunks; commands are held to max_message_bytes by the
             // handler, which answers `malformed` rather than losing the connection.
-            max_packet_bytes: c.max_message_bytes.max(16 << 20) * 2,
+            max_incoming_bytes: limits::incoming_limit(c.max_message_bytes),
+            max_outgoing_bytes: limits::MAX_OUTGOING_PACKET,
             will: (
                 self.topics.status(),
                 serde_json::to_vec(&self.status(false))?,
@@ -342,16 +381,27 @@ impl CloudLink {
                 return;
             }
             let mut connected = false;
+            self.state.attempts.fetch_add(1, Ordering::Relaxed);
             let end = self.session_once(&shutdown, &mut connected).await;
             self.state.connected.store(false, Ordering::Relaxed);
+            // A connection that reached CONNACK resets the wait, unless the broker ended it by
+            // sending what the gateway cannot take (it may do so again at once: retained).
+            let mut healthy = connected;
             match end {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Lost(why)) => tracing::warn!("cloud connection lost: {why}"),
+                Ok(SessionEnd::TooLarge { bytes, max }) => {
+                    healthy = false;
+                    self.message_too_large(bytes, max);
+                }
                 Err(e) => tracing::warn!("cloud connection failed: {e:#}"),
             }
-            if connected {
+            if healthy {
                 delay = self.cfg.reconnect_min;
             }
+            self.state
+                .delay_ms
+                .store(delay.as_millis() as u64, Ordering::Relaxed);
             let wait = jitter(delay);
             tracing::info!(
                 broker = %format!("{}:{}", self.cfg.host, self.cfg.port),
@@ -378,7 +428,7 @@ impl CloudLink {
             r = tokio::time::timeout(self.cfg.keep_alive.max(Duration::from_secs(5)), wait_connack(&mut el)) => r,
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
-        connack.context("no CONNACK in time")??;
+        let broker_max = connack.context("no CONNACK in time")??;
         *connected = true;
         self.state.connected.store(true, Ordering::Relaxed);
         // Events numbered below this were recorded before this connection: `historical`.
@@ -390,6 +440,7 @@ impl CloudLink {
             acked: Vec::new(),
             window: (self.cfg.inflight as usize).min(REQUEST_CAPACITY / 2),
             epoch: self.store.epoch(),
+            max_packet: limits::outgoing_limit(broker_max),
         };
         let mut filters = vec![self.topics.sync_snapshot(), self.topics.sync_delta()];
         if self.commands.is_some() {
@@ -490,7 +541,8 @@ impl CloudLink {
                         self.incoming(&client, &mut out, &topic, payload, &mut assembly, &job_tx, &cmd_job_tx)?;
                     }
                     Ok(_) => {}
-                    Err(e) => return Ok(SessionEnd::Lost(e)),
+                    Err(PollError::TooLarge { bytes, max }) => return Ok(SessionEnd::TooLarge { bytes, max }),
+                    Err(PollError::Other(e)) => return Ok(SessionEnd::Lost(e)),
                 },
                 Some(result) = sync_rx.recv() => {
                     self.publish(&client, &mut out, self.topics.sync_result(), false, &result)?;
@@ -513,9 +565,14 @@ impl CloudLink {
                 } => {
                     // Queue full: the request is dropped; the lock operation gets no answer and
                     // falls back to the offline unlock.
-                    match client.try_publish(self.topics.ble_unlock_request(), false, req) {
-                        Ok(()) => out.requested.push_back(None),
-                        Err(e) => tracing::warn!("BLE unlock request not sent: {e}"),
+                    let topic = self.topics.ble_unlock_request();
+                    if client.packet_size(topic.len(), req.len()) > out.max_packet {
+                        tracing::warn!("BLE unlock request too large: not sent");
+                    } else {
+                        match client.try_publish(topic, false, req) {
+                            Ok(()) => out.requested.push_back(None),
+                            Err(e) => tracing::warn!("BLE unlock request not sent: {e}"),
+                        }
                     }
                 }
                 Some(device) = async {
@@ -594,8 +651,20 @@ impl CloudLink {
         for (seq, stored) in records {
             // The stored record is an `Event` object; the message is the same object with the
             // event's `id` and `historical` added (no parse, no re-serialisation).
-            let bytes = event_message(epoch, seq, seq < connected_at, &stored);
-            match client.try_publish(self.topics.events(), false, bytes) {
+            let historical = seq < connected_at;
+            let mut bytes = event_message(epoch, seq, historical, &stored);
+            let topic = self.topics.events();
+            if client.packet_size(topic.len(), bytes.len()) > out.max_packet {
+                // Never sendable: a marker with its id and seq takes its place (docs/events.md).
+                tracing::warn!(
+                    seq,
+                    bytes = bytes.len(),
+                    max_packet = out.max_packet,
+                    "event too large to publish: sent as event_unpublishable"
+                );
+                bytes = limits::unpublishable(epoch, seq, historical, &stored);
+            }
+            match client.try_publish(topic, false, bytes) {
                 Ok(()) => {
                     out.requested.push_back(Some(seq));
                     out.cursor = seq + 1;
@@ -619,6 +688,11 @@ impl CloudLink {
         let mut left = states.into_iter();
         for (id, state) in left.by_ref() {
             let bytes = serde_json::to_vec(&state).unwrap_or_default();
+            let topic = self.topics.device_state(&id);
+            if client.packet_size(topic.len(), bytes.len()) > out.max_packet {
+                tracing::warn!(device = %id, "device state too large to publish: not sent");
+                continue;
+            }
             if client
                 .try_publish(self.topics.device_state(&id), true, bytes)
                 .is_err()
@@ -640,6 +714,16 @@ impl CloudLink {
         msg: &T,
     ) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(msg)?;
+        if client.packet_size(topic.len(), bytes.len()) > out.max_packet {
+            // Sending it would end the connection; nothing the gateway publishes besides events
+            // grows with input (results carry bounded ids), so this is only a guard.
+            tracing::error!(
+                topic,
+                bytes = bytes.len(),
+                "message too large to publish: not sent"
+            );
+            return Ok(());
+        }
         client
             .try_publish(topic, retain, bytes)
             .map_err(|e| anyhow::anyhow!("publishing: {e}"))?;
@@ -674,6 +758,11 @@ impl CloudLink {
         sync_jobs: &std::sync::mpsc::Sender<(Vec<u8>, Option<String>)>,
         cmd_jobs: &std::sync::mpsc::Sender<CmdJob>,
     ) -> anyhow::Result<()> {
+        if payload.is_empty() {
+            // How MQTT clears a retained message: nothing to act on or answer.
+            tracing::debug!(topic, "empty message ignored");
+            return Ok(());
+        }
         if let Some(name) = self.topics.command_name(topic) {
             match &self.commands {
                 Some(_) => {
@@ -738,10 +827,11 @@ fn event_message(epoch: &str, seq: u64, historical: bool, stored: &[u8]) -> Vec<
     }
 }
 
-async fn wait_connack(el: &mut Loop) -> anyhow::Result<()> {
+/// Waits for the broker's CONNACK; returns the Maximum Packet Size it announced (MQTT 5).
+async fn wait_connack(el: &mut Loop) -> anyhow::Result<Option<u32>> {
     loop {
-        match el.poll().await.map_err(anyhow::Error::msg)? {
-            Ev::ConnAck(Ok(())) => return Ok(()),
+        match el.poll().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            Ev::ConnAck(Ok(max)) => return Ok(max),
             Ev::ConnAck(Err(code)) => anyhow::bail!("broker refused the connection: {code}"),
             _ => continue,
         }
@@ -847,12 +937,30 @@ fn record_effects(store: &Store, outcomes: &[Outcome]) {
 }
 
 /// Parses and applies a snapshot or delta; records the outcome as an event; says what happened.
+/// `id` is the transfer id of a document assembled from `sync/snapshot` parts, `None` for one
+/// from `sync/delta`: the topic decides what is accepted (a snapshot only in parts, with its
+/// SHA-256; a delta only on `sync/delta`).
 pub fn apply_document(store: &Store, doc: &[u8], id: Option<String>) -> SyncResult {
     let record = |kind: EventKind, payload: serde_json::Value| {
         if let Err(e) = crate::daemon::record(store, kind, payload) {
             tracing::error!("recording a sync outcome: {e:#}");
         }
     };
+    if let Some((kind, reason)) = wrong_topic(doc, id.is_some()) {
+        record(
+            EventKind::SyncRefused,
+            json!({"kind": kind, "reason": reason, "source": "mqtt"}),
+        );
+        tracing::warn!(kind, "sync refused: {reason}");
+        return SyncResult {
+            status: "refused".into(),
+            kind: Some(kind.into()),
+            id,
+            version: None,
+            current_version: store.site().version,
+            reason: Some(reason.into()),
+        };
+    }
     let msg = match sync::parse(doc) {
         Ok(m) => m,
         Err(e) => {
@@ -917,5 +1025,26 @@ pub fn apply_document(store: &Store, doc: &[u8], id: Option<String>) -> SyncResu
                 reason: Some(e.to_string()),
             }
         }
+    }
+}
+
+/// A document of the wrong kind for its topic: its kind and why it is refused. Only the
+/// header's `kind` is read (the rest is skipped), before anything is parsed for real.
+fn wrong_topic(doc: &[u8], from_snapshot_topic: bool) -> Option<(&'static str, &'static str)> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        kind: Option<String>,
+    }
+    let kind = serde_json::from_slice::<Head>(doc).ok()?.kind?;
+    match (kind.as_str(), from_snapshot_topic) {
+        ("snapshot", false) => Some((
+            "snapshot",
+            "a snapshot on sync/delta is refused: send snapshots in parts on sync/snapshot",
+        )),
+        ("delta", true) => Some((
+            "delta",
+            "a delta on sync/snapshot is refused: send deltas on sync/delta",
+        )),
+        _ => None,
     }
 }

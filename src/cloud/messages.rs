@@ -183,6 +183,10 @@ pub struct CommandResult {
     /// The command's id; absent only for a `malformed` command whose id could not be read.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
+    /// `true` when the command's id was longer than 128 bytes: `id` is then its first bytes
+    /// (at most 128, cut at a character boundary); match it as a prefix.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id_truncated: Option<bool>,
     pub name: String,
     /// `done`, `queued`, `refused`, `failed`, `expired` or `malformed`.
     pub status: String,

@@ -19,7 +19,13 @@ pub struct Settings {
     pub port: u16,
     pub keep_alive: Duration,
     pub inflight: u16,
-    pub max_packet_bytes: usize,
+    /// The largest packet the gateway takes in. With MQTT 5 it is advertised in CONNECT
+    /// (Maximum Packet Size), so the broker does not send anything larger; with 3.1.1 the broker
+    /// cannot be told, and a larger packet ends the connection ([`PollError::TooLarge`]).
+    pub max_incoming_bytes: usize,
+    /// The largest packet the gateway sends (before any lower limit the broker announces in an
+    /// MQTT 5 CONNACK).
+    pub max_outgoing_bytes: usize,
     /// Last will: topic and payload, QoS 1, retained.
     pub will: (String, Vec<u8>),
     /// Mutual TLS, or plain TCP when `None`.
@@ -38,7 +44,8 @@ pub enum Loop {
 
 /// The events the link acts on; everything else is `Other`.
 pub enum Ev {
-    ConnAck(Result<(), String>),
+    /// The broker's answer; on success, the Maximum Packet Size of an MQTT 5 CONNACK, if any.
+    ConnAck(Result<Option<u32>, String>),
     /// A publish was written to the network with this packet id (in request order).
     Written(u16),
     PubAck(u16),
@@ -48,6 +55,71 @@ pub enum Ev {
     },
     Disconnected,
     Other,
+}
+
+/// Why polling stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollError {
+    /// A packet from the broker was larger than the gateway takes in (`bytes` as the packet's
+    /// header announced them, without reading them).
+    TooLarge { bytes: usize, max: usize },
+    /// Anything else: the connection is gone.
+    Other(String),
+}
+
+impl std::fmt::Display for PollError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PollError::TooLarge { bytes, max } => write!(
+                f,
+                "the broker sent a packet of {bytes} bytes, larger than the {max} bytes the \
+                 gateway takes in"
+            ),
+            PollError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+fn v4_error(e: rumqttc::ConnectionError, max: usize) -> PollError {
+    use rumqttc::{ConnectionError, StateError};
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
+        )) => PollError::TooLarge { bytes, max },
+        e => PollError::Other(e.to_string()),
+    }
+}
+
+fn v5_error(e: rumqttc::v5::ConnectionError, max: usize) -> PollError {
+    use rumqttc::v5::mqttbytes::Error;
+    use rumqttc::v5::{ConnectionError, StateError};
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            Error::PayloadSizeLimitExceeded { pkt_size, .. },
+        )) => PollError::TooLarge {
+            bytes: pkt_size,
+            max,
+        },
+        e => PollError::Other(e.to_string()),
+    }
+}
+
+/// The size on the wire of a QoS 1 PUBLISH of `payload` bytes on a topic of `topic` bytes,
+/// without properties: fixed header (type byte and remaining length), topic, packet id,
+/// (MQTT 5) the properties' length, payload.
+pub fn publish_packet_size(protocol: Protocol, topic: usize, payload: usize) -> usize {
+    let props = match protocol {
+        Protocol::V311 => 0,
+        Protocol::V5 => 1,
+    };
+    let remaining = 2 + topic + 2 + props + payload;
+    let len_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_bytes + remaining
 }
 
 /// Creates a client and its event loop (a fresh session: clean start).
@@ -60,7 +132,7 @@ pub fn connect(s: &Settings, capacity: usize) -> (Client, Loop) {
             // Headroom above the link's window for status and command results, so that rumqttc
             // never holds a publish back (which would reorder what it reports as written).
             o.set_inflight(s.inflight.saturating_add(INFLIGHT_HEADROOM));
-            o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
+            o.set_max_packet_size(s.max_incoming_bytes, s.max_outgoing_bytes);
             o.set_last_will(rumqttc::LastWill::new(
                 &s.will.0,
                 s.will.1.clone(),
@@ -82,7 +154,11 @@ pub fn connect(s: &Settings, capacity: usize) -> (Client, Loop) {
             o.set_keep_alive(s.keep_alive);
             o.set_clean_start(true);
             o.set_outgoing_inflight_upper_limit(s.inflight.saturating_add(INFLIGHT_HEADROOM));
-            o.set_max_packet_size(Some(s.max_packet_bytes as u32));
+            // Sent in CONNECT: the broker must not send a larger packet (it drops it instead).
+            // rumqttc limits what it sends by the broker's CONNACK value, when there is one.
+            o.set_max_packet_size(Some(
+                u32::try_from(s.max_incoming_bytes).unwrap_or(u32::MAX),
+            ));
             o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                 &s.will.0,
                 s.will.1.clone(),
@@ -111,6 +187,15 @@ fn network_options() -> rumqttc::NetworkOptions {
 }
 
 impl Client {
+    /// The size on the wire of a publish of `payload` bytes on a topic of `topic` bytes.
+    pub fn packet_size(&self, topic: usize, payload: usize) -> usize {
+        let protocol = match self {
+            Client::V4(_) => Protocol::V311,
+            Client::V5(_) => Protocol::V5,
+        };
+        publish_packet_size(protocol, topic, payload)
+    }
+
     /// Queues a QoS 1 publish without waiting (fails when rumqttc's queue is full).
     pub fn try_publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> Result<(), String> {
         match self {
@@ -148,14 +233,15 @@ impl Client {
 }
 
 impl Loop {
-    pub async fn poll(&mut self) -> Result<Ev, String> {
+    pub async fn poll(&mut self) -> Result<Ev, PollError> {
         match self {
             Loop::V4(l) => {
                 use rumqttc::{Event, Packet};
-                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                let max = l.mqtt_options.max_packet_size();
+                Ok(match l.poll().await.map_err(|e| v4_error(e, max))? {
                     Event::Incoming(Packet::ConnAck(a)) => {
                         Ev::ConnAck(if a.code == rumqttc::ConnectReturnCode::Success {
-                            Ok(())
+                            Ok(None)
                         } else {
                             Err(format!("{:?}", a.code))
                         })
@@ -173,10 +259,11 @@ impl Loop {
             Loop::V5(l) => {
                 use rumqttc::v5::Event;
                 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
-                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                let max = l.options.max_packet_size().unwrap_or(u32::MAX) as usize;
+                Ok(match l.poll().await.map_err(|e| v5_error(e, max))? {
                     Event::Incoming(Packet::ConnAck(a)) => {
                         Ev::ConnAck(if a.code == ConnectReturnCode::Success {
-                            Ok(())
+                            Ok(a.properties.as_ref().and_then(|p| p.max_packet_size))
                         } else {
                             Err(format!("{:?}", a.code))
                         })
