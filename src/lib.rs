@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod devstate;
 pub mod events;
 pub mod policy;
+pub mod redact;
 pub mod rs485;
 pub mod site;
 pub mod store;

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 const DEMO_SEED: [u8; 32] = [7; 32];
 const DEMO_PUBLIC: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
 /// The payload bytes of the worked example, exactly as signed.
-const EXAMPLE_PAYLOAD: &str = r#"{"v":1,"id":"c7d1f0a2-5b9e-4c3a-8f61-0d2e4b7a9c15","name":"unlock","issued_at":"2026-11-23T21:15:00Z","expires_at":"2026-11-23T21:17:00Z","target":{"unit":"A-101"}}"#;
+const EXAMPLE_PAYLOAD: &str = r#"{"v":2,"site":"site-0042","gateway":"gw-1","id":"c7d1f0a2-5b9e-4c3a-8f61-0d2e4b7a9c15","name":"unlock","issued_at":"2026-11-23T21:15:00Z","expires_at":"2026-11-23T21:17:00Z","target":{"unit":"A-101"}}"#;
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)

@@ -116,7 +116,7 @@ fn temporary_code_worked_example() {
 fn sync_md_vectors_work_against_the_example_site() {
     use gatehouse::policy::{self, Context, Direction, Presented, Reason, Request, Target};
 
-    const KEY: &str = r#"{"payload":"eyJ2IjoxLCJrZXlfaWQiOiJkay1hbGljZS0xIiwidXNlciI6ImFsaWNlIiwidW5pdHMiOlsiQS0xMDEiXSwiZW50cmllcyI6WyJnYXRlLTEiXSwiaXNzdWVkX2F0IjoiMjAyNi0xMS0yM1QxMjowMDowMFoiLCJub3RfYmVmb3JlIjoiMjAyNi0xMS0yM1QxMTo1OTowMFoiLCJleHBpcmVzX2F0IjoiMjAyNi0xMS0yM1QyMDowMDowMFoifQ","signature":"MOp79XUCQLfQIj94cpY-lIcSPxi9sdKHE9u6faBd1gwWwvoIVBKU0SWJRWLzsvyGb6a19C3Sir18IW6N4uGCDQ"}"#;
+    const KEY: &str = r#"{"payload":"eyJ2IjoyLCJzaXRlIjoic2l0ZS0wMDQyIiwia2V5X2lkIjoiZGstYWxpY2UtMSIsInVzZXIiOiJhbGljZSIsInVuaXRzIjpbIkEtMTAxIl0sImVudHJpZXMiOlsiZ2F0ZS0xIl0sImlzc3VlZF9hdCI6IjIwMjYtMTEtMjNUMTI6MDA6MDBaIiwibm90X2JlZm9yZSI6IjIwMjYtMTEtMjNUMTE6NTk6MDBaIiwiZXhwaXJlc19hdCI6IjIwMjYtMTEtMjNUMjA6MDA6MDBaIn0","signature":"yuxuOB-zegcFJHXD5hW7QHitd_CJjycyHqfhvp16CS0EfNVEWHVJpdmW5Bq0h74ajM_vf3HshAp3fD9qxp0oCw"}"#;
     const PUBLIC: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
     let doc = read("docs/sync.md");
     assert!(doc.contains(KEY) && doc.contains(PUBLIC));

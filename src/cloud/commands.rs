@@ -85,13 +85,16 @@ use serde::Serialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use super::messages::{COMMAND_CONTEXT, Command, CommandResult, CommandTarget, SignedCommand};
+use super::messages::{
+    COMMAND_CONTEXT, COMMAND_VERSION, Command, CommandResult, CommandTarget, SignedCommand,
+};
 use crate::site::Tables;
 use crate::store::Store;
 
-/// Longest command id accepted, in bytes.
+/// Longest command id accepted, in characters (Unicode scalar values, as JSON Schema's
+/// `maxLength` counts them).
 pub const MAX_ID_LEN: usize = 128;
-/// Longest `note` of an emergency unlock, in bytes.
+/// Longest `note` of an emergency unlock, in characters (as [`MAX_ID_LEN`]).
 pub const MAX_NOTE_LEN: usize = 500;
 /// Commands waiting for sleeping devices, at most (more are refused as `queue_full`).
 pub const MAX_PENDING: usize = 256;
@@ -136,8 +139,10 @@ pub enum Reason {
     Unsigned,
     /// The signature does not verify with the cloud's command key.
     BadSignature,
-    /// `v` is not 1 (malformed).
+    /// `v` is not [`COMMAND_VERSION`] (malformed).
     UnsupportedVersion,
+    /// `site` or `gateway` is not this gateway's (the command is for another gateway).
+    WrongGateway,
     /// `name` differs from the topic's name.
     NameMismatch,
     /// `expires_at` has passed.
@@ -175,6 +180,7 @@ impl Reason {
             Reason::Unsigned => "unsigned",
             Reason::BadSignature => "bad_signature",
             Reason::UnsupportedVersion => "unsupported_version",
+            Reason::WrongGateway => "wrong_gateway",
             Reason::NameMismatch => "name_mismatch",
             Reason::Expired => "expired",
             Reason::IssuedInFuture => "issued_in_future",
@@ -270,7 +276,7 @@ impl<'de> Visitor<'de> for IdProbe<'_> {
         while let Some(key) = map.next_key::<String>()? {
             if key == "id" && self.0.is_none() {
                 if let Value::String(s) = map.next_value::<Value>()?
-                    && s.len() <= MAX_ID_LEN
+                    && s.chars().count() <= MAX_ID_LEN
                 {
                     *self.0 = Some(s);
                 }
@@ -289,15 +295,16 @@ fn probe_id(payload: &[u8]) -> Option<String> {
 }
 
 /// Checks a command message in the order given in the module docs and returns the authentic
-/// command. `topic_name` is the `<name>` of the `cmd/<name>` topic it came on.
+/// command. `topic_name` is the `<name>` of the `cmd/<name>` topic it came on; `cfg` gives the
+/// command key, this gateway's site and gateway ids (the audience a command must name), the
+/// allowed clock skew and the size limit.
 pub fn verify(
     bytes: &[u8],
     topic_name: &str,
-    public: &VerifyingKey,
+    cfg: &CommandConfig,
     now: DateTime<Utc>,
-    max_skew: Duration,
-    max_bytes: usize,
 ) -> Result<Command, Refusal> {
+    let (public, max_skew, max_bytes) = (&cfg.public, cfg.max_skew, cfg.max_bytes);
     use Reason::*;
     if bytes.len() > max_bytes {
         return Err(Refusal::new(TooLarge, None).detail(format!(
@@ -317,7 +324,7 @@ pub fn verify(
     let id = probe_id(&payload);
     let refuse = |reason: Reason| Refusal::new(reason, id.clone());
     let object: serde_json::Map<String, Value> = serde_json::from_slice(&payload)
-        .map_err(|e| refuse(BadPayload).detail(format!("payload: {e}")))?;
+        .map_err(|e| refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde(&e))))?;
 
     let signature = envelope
         .get("signature")
@@ -333,21 +340,36 @@ pub fn verify(
         .map_err(|_| refuse(BadSignature))?;
 
     match object.get("v") {
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(COMMAND_VERSION)) => {}
         Some(Value::Number(n)) => {
-            return Err(refuse(UnsupportedVersion).detail(format!("v {n}, this gateway reads 1")));
+            let n = n.as_u64().map_or_else(|| "other".to_string(), |n| n.to_string());
+            return Err(refuse(UnsupportedVersion).detail(format!(
+                "v {n}, this gateway reads {COMMAND_VERSION} (commands name their site and gateway)"
+            )));
         }
         _ => return Err(refuse(BadPayload).detail("`v` is missing or not a number")),
     }
     let cmd: Command = serde_json::from_value(Value::Object(object))
-        .map_err(|e| refuse(BadPayload).detail(format!("payload: {e}")))?;
-    if cmd.id.is_empty() || cmd.id.len() > MAX_ID_LEN {
-        return Err(refuse(BadPayload).detail(format!("id must be 1 to {MAX_ID_LEN} bytes")));
+        .map_err(|e| refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde(&e))))?;
+    let id_chars = cmd.id.chars().count();
+    if id_chars == 0 || id_chars > MAX_ID_LEN {
+        return Err(refuse(BadPayload).detail(format!("id must be 1 to {MAX_ID_LEN} characters")));
+    }
+    // The audience, before anything else: a command for another site or gateway is not ours.
+    if cmd.site != cfg.site || cmd.gateway != cfg.gateway {
+        return Err(refuse(WrongGateway).detail(format!(
+            "the command is for site {} gateway {}, this is site {} gateway {}",
+            crate::redact::excerpt(&cmd.site),
+            crate::redact::excerpt(&cmd.gateway),
+            crate::redact::excerpt(&cfg.site),
+            crate::redact::excerpt(&cfg.gateway),
+        )));
     }
     if cmd.name != topic_name {
         return Err(refuse(NameMismatch).detail(format!(
-            "payload names `{}`, topic `{topic_name}`",
-            cmd.name
+            "payload names {}, topic {}",
+            crate::redact::excerpt(&cmd.name),
+            crate::redact::excerpt(topic_name)
         )));
     }
     if cmd.expires_at <= now {
@@ -649,10 +671,10 @@ pub fn parse(cmd: &Command) -> Result<Request, Refusal> {
             let args = args_object(&cmd.args, &["reason", "note"], &cmd.id)?;
             let note = match args.get("note") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= MAX_NOTE_LEN => Some(s.clone()),
+                Some(Value::String(s)) if s.chars().count() <= MAX_NOTE_LEN => Some(s.clone()),
                 Some(_) => {
                     return Err(bad_args(&format!(
-                        "note must be a string of at most {MAX_NOTE_LEN} bytes"
+                        "note must be a string of at most {MAX_NOTE_LEN} characters"
                     )));
                 }
             };
@@ -1248,6 +1270,10 @@ fn expired(job: Job, now: DateTime<Utc>) -> Outcome {
 pub struct CommandConfig {
     /// The cloud's command key.
     pub public: VerifyingKey,
+    /// This gateway's site id (`site.id` of the config): a command must name it in `site`.
+    pub site: String,
+    /// This gateway's id (`site.gateway_id`): a command must name it in `gateway`.
+    pub gateway: String,
     /// How far in the future `issued_at` may be (the cloud's clock ahead of ours).
     pub max_skew: Duration,
     /// Longest message accepted, in bytes.
@@ -1258,9 +1284,11 @@ impl CommandConfig {
     pub const DEFAULT_MAX_SKEW_SECS: i64 = 60;
     pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;
 
-    pub fn new(public: VerifyingKey) -> Self {
+    pub fn new(public: VerifyingKey, site: &str, gateway: &str) -> Self {
         CommandConfig {
             public,
+            site: site.to_string(),
+            gateway: gateway.to_string(),
             max_skew: Duration::seconds(Self::DEFAULT_MAX_SKEW_SECS),
             max_bytes: Self::DEFAULT_MAX_BYTES,
         }
@@ -1288,14 +1316,7 @@ pub fn handle(
     now: DateTime<Utc>,
     cfg: &CommandConfig,
 ) -> Outcome {
-    let cmd = match verify(
-        bytes,
-        topic_name,
-        &cfg.public,
-        now,
-        cfg.max_skew,
-        cfg.max_bytes,
-    ) {
+    let cmd = match verify(bytes, topic_name, cfg, now) {
         Ok(c) => c,
         Err(refusal) => return Outcome::of(refusal.to_result(topic_name, now)),
     };

@@ -77,15 +77,7 @@ fn lane_of(job: &CmdJob, c: &Commands) -> String {
     match job {
         CmdJob::Wake(device) => format!("device:{device}"),
         CmdJob::Message(name, bytes) => {
-            let cfg = &c.cfg;
-            match commands::verify(
-                bytes,
-                name,
-                &cfg.public,
-                Utc::now(),
-                cfg.max_skew,
-                cfg.max_bytes,
-            ) {
+            match commands::verify(bytes, name, &c.cfg, Utc::now()) {
                 Ok(cmd) => match cmd.target {
                     Some(t) => match (t.unit, t.entry, t.device) {
                         (Some(u), _, _) => format!("unit:{u}"),

@@ -145,11 +145,21 @@ pub struct SignedCommand {
 
 pub const COMMAND_CONTEXT: &[u8] = b"gatehouse-command-v1\0";
 
+/// The `v` of the commands this gateway reads. Version 1 (no `site`/`gateway`) is refused as
+/// `unsupported_version`.
+pub const COMMAND_VERSION: u32 = 2;
+
 /// What a command asks, inside the signed payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
+    /// [`COMMAND_VERSION`].
     pub v: u32,
+    /// The site the command is for: the gateway's configured `site.id`. A command names its
+    /// audience so that one captured at one site cannot be replayed at another.
+    pub site: String,
+    /// The gateway the command is for: the gateway's configured `site.gateway_id`.
+    pub gateway: String,
     /// Unique per command; results echo it; replays of it are refused.
     pub id: String,
     /// Must equal the `<name>` of the topic.
