@@ -15,6 +15,8 @@
 //!
 //! Each check either passes or ends handling with a result whose `status` is `malformed` or
 //! `refused` and whose `reason` is the stable word in brackets ([`Reason`]):
+//! (no refusal's `detail` quotes a value of the payload other than short, marked excerpts of
+//! identifiers: see [`crate::redact`])
 //!
 //! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; nothing is parsed,
 //!    so the result carries no id);
@@ -24,9 +26,11 @@
 //!    cut short or otherwise invalid;
 //! 4. `signature` is present and is base64url of 64 bytes (`refused`, `unsigned`);
 //! 5. the signature verifies (`refused`, `bad_signature`);
-//! 6. `v` is 1 (`malformed`, `unsupported_version`);
+//! 6. `v` is [`COMMAND_VERSION`] (`malformed`, `unsupported_version`);
 //! 7. the payload has the fields of [`Command`], nothing more, and an `id` of 1 to
-//!    [`MAX_ID_LEN`] bytes (`malformed`, `bad_payload`);
+//!    [`MAX_ID_LEN`] characters (`malformed`, `bad_payload`);
+//! 7a. `site` and `gateway` are this gateway's ([`CommandConfig::site`], `gateway`): the
+//!    audience, checked before anything else is done (`refused`, `wrong_gateway`);
 //! 8. `name` equals the `<name>` of the topic it came on (`refused`, `name_mismatch`);
 //! 9. `expires_at > now` (`refused`, `expired`);
 //! 10. `issued_at <= now + max_skew` (`refused`, `issued_in_future`);
