@@ -238,11 +238,11 @@ mod tests {
             ),
             (
                 r#"{"credentials":[{"pin":"987654"}]}"#,
-                "credentials[0]: unknown field `pin`, expected `code` or `role`",
+                "credentials[0].pin: unknown field `pin`, expected `code` or `role`",
             ),
             (
                 r#"{"credentials":[{"987654":"x"}]}"#,
-                "credentials[0]: unknown field (not shown), expected `code` or `role`",
+                "credentials[0].?: unknown field (not shown), expected `code` or `role`",
             ),
             (
                 r#"{"credentials":[{"role":"987654"}]}"#,
