@@ -35,6 +35,34 @@ pub fn excerpt(s: &str) -> String {
     out
 }
 
+/// `msg` with every `` `quoted` `` part cut to a short [`excerpt`] (long identifiers from input,
+/// control characters). For messages that quote identifiers (record ids, times) between
+/// backticks and never a credential value.
+pub fn cut_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(512));
+    let mut parts = msg.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    let rest: Vec<&str> = parts.collect();
+    let n = rest.len();
+    for (i, part) in rest.into_iter().enumerate() {
+        if inside && i + 1 < n {
+            out.push_str(&excerpt(part));
+        } else if inside {
+            // An unpaired backtick: keep the text after it, cut.
+            out.push('`');
+            out.push_str(&excerpt(part)[1..]);
+            out.pop();
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
+}
+
 /// True for what may be quoted as a name: lowercase letters and `_`, 1 to 40 of them (field
 /// names and enum words of the contract; never a code, a card number, a hex key or a fob id,
 /// which all hold digits).
@@ -258,6 +286,17 @@ mod tests {
             assert!(!got.contains("987654"), "{got}");
             assert_eq!(got, want, "for {json}");
         }
+    }
+
+    #[test]
+    fn quoted_parts_are_cut() {
+        let long = "y".repeat(100);
+        let m = cut_quoted(&format!("user `{long}` appears twice, see `a`"));
+        assert_eq!(
+            m,
+            format!("user `{}…` (100 bytes) appears twice, see `a`", "y".repeat(32))
+        );
+        assert_eq!(cut_quoted("no quotes"), "no quotes");
     }
 
     #[test]

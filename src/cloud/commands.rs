@@ -599,7 +599,7 @@ fn args_object(
         _ => return Err(bad().detail("args must be an object")),
     };
     if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(bad().detail(format!("unknown argument `{k}`")));
+        return Err(bad().detail(format!("unknown argument {}", crate::redact::name(k))));
     }
     Ok(map)
 }

@@ -754,7 +754,12 @@ fn add_chunk(
     payload: &[u8],
 ) -> Result<Option<(String, Vec<u8>)>, String> {
     let chunk: SnapshotChunk =
-        serde_json::from_slice(payload).map_err(|e| format!("snapshot part is not valid: {e}"))?;
+        serde_json::from_slice(payload).map_err(|e| {
+            format!(
+                "snapshot part is not valid: {}",
+                crate::redact::serde(&e)
+            )
+        })?;
     if chunk.count > MAX_SNAPSHOT_PARTS {
         return Err(format!(
             "snapshot announces {} parts (at most {MAX_SNAPSHOT_PARTS})",
@@ -801,8 +806,8 @@ fn add_chunk(
     let digest = hex::encode(Sha256::digest(&doc));
     if digest != a.sha256 {
         return Err(format!(
-            "snapshot `{}` does not match its sha256 (got {digest})",
-            a.id
+            "snapshot {} does not match its sha256 (got {digest})",
+            crate::redact::excerpt(&a.id)
         ));
     }
     Ok(Some((a.id, doc)))
