@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::events::EventKind;
+use crate::policy::digital_key::KeyVerifier;
 use crate::policy::lockout::Lockouts;
 use crate::policy::{self, Context, Decision, Direction, Presented, Reason, Request, Target};
-use crate::policy::digital_key::KeyVerifier;
 use crate::store::{NewEvent, Store};
 
 /// One access attempt from a device.

@@ -294,7 +294,10 @@ mod tests {
         let m = cut_quoted(&format!("user `{long}` appears twice, see `a`"));
         assert_eq!(
             m,
-            format!("user `{}…` (100 bytes) appears twice, see `a`", "y".repeat(32))
+            format!(
+                "user `{}…` (100 bytes) appears twice, see `a`",
+                "y".repeat(32)
+            )
         );
         assert_eq!(cut_quoted("no quotes"), "no quotes");
     }

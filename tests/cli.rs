@@ -380,11 +380,23 @@ fn access_check_verifies_digital_keys_with_the_configured_public_key() {
         .starts_with("DENIED (key_wrong_site)")
     );
     let o = gatehouse(&[
-        "access", "check", "--db", db, "--key", key.to_str().unwrap(), "--public-key",
-        &demo_public, "--unit", "A-101",
+        "access",
+        "check",
+        "--db",
+        db,
+        "--key",
+        key.to_str().unwrap(),
+        "--public-key",
+        &demo_public,
+        "--unit",
+        "A-101",
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("give --site or --config"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("give --site or --config"),
+        "{}",
+        stderr(&o)
+    );
     let o = gatehouse(&[
         "access",
         "check",

@@ -251,13 +251,26 @@ fn a_command_for_another_site_or_gateway_is_refused_and_not_claimed() {
         let o = f.send(&cmd);
         assert_result(&o, "refused", Some("wrong_gateway"), Some(&id));
         assert!(o.effects.is_empty());
-        assert!(!f.claimed(&id), "the id of a command for another gateway is not used up");
+        assert!(
+            !f.claimed(&id),
+            "the id of a command for another gateway is not used up"
+        );
     }
     assert!(f.nothing_executed());
     // Checked before the name, the target and the times: nothing about it is looked at.
-    let mut cmd = command("c-aud-x", "no_such_command", json!({"unit": "nowhere"}), Value::Null);
+    let mut cmd = command(
+        "c-aud-x",
+        "no_such_command",
+        json!({"unit": "nowhere"}),
+        Value::Null,
+    );
     cmd.site = "site-a".into();
-    assert_result(&f.send(&cmd), "refused", Some("wrong_gateway"), Some("c-aud-x"));
+    assert_result(
+        &f.send(&cmd),
+        "refused",
+        Some("wrong_gateway"),
+        Some("c-aud-x"),
+    );
     // Missing audience fields: not a version 2 command.
     let payload = br#"{"v":2,"id":"c-noaud","name":"unlock","issued_at":"2026-03-01T11:59:00Z","expires_at":"2026-03-01T12:05:00Z","target":{"unit":"A-101"}}"#;
     let o = f.send_bytes(&sign_payload(payload, &f.key), "unlock");
@@ -265,7 +278,12 @@ fn a_command_for_another_site_or_gateway_is_refused_and_not_claimed() {
     assert!(f.nothing_executed());
     assert!(f.store.commands().is_empty());
     // The same command for this gateway is executed.
-    let cmd = command("c-aud-ok", "unlock", json!({"entry": "gate-1"}), Value::Null);
+    let cmd = command(
+        "c-aud-ok",
+        "unlock",
+        json!({"entry": "gate-1"}),
+        Value::Null,
+    );
     assert_result(&f.send(&cmd), "done", None, Some("c-aud-ok"));
 }
 
@@ -295,7 +313,12 @@ fn id_and_note_lengths_are_characters_as_the_schema_counts() {
     };
     let note_at = "€".repeat(500);
     assert_eq!(note_at.len(), 1500);
-    assert_result(&f.send(&emergency("c-note-at", note_at)), "done", None, Some("c-note-at"));
+    assert_result(
+        &f.send(&emergency("c-note-at", note_at)),
+        "done",
+        None,
+        Some("c-note-at"),
+    );
     let o = f.send(&emergency("c-note-over", "€".repeat(501)));
     assert_result(&o, "refused", Some("bad_args"), Some("c-note-over"));
 }

@@ -347,10 +347,10 @@ fn the_documented_signed_command_verifies() {
     let ok = commands::verify(bytes, "unlock", &cfg(public), at)
         .expect("the gateway accepts the documented command");
     assert_eq!(ok, cmd);
-    let late = commands::verify(bytes, "unlock", &cfg(public), cmd.expires_at).expect_err("expired");
+    let late =
+        commands::verify(bytes, "unlock", &cfg(public), cmd.expires_at).expect_err("expired");
     assert_eq!(late.reason.as_str(), "expired");
-    let wrong_topic =
-        commands::verify(bytes, "lock", &cfg(public), at).expect_err("name mismatch");
+    let wrong_topic = commands::verify(bytes, "lock", &cfg(public), at).expect_err("name mismatch");
     assert_eq!(wrong_topic.reason.as_str(), "name_mismatch");
     // The same bytes at another site, or at another gateway of the same site: not for them.
     for (site, gateway) in [("site-0043", "gw-1"), ("site-0042", "gw-2")] {

@@ -63,9 +63,15 @@ fn cases() -> Cases {
     let c = code();
     docs.push(("code in an array".into(), cred("code", json!([c]))));
     let c = code();
-    docs.push(("code as a number in an array".into(), cred("code", json!([num(&c)]))));
+    docs.push((
+        "code as a number in an array".into(),
+        cred("code", json!([num(&c)])),
+    ));
     let c = code();
-    docs.push(("code in an object".into(), cred("code", json!({"value": c}))));
+    docs.push((
+        "code in an object".into(),
+        cred("code", json!({"value": c})),
+    ));
     let c = code();
     docs.push((
         "code nested".into(),
@@ -77,13 +83,22 @@ fn cases() -> Cases {
         cred("code", json!(format!("{c}{c}"))),
     ));
     let c = code();
-    docs.push(("code with letters".into(), cred("code", json!(format!("{c}ab")))));
+    docs.push((
+        "code with letters".into(),
+        cred("code", json!(format!("{c}ab"))),
+    ));
     let c = code();
     docs.push(("code under `pin`".into(), cred("pin", json!(c))));
     let c = code();
-    docs.push(("code under `keypad_code`".into(), cred("keypad_code", json!(c))));
+    docs.push((
+        "code under `keypad_code`".into(),
+        cred("keypad_code", json!(c)),
+    ));
     let c = code();
-    docs.push(("code as an unknown field's name".into(), cred(&c, json!(true))));
+    docs.push((
+        "code as an unknown field's name".into(),
+        cred(&c, json!(true)),
+    ));
     let c = code();
     docs.push(("code as an unknown top-level field".into(), {
         let mut d = delta(json!({}));
@@ -161,10 +176,7 @@ fn cases() -> Cases {
         format!(r#"{{"schema_version":1,"kind":"delta","base_version":1,"version":2,"upsert":{{"credentials":[{{"id":"c","user":"alice","code":"{c}"}}]}}}} {c}"#).into_bytes(),
     ));
     let c = code();
-    docs.push((
-        "a bare code".into(),
-        c.clone().into_bytes(),
-    ));
+    docs.push(("a bare code".into(), c.clone().into_bytes()));
     // A whole site's snapshot, and a delta, each JSON-encoded twice (one JSON string).
     let snapshot = common::tenants_snapshot(5, 2000, 7_770_000_000);
     let bulk: Vec<String> = snapshot
@@ -271,7 +283,13 @@ fn file_imports_never_quote_a_code() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let db_s = db.to_str().unwrap();
-    let o = gatehouse(&["db", "import", "--db", db_s, demo_snapshot().to_str().unwrap()]);
+    let o = gatehouse(&[
+        "db",
+        "import",
+        "--db",
+        db_s,
+        demo_snapshot().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut found = Vec::new();
     for (i, (name, doc)) in c.docs.iter().enumerate() {
@@ -300,7 +318,10 @@ fn file_imports_never_quote_a_code() {
         }
     }
     // The refusals are in the event log on disk (so the search below reads them).
-    assert!(dir_contains(&db, b"sync_refused"), "no sync_refused event on disk");
+    assert!(
+        dir_contains(&db, b"sync_refused"),
+        "no sync_refused event on disk"
+    );
     found.extend(leaks_in_dir(&db, &c.secrets));
     assert!(found.is_empty(), "codes quoted:\n{}", found.join("\n"));
     println!(
@@ -375,7 +396,10 @@ async fn the_daemon_never_quotes_a_code_on_mqtt_in_its_log_or_on_disk() {
     );
     let status = t.status();
     sub.try_wait_for(
-        |m| m.iter().any(|m| m.topic == status && m.json()["online"] == true),
+        |m| {
+            m.iter()
+                .any(|m| m.topic == status && m.json()["online"] == true)
+        },
         WAIT,
     )
     .await
@@ -447,7 +471,12 @@ async fn the_daemon_never_quotes_a_code_on_mqtt_in_its_log_or_on_disk() {
         }
         let l = leaks(&m.payload, &c.secrets);
         if !l.is_empty() {
-            found.push(format!("{} quotes {} codes, e.g. {:?}", m.topic, l.len(), &l[..l.len().min(3)]));
+            found.push(format!(
+                "{} quotes {} codes, e.g. {:?}",
+                m.topic,
+                l.len(),
+                &l[..l.len().min(3)]
+            ));
         }
     }
     let _ = daemon.0.kill();
@@ -458,7 +487,10 @@ async fn the_daemon_never_quotes_a_code_on_mqtt_in_its_log_or_on_disk() {
     if !l.is_empty() {
         found.push(format!("the daemon's log quotes {l:?}"));
     }
-    assert!(dir_contains(&dir.path().join("data"), b"sync_refused"), "no sync_refused event on disk");
+    assert!(
+        dir_contains(&dir.path().join("data"), b"sync_refused"),
+        "no sync_refused event on disk"
+    );
     found.extend(leaks_in_dir(&dir.path().join("data"), &c.secrets));
     assert!(found.is_empty(), "codes quoted:\n{}", found.join("\n"));
     println!(

@@ -28,8 +28,8 @@
 //! 5. the signature verifies (`refused`, `bad_signature`);
 //! 6. `v` is [`COMMAND_VERSION`] (`malformed`, `unsupported_version`);
 //! 7. the payload has the fields of [`Command`], nothing more, and an `id` of 1 to
-//!    [`MAX_ID_LEN`] characters (`malformed`, `bad_payload`);
-//! 7a. `site` and `gateway` are this gateway's ([`CommandConfig::site`], `gateway`): the
+//!    [`MAX_ID_LEN`] characters (`malformed`, `bad_payload`); then (7a in docs/mqtt-api.md)
+//!    `site` and `gateway` are this gateway's ([`CommandConfig::site`], `gateway`): the
 //!    audience, checked before anything else is done (`refused`, `wrong_gateway`);
 //! 8. `name` equals the `<name>` of the topic it came on (`refused`, `name_mismatch`);
 //! 9. `expires_at > now` (`refused`, `expired`);
@@ -346,7 +346,9 @@ pub fn verify(
     match object.get("v") {
         Some(Value::Number(n)) if n.as_u64() == Some(u64::from(COMMAND_VERSION)) => {}
         Some(Value::Number(n)) => {
-            let n = n.as_u64().map_or_else(|| "other".to_string(), |n| n.to_string());
+            let n = n
+                .as_u64()
+                .map_or_else(|| "other".to_string(), |n| n.to_string());
             return Err(refuse(UnsupportedVersion).detail(format!(
                 "v {n}, this gateway reads {COMMAND_VERSION} (commands name their site and gateway)"
             )));

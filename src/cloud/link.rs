@@ -753,13 +753,8 @@ fn add_chunk(
     assembly: &mut Option<Assembly>,
     payload: &[u8],
 ) -> Result<Option<(String, Vec<u8>)>, String> {
-    let chunk: SnapshotChunk =
-        serde_json::from_slice(payload).map_err(|e| {
-            format!(
-                "snapshot part is not valid: {}",
-                crate::redact::serde(&e)
-            )
-        })?;
+    let chunk: SnapshotChunk = serde_json::from_slice(payload)
+        .map_err(|e| format!("snapshot part is not valid: {}", crate::redact::serde(&e)))?;
     if chunk.count > MAX_SNAPSHOT_PARTS {
         return Err(format!(
             "snapshot announces {} parts (at most {MAX_SNAPSHOT_PARTS})",
