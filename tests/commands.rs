@@ -288,6 +288,47 @@ fn a_command_for_another_site_or_gateway_is_refused_and_not_claimed() {
 }
 
 #[test]
+fn refusal_details_never_quote_a_value_of_the_payload() {
+    let f = fx();
+    const SECRET: &str = "5550009999";
+    let n: u64 = SECRET.parse().unwrap();
+    let payloads = [
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s1", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": n}}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s2", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "pin": SECRET}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s3", "name": "unlock",
+            "issued_at": SECRET, "expires_at": "2026-03-01T12:05:00Z"}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s4", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, SECRET: 1}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s5", "name": "emergency_unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, "args": {"reason": "other", SECRET: SECRET}}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s6", "name": "emergency_unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, "args": {"reason": "other", "note": n}}),
+    ];
+    for (i, p) in payloads.iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        let o = f.send_bytes(&sign_payload(p.to_string().as_bytes(), &f.key), name);
+        let text = serde_json::to_string(&o.result).unwrap();
+        assert!(!text.contains(SECRET), "case {i}: {text}");
+        assert!(o.result.status == "malformed" || o.result.status == "refused", "{text}");
+        assert!(o.result.detail.is_some(), "case {i}: the refusal says why: {text}");
+    }
+    // The path and the kind of value, not the value.
+    let o = f.send_bytes(&sign_payload(payloads[0].to_string().as_bytes(), &f.key), "unlock");
+    assert_eq!(
+        o.result.detail.as_deref(),
+        Some("payload: target.unit: expected a string, found a number")
+    );
+    assert!(f.nothing_executed());
+}
+
+#[test]
 fn id_and_note_lengths_are_characters_as_the_schema_counts() {
     // The same strings as tests/schemas/check_examples.py `boundary_commands`: at the bound in
     // multi-byte characters (accepted by the schema and the gateway), one over (refused by

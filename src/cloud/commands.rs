@@ -355,8 +355,9 @@ pub fn verify(
         }
         _ => return Err(refuse(BadPayload).detail("`v` is missing or not a number")),
     }
-    let cmd: Command = serde_json::from_value(Value::Object(object))
-        .map_err(|e| refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde(&e))))?;
+    let cmd: Command = serde_path_to_error::deserialize(Value::Object(object)).map_err(|e| {
+        refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde_with_path(&e)))
+    })?;
     let id_chars = cmd.id.chars().count();
     if id_chars == 0 || id_chars > MAX_ID_LEN {
         return Err(refuse(BadPayload).detail(format!("id must be 1 to {MAX_ID_LEN} characters")));
