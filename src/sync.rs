@@ -42,8 +42,12 @@ pub enum ParseError {
         column: usize,
         message: String,
     },
-    /// A schema this gateway does not know. Upgrade the gateway or downgrade the producer.
-    #[error("unsupported schema_version {found} (this gateway reads {SCHEMA_VERSION})")]
+    /// A schema this gateway does not know. Upgrade the gateway or downgrade the producer. The
+    /// number is shown only when it is below 1000 (a version, not a misplaced code).
+    #[error(
+        "unsupported schema_version {} (this gateway reads {SCHEMA_VERSION})",
+        if *.found < 1000 { found.to_string() } else { "(not shown)".to_string() }
+    )]
     SchemaVersion { found: u32 },
     /// `kind` is neither `snapshot` nor `delta` (the word is shown only when it is a plain name).
     #[error("unknown kind {} (expected snapshot or delta)", crate::redact::name(.0))]

@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const WAIT: Duration = Duration::from_secs(60);
+/// A keypad-code-like number sent where a small number (a version) is expected.
+const SIX_DIGITS: u32 = 987_654;
 
 /// The refused documents and the secrets they carry.
 struct Cases {
@@ -122,6 +124,12 @@ fn cases() -> Cases {
         d
     }));
     let c = code();
+    docs.push(("a 6-digit code as the schema_version number".into(), {
+        let mut d = delta(json!({}));
+        d["schema_version"] = json!(SIX_DIGITS);
+        d
+    }));
+    let c = code();
     docs.push(("code and code_hmac".into(), {
         let mut d = cred("code", json!(c));
         d["upsert"]["credentials"][0]["code_hmac"] = json!("00");
@@ -200,6 +208,7 @@ fn cases() -> Cases {
         serde_json::to_vec(&text).unwrap(),
     ));
     secrets.extend(bulk);
+    secrets.insert(SIX_DIGITS.to_string());
     Cases { docs, secrets }
 }
 

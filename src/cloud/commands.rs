@@ -346,9 +346,10 @@ pub fn verify(
     match object.get("v") {
         Some(Value::Number(n)) if n.as_u64() == Some(u64::from(COMMAND_VERSION)) => {}
         Some(Value::Number(n)) => {
-            let n = n
-                .as_u64()
-                .map_or_else(|| "other".to_string(), |n| n.to_string());
+            let n = match n.as_u64() {
+                Some(n) if n < 1000 => n.to_string(),
+                _ => "(not shown)".to_string(),
+            };
             return Err(refuse(UnsupportedVersion).detail(format!(
                 "v {n}, this gateway reads {COMMAND_VERSION} (commands name their site and gateway)"
             )));
