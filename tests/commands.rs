@@ -316,11 +316,20 @@ fn refusal_details_never_quote_a_value_of_the_payload() {
         let o = f.send_bytes(&sign_payload(p.to_string().as_bytes(), &f.key), name);
         let text = serde_json::to_string(&o.result).unwrap();
         assert!(!text.contains(SECRET), "case {i}: {text}");
-        assert!(o.result.status == "malformed" || o.result.status == "refused", "{text}");
-        assert!(o.result.detail.is_some(), "case {i}: the refusal says why: {text}");
+        assert!(
+            o.result.status == "malformed" || o.result.status == "refused",
+            "{text}"
+        );
+        assert!(
+            o.result.detail.is_some(),
+            "case {i}: the refusal says why: {text}"
+        );
     }
     // The path and the kind of value, not the value.
-    let o = f.send_bytes(&sign_payload(payloads[0].to_string().as_bytes(), &f.key), "unlock");
+    let o = f.send_bytes(
+        &sign_payload(payloads[0].to_string().as_bytes(), &f.key),
+        "unlock",
+    );
     assert_eq!(
         o.result.detail.as_deref(),
         Some("payload: target.unit: expected a string, found a number")

@@ -123,7 +123,6 @@ fn cases() -> Cases {
         d["schema_version"] = json!(c);
         d
     }));
-    let c = code();
     docs.push(("a 6-digit code as the schema_version number".into(), {
         let mut d = delta(json!({}));
         d["schema_version"] = json!(SIX_DIGITS);
