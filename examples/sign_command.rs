@@ -6,7 +6,11 @@
 //!   | mosquitto_pub -h 127.0.0.1 -t gatehouse/demo-site/demo-gw/cmd/unlock -s
 //! cargo run -q --example sign_command -- emergency_unlock unit A-101 '{"reason":"tenant_locked_phone_in_unit"}'
 //! cargo run -q --example sign_command -- ping
+//! GATEHOUSE_SITE=site-0042 GATEHOUSE_GATEWAY=gw-1 cargo run -q --example sign_command -- ping
 //! ```
+//!
+//! A command names the gateway it is for (`site`, `gateway`): by default the demo's
+//! `demo-site` / `demo-gw` (config/demo.toml), else `GATEHOUSE_SITE` / `GATEHOUSE_GATEWAY`.
 
 use chrono::{Duration, Utc};
 use ed25519_dalek::SigningKey;
@@ -39,7 +43,9 @@ fn main() {
     let mut id = [0u8; 6];
     getrandom::getrandom(&mut id).expect("randomness");
     let cmd = Command {
-        v: 1,
+        v: gatehouse::cloud::messages::COMMAND_VERSION,
+        site: std::env::var("GATEHOUSE_SITE").unwrap_or_else(|_| "demo-site".into()),
+        gateway: std::env::var("GATEHOUSE_GATEWAY").unwrap_or_else(|_| "demo-gw".into()),
         id: format!("cmd-{}", hex::encode(id)),
         name,
         issued_at: now,

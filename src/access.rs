@@ -6,10 +6,10 @@
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use ed25519_dalek::VerifyingKey;
 use serde_json::json;
 
 use crate::events::EventKind;
+use crate::policy::digital_key::KeyVerifier;
 use crate::policy::lockout::Lockouts;
 use crate::policy::{self, Context, Decision, Direction, Presented, Reason, Request, Target};
 use crate::store::{NewEvent, Store};
@@ -25,11 +25,14 @@ pub struct Attempt<'a> {
 pub struct AccessEngine {
     store: Arc<Store>,
     lockouts: Mutex<Lockouts>,
-    digital_key_public: Option<VerifyingKey>,
+    /// The cloud's key for offline digital keys and this gateway's site id.
+    digital_key_public: Option<KeyVerifier>,
 }
 
 impl AccessEngine {
-    pub fn new(store: Arc<Store>, digital_key_public: Option<VerifyingKey>) -> Self {
+    /// `digital_key_public`: the cloud's key for offline digital keys with this gateway's site
+    /// id (`KeyVerifier::new(public, &cfg.site_id)`); `None` refuses every key.
+    pub fn new(store: Arc<Store>, digital_key_public: Option<KeyVerifier>) -> Self {
         AccessEngine {
             store,
             lockouts: Mutex::new(Lockouts::default()),

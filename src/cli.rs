@@ -108,6 +108,9 @@ struct CheckArgs {
     /// The cloud's Ed25519 public key for --key (else taken from --config).
     #[arg(long, value_name = "KEY")]
     public_key: Option<String>,
+    /// The site id a --key must name (else `site.id` of --config).
+    #[arg(long, value_name = "SITE")]
+    site: Option<String>,
     #[arg(long)]
     entry: Option<String>,
     #[arg(long)]
@@ -370,8 +373,19 @@ fn access_check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             Direction::In
         },
     };
+    let site = a
+        .site
+        .clone()
+        .or_else(|| cfg.as_ref().map(|c| c.site_id.clone()));
+    let keys = match (public, site) {
+        (Some(k), Some(site)) => Some(crate::policy::digital_key::KeyVerifier::new(k, &site)),
+        (Some(_), None) if a.key.is_some() => {
+            bail!("checking a digital key needs the site id it must name: give --site or --config")
+        }
+        _ => None,
+    };
     let store = std::sync::Arc::new(store);
-    let engine = AccessEngine::new(store.clone(), public);
+    let engine = AccessEngine::new(store.clone(), keys);
     let d = engine.evaluate(&req, at);
     if a.json {
         println!("{}", serde_json::to_string(&d)?);

@@ -79,7 +79,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )?;
     tracing::info!(seq, "recorded gateway_started");
 
-    let engine = Arc::new(AccessEngine::new(store.clone(), cfg.digital_key_public));
+    let keys = cfg
+        .digital_key_public
+        .map(|k| crate::policy::digital_key::KeyVerifier::new(k, &cfg.site_id));
+    let engine = Arc::new(AccessEngine::new(store.clone(), keys));
     // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
     let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
     let rs485 = if buses.is_empty() {
@@ -123,7 +126,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.gateway_id,
                 store.clone(),
                 session,
-                Some(Arc::new(command_router(cloud, units, relays))),
+                Some(Arc::new(command_router(&cfg, cloud, units, relays))),
             )
             .with_device_states(states.clone());
             if ble.is_some()
@@ -326,6 +329,7 @@ fn devices(
 
 /// The command router over the devices, with the checks' settings.
 fn command_router(
+    cfg: &crate::config::Config,
     cloud: &crate::config::CloudConfig,
     units: Arc<dyn crate::cloud::commands::UnitControllers>,
     relays: Arc<dyn crate::cloud::commands::Relays>,
@@ -335,6 +339,8 @@ fn command_router(
         router: Arc::new(Router::new(units, relays)),
         cfg: CommandConfig {
             public: cloud.command_public,
+            site: cfg.site_id.clone(),
+            gateway: cfg.gateway_id.clone(),
             max_skew: chrono::Duration::from_std(cloud.command_max_skew)
                 .unwrap_or(chrono::Duration::seconds(30)),
             max_bytes: cloud.max_message_bytes,

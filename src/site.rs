@@ -37,8 +37,10 @@ pub enum SiteError {
     },
 }
 
+/// A refusal: the identifiers it quotes between backticks are cut short
+/// ([`crate::redact::cut_quoted`]); no message here quotes a credential value.
 fn invalid(msg: impl Into<String>) -> SiteError {
-    SiteError::Invalid(msg.into())
+    SiteError::Invalid(crate::redact::cut_quoted(&msg.into()))
 }
 
 /// The per-gateway key for keypad-code hashes (HMAC-SHA256). Kept outside the database.

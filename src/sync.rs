@@ -28,35 +28,53 @@ impl SyncMessage {
     }
 }
 
-/// Why a sync message could not be read. Each variant's message names what and where.
+/// Why a sync message could not be read. Each variant's message names what and where, and never
+/// quotes a value of the input (see [`crate::redact`]): the document may carry keypad codes in
+/// any field and in any shape.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    /// Not JSON, or JSON of the wrong shape. Fix the producer; nothing was applied.
+    /// Not JSON, or JSON of the wrong shape. Fix the producer; nothing was applied. `message`
+    /// is structural: the path (`credentials[3].code`), what was expected and the kind of value
+    /// found, e.g. `credentials[3].code: expected a string, found a number`.
     #[error("line {line}, column {column}: {message}")]
     Json {
         line: usize,
         column: usize,
         message: String,
     },
-    /// A schema this gateway does not know. Upgrade the gateway or downgrade the producer.
-    #[error("unsupported schema_version {found} (this gateway reads {SCHEMA_VERSION})")]
+    /// A schema this gateway does not know. Upgrade the gateway or downgrade the producer. The
+    /// number is shown only when it is below 1000 (a version, not a misplaced code).
+    #[error(
+        "unsupported schema_version {} (this gateway reads {SCHEMA_VERSION})",
+        if *.found < 1000 { found.to_string() } else { "(not shown)".to_string() }
+    )]
     SchemaVersion { found: u32 },
-    /// `kind` is neither `snapshot` nor `delta`.
-    #[error("unknown kind `{0}` (expected snapshot or delta)")]
+    /// `kind` is neither `snapshot` nor `delta` (the word is shown only when it is a plain name).
+    #[error("unknown kind {} (expected snapshot or delta)", crate::redact::name(.0))]
     Kind(String),
 }
 
-fn json_error(e: serde_json::Error) -> ParseError {
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ParseError {
+    let mut message = crate::redact::serde_with_path(&e);
+    if e.path().iter().next().is_none() && message.ends_with("found a string") {
+        message.push_str(" (is the document JSON encoded twice?)");
+    }
     ParseError::Json {
+        line: e.inner().line(),
+        column: e.inner().column(),
+        message,
+    }
+}
+
+fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ParseError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let v = serde_path_to_error::deserialize(&mut *de).map_err(json_error)?;
+    de.end().map_err(|e| ParseError::Json {
         line: e.line(),
         column: e.column(),
-        message: e
-            .to_string()
-            .split(" at line ")
-            .next()
-            .unwrap_or("")
-            .to_string(),
-    }
+        message: crate::redact::serde(&e),
+    })?;
+    Ok(v)
 }
 
 /// Reads a snapshot or a delta from JSON bytes. The header (`schema_version`, `kind`) is checked
@@ -68,19 +86,15 @@ pub fn parse(bytes: &[u8]) -> Result<SyncMessage, ParseError> {
         schema_version: u32,
         kind: String,
     }
-    let header: Header = serde_json::from_slice(bytes).map_err(json_error)?;
+    let header: Header = from_slice(bytes)?;
     if header.schema_version != SCHEMA_VERSION {
         return Err(ParseError::SchemaVersion {
             found: header.schema_version,
         });
     }
     match header.kind.as_str() {
-        "snapshot" => Ok(SyncMessage::Snapshot(Box::new(
-            serde_json::from_slice(bytes).map_err(json_error)?,
-        ))),
-        "delta" => Ok(SyncMessage::Delta(Box::new(
-            serde_json::from_slice(bytes).map_err(json_error)?,
-        ))),
+        "snapshot" => Ok(SyncMessage::Snapshot(Box::new(from_slice(bytes)?))),
+        "delta" => Ok(SyncMessage::Delta(Box::new(from_slice(bytes)?))),
         other => Err(ParseError::Kind(other.to_string())),
     }
 }

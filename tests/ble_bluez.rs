@@ -133,7 +133,9 @@ impl Cloud {
     async fn command(&self, name: &str, id: &str, unit: &str, ttl_s: i64) {
         let now = Utc::now();
         let cmd = Cmd {
-            v: 1,
+            v: 2,
+            site: "site-1".into(),
+            gateway: "gw-1".into(),
             id: id.into(),
             name: name.into(),
             issued_at: now,

@@ -324,7 +324,8 @@ fn access_check_verifies_digital_keys_with_the_configured_public_key() {
     let signer = SigningKey::from_bytes(&[7u8; 32]);
     let at = gatehouse::site::parse_time("2026-11-23T12:00:00-05:00").unwrap();
     let payload = KeyPayload {
-        v: 1,
+        v: 2,
+        site: "demo-site".into(),
         key_id: "dk-alice-9".into(),
         user: "alice".into(),
         units: vec!["A-101".into()],
@@ -363,8 +364,38 @@ fn access_check_verifies_digital_keys_with_the_configured_public_key() {
             .to_bytes(),
     );
     assert!(
-        check("2026-11-23T12:30:00-05:00", &["--public-key", &other])
-            .starts_with("DENIED (key_bad_signature)")
+        check(
+            "2026-11-23T12:30:00-05:00",
+            &["--public-key", &other, "--site", "demo-site"]
+        )
+        .starts_with("DENIED (key_bad_signature)")
+    );
+    // The key names the demo site: checked as another site's gateway, it opens nothing.
+    let demo_public = hex::encode(signer.verifying_key().to_bytes());
+    assert!(
+        check(
+            "2026-11-23T12:30:00-05:00",
+            &["--public-key", &demo_public, "--site", "site-b"]
+        )
+        .starts_with("DENIED (key_wrong_site)")
+    );
+    let o = gatehouse(&[
+        "access",
+        "check",
+        "--db",
+        db,
+        "--key",
+        key.to_str().unwrap(),
+        "--public-key",
+        &demo_public,
+        "--unit",
+        "A-101",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("give --site or --config"),
+        "{}",
+        stderr(&o)
     );
     let o = gatehouse(&[
         "access",

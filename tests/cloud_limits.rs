@@ -87,6 +87,8 @@ fn start_link(store: Arc<Store>, cfg: CloudConfig, signer: &SigningKey) -> Runni
         router: Arc::new(Router::new(Arc::new(NoDevices), Arc::new(NoDevices))),
         cfg: CommandConfig {
             public: signer.verifying_key(),
+            site: "site-1".into(),
+            gateway: "gw-1".into(),
             max_skew: chrono::Duration::seconds(30),
             max_bytes: cfg.max_message_bytes,
         },
@@ -117,7 +119,9 @@ async fn wait_online(b: &Broker, t: &Topics) {
 fn ping(id: &str) -> Cmd {
     let now = Utc::now();
     Cmd {
-        v: 1,
+        v: 2,
+        site: "site-1".into(),
+        gateway: "gw-1".into(),
         id: id.into(),
         name: "ping".into(),
         issued_at: now,
@@ -492,7 +496,7 @@ async fn over_long_and_too_large_commands_are_answered_with_an_id_the_cloud_can_
     long_padded.args = json!({"pad": "z".repeat(40_000)});
     let other = SigningKey::from_bytes(&[9; 32]);
     let cases: Vec<(Vec<u8>, &str, &str, String, bool)> = vec![
-        // Signed, id over 128 bytes: check 7.
+        // Signed, id over 128 characters: check 7.
         (
             sign(&ping(&long_id), &signer),
             "malformed",
@@ -526,7 +530,7 @@ async fn over_long_and_too_large_commands_are_answered_with_an_id_the_cloud_can_
         // The payload cut short after the id: check 3.
         (
             sign_payload(
-                format!(r#"{{"v":1,"id":"{long_id}","na"#).as_bytes(),
+                format!(r#"{{"v":2,"id":"{long_id}","na"#).as_bytes(),
                 &signer,
             ),
             "malformed",
@@ -556,7 +560,8 @@ async fn over_long_and_too_large_commands_are_answered_with_an_id_the_cloud_can_
         );
         let echoed = r["id"].as_str().unwrap_or_else(|| panic!("no id in {r}"));
         if *cut {
-            assert!(echoed.len() <= 128 && id.starts_with(echoed) && echoed.len() >= 127);
+            // The limit counts characters (as the schema's maxLength): the first 128 of them.
+            assert!(echoed.chars().count() == 128 && id.starts_with(echoed));
             assert_eq!(r["id_truncated"], true);
         } else {
             assert_eq!(echoed, id);

@@ -469,7 +469,9 @@ fn command(
 ) -> Cmd {
     let now = Utc::now();
     Cmd {
-        v: 1,
+        v: 2,
+        site: "site-1".into(),
+        gateway: "gw-1".into(),
         id: id.into(),
         name: name.into(),
         issued_at: now + chrono::Duration::seconds(issued),
@@ -504,6 +506,8 @@ async fn commands_run_exactly_once_and_every_refusal_is_answered_with_its_reason
         router: Arc::new(Router::new(units.clone(), relays)),
         cfg: CommandConfig {
             public: signer.verifying_key(),
+            site: "site-1".into(),
+            gateway: "gw-1".into(),
             max_skew: chrono::Duration::seconds(30),
             max_bytes: 16 * 1024,
         },
@@ -860,6 +864,8 @@ async fn a_slow_device_holds_up_only_its_own_commands() {
         )),
         cfg: CommandConfig {
             public: signer.verifying_key(),
+            site: "site-1".into(),
+            gateway: "gw-1".into(),
             max_skew: chrono::Duration::seconds(30),
             max_bytes: 16 * 1024,
         },

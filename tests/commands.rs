@@ -30,7 +30,7 @@ fn fx() -> Fx {
     let relays = Arc::new(SimulatedRelays::new(["relay-board-1"]));
     let router = Router::new(units.clone(), relays.clone());
     let key = SigningKey::from_bytes(&[11; 32]);
-    let cfg = CommandConfig::new(key.verifying_key());
+    let cfg = CommandConfig::new(key.verifying_key(), SITE, GATEWAY);
     Fx {
         _dir: dir,
         store,
@@ -42,13 +42,19 @@ fn fx() -> Fx {
     }
 }
 
+/// The audience of the fixture's gateway.
+const SITE: &str = "demo-site";
+const GATEWAY: &str = "demo-gw";
+
 fn now() -> DateTime<Utc> {
     "2026-03-01T12:00:00Z".parse().unwrap()
 }
 
 fn command(id: &str, name: &str, target: Value, args: Value) -> Command {
     Command {
-        v: 1,
+        v: 2,
+        site: SITE.into(),
+        gateway: GATEWAY.into(),
         id: id.into(),
         name: name.into(),
         issued_at: now() - Duration::seconds(10),
@@ -208,15 +214,163 @@ fn unknown_command_is_refused() {
 #[test]
 fn unsupported_version_is_malformed() {
     let f = fx();
-    let mut cmd = unlock_unit("c-v2", "A-101");
-    cmd.v = 2;
+    for v in [1, 3] {
+        let id = format!("c-v{v}");
+        let mut cmd = unlock_unit(&id, "A-101");
+        cmd.v = v;
+        let o = f.send(&cmd);
+        assert_result(&o, "malformed", Some("unsupported_version"), Some(&id));
+        assert!(!f.claimed(&id));
+    }
+    // A version 1 command as the cloud sent it before (no site, no gateway).
+    let payload = br#"{"v":1,"id":"c-old","name":"unlock","issued_at":"2026-03-01T11:59:00Z","expires_at":"2026-03-01T12:05:00Z","target":{"unit":"A-101"}}"#;
+    let o = f.send_bytes(&sign_payload(payload, &f.key), "unlock");
+    assert_result(&o, "malformed", Some("unsupported_version"), Some("c-old"));
+    assert!(!f.claimed("c-old"));
+    assert!(f.nothing_executed());
+}
+
+#[test]
+fn a_command_for_another_site_or_gateway_is_refused_and_not_claimed() {
+    let f = fx();
+    // Captured at site A (or at another gateway of this site), replayed here: every gateway of
+    // the fleet trusts the same command key, so only the audience tells them apart.
+    let cases = [
+        ("site-a", GATEWAY),
+        ("site-a", "gw-1"),
+        (SITE, "gw-2"),
+        ("", GATEWAY),
+        (SITE, ""),
+        ("DEMO-SITE", GATEWAY),
+    ];
+    for (i, (site, gateway)) in cases.into_iter().enumerate() {
+        let id = format!("c-aud-{i}");
+        let mut cmd = command(&id, "unlock", json!({"entry": "gate-1"}), Value::Null);
+        cmd.site = site.into();
+        cmd.gateway = gateway.into();
+        let o = f.send(&cmd);
+        assert_result(&o, "refused", Some("wrong_gateway"), Some(&id));
+        assert!(o.effects.is_empty());
+        assert!(
+            !f.claimed(&id),
+            "the id of a command for another gateway is not used up"
+        );
+    }
+    assert!(f.nothing_executed());
+    // Checked before the name, the target and the times: nothing about it is looked at.
+    let mut cmd = command(
+        "c-aud-x",
+        "no_such_command",
+        json!({"unit": "nowhere"}),
+        Value::Null,
+    );
+    cmd.site = "site-a".into();
     assert_result(
         &f.send(&cmd),
-        "malformed",
-        Some("unsupported_version"),
-        Some("c-v2"),
+        "refused",
+        Some("wrong_gateway"),
+        Some("c-aud-x"),
+    );
+    // Missing audience fields: not a version 2 command.
+    let payload = br#"{"v":2,"id":"c-noaud","name":"unlock","issued_at":"2026-03-01T11:59:00Z","expires_at":"2026-03-01T12:05:00Z","target":{"unit":"A-101"}}"#;
+    let o = f.send_bytes(&sign_payload(payload, &f.key), "unlock");
+    assert_result(&o, "malformed", Some("bad_payload"), Some("c-noaud"));
+    assert!(f.nothing_executed());
+    assert!(f.store.commands().is_empty());
+    // The same command for this gateway is executed.
+    let cmd = command(
+        "c-aud-ok",
+        "unlock",
+        json!({"entry": "gate-1"}),
+        Value::Null,
+    );
+    assert_result(&f.send(&cmd), "done", None, Some("c-aud-ok"));
+}
+
+#[test]
+fn refusal_details_never_quote_a_value_of_the_payload() {
+    let f = fx();
+    const SECRET: &str = "5550009999";
+    let n: u64 = SECRET.parse().unwrap();
+    let payloads = [
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s1", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": n}}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s2", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "pin": SECRET}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s3", "name": "unlock",
+            "issued_at": SECRET, "expires_at": "2026-03-01T12:05:00Z"}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s4", "name": "unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, SECRET: 1}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s5", "name": "emergency_unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, "args": {"reason": "other", SECRET: SECRET}}),
+        json!({"v": 2, "site": SITE, "gateway": GATEWAY, "id": "c-s6", "name": "emergency_unlock",
+            "issued_at": "2026-03-01T11:59:00Z", "expires_at": "2026-03-01T12:05:00Z",
+            "target": {"unit": "A-101"}, "args": {"reason": "other", "note": n}}),
+    ];
+    for (i, p) in payloads.iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        let o = f.send_bytes(&sign_payload(p.to_string().as_bytes(), &f.key), name);
+        let text = serde_json::to_string(&o.result).unwrap();
+        assert!(!text.contains(SECRET), "case {i}: {text}");
+        assert!(
+            o.result.status == "malformed" || o.result.status == "refused",
+            "{text}"
+        );
+        assert!(
+            o.result.detail.is_some(),
+            "case {i}: the refusal says why: {text}"
+        );
+    }
+    // The path and the kind of value, not the value.
+    let o = f.send_bytes(
+        &sign_payload(payloads[0].to_string().as_bytes(), &f.key),
+        "unlock",
+    );
+    assert_eq!(
+        o.result.detail.as_deref(),
+        Some("payload: target.unit: expected a string, found a number")
     );
     assert!(f.nothing_executed());
+}
+
+#[test]
+fn id_and_note_lengths_are_characters_as_the_schema_counts() {
+    // The same strings as tests/schemas/check_examples.py `boundary_commands`: at the bound in
+    // multi-byte characters (accepted by the schema and the gateway), one over (refused by
+    // both).
+    let f = fx();
+    let id_at = "é".repeat(128);
+    assert_eq!(id_at.len(), 256);
+    let o = f.send(&unlock_unit(&id_at, "A-101"));
+    assert_result(&o, "done", None, Some(&id_at));
+    let id_over = "é".repeat(129);
+    let o = f.send(&unlock_unit(&id_over, "A-101"));
+    assert_eq!(o.result.status, "malformed");
+    assert_eq!(o.result.reason.as_deref(), Some("bad_payload"));
+    assert!(!f.claimed(&id_over));
+
+    let emergency = |id: &str, note: String| {
+        command(
+            id,
+            "emergency_unlock",
+            json!({"unit": "A-101"}),
+            json!({"reason": "other", "note": note}),
+        )
+    };
+    let note_at = "€".repeat(500);
+    assert_eq!(note_at.len(), 1500);
+    assert_result(
+        &f.send(&emergency("c-note-at", note_at)),
+        "done",
+        None,
+        Some("c-note-at"),
+    );
+    let o = f.send(&emergency("c-note-over", "€".repeat(501)));
+    assert_result(&o, "refused", Some("bad_args"), Some("c-note-over"));
 }
 
 #[test]
@@ -257,7 +411,7 @@ fn bad_payload_is_malformed_and_echoes_a_readable_id() {
     );
     assert_result(&o, "malformed", Some("bad_payload"), Some("c-cut"));
     // Signed, valid JSON, but not a command (unknown field, missing times): id echoed.
-    let payload = br#"{"v":1,"id":"c-shape","name":"unlock","colour":"red"}"#;
+    let payload = br#"{"v":2,"id":"c-shape","name":"unlock","colour":"red"}"#;
     let o = f.send_bytes(&sign_payload(payload, &f.key), "unlock");
     assert_result(&o, "malformed", Some("bad_payload"), Some("c-shape"));
     assert!(f.store.commands().is_empty());
@@ -880,25 +1034,11 @@ fn device_falling_asleep_again_keeps_its_commands() {
 fn verify_alone_returns_the_command() {
     let key = SigningKey::from_bytes(&[11; 32]);
     let cmd = unlock_unit("c-v", "A-101");
-    let got = verify(
-        &sign(&cmd, &key),
-        "unlock",
-        &key.verifying_key(),
-        now(),
-        Duration::seconds(60),
-        4096,
-    )
-    .unwrap();
+    let mut cfg = CommandConfig::new(key.verifying_key(), SITE, GATEWAY);
+    cfg.max_bytes = 4096;
+    let got = verify(&sign(&cmd, &key), "unlock", &cfg, now()).unwrap();
     assert_eq!(got, cmd);
-    let err = verify(
-        b"nope",
-        "unlock",
-        &key.verifying_key(),
-        now(),
-        Duration::seconds(60),
-        4096,
-    )
-    .unwrap_err();
+    let err = verify(b"nope", "unlock", &cfg, now()).unwrap_err();
     assert_eq!(err.status(), RefusalStatus::Malformed);
     assert_eq!(err.reason.as_str(), "not_json");
     assert_eq!(err.id, None);

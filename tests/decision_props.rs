@@ -426,7 +426,8 @@ proptest! {
         let code_key = CodeKey::from_bytes(CODE_KEY);
         let cloud = SigningKey::from_bytes(&[9; 32]);
         let public = cloud.verifying_key();
-        let ctx = Context { code_key: &code_key, digital_key_public: Some(&public) };
+        let keys = digital_key::KeyVerifier::new(public, "site");
+        let ctx = Context { code_key: &code_key, digital_key_public: Some(&keys) };
         let at = ts(w.at);
         let secret = hex::decode(TEMP_SECRET_HEX).expect("hex");
         let temp = gatehouse::policy::tempcode::code_at(&secret, chrono_tz::America::New_York, at);
@@ -445,7 +446,8 @@ proptest! {
                 }
                 // A valid, unexpired, unrevoked key naming the unit (and every other unit).
                 let payload = KeyPayload {
-                    v: 1,
+                    v: 2,
+                    site: "site".into(),
                     key_id: format!("dk-{i}-{u}"),
                     user: user_id(i),
                     units: (0..N_UNITS).map(unit_id).collect(),
@@ -462,7 +464,8 @@ proptest! {
             // A key for a user the site data does not know yet rests on the key alone: it opens
             // the gate, so the refusal at the overlocked unit is the overlock itself.
             let payload = KeyPayload {
-                v: 1,
+                v: 2,
+                site: "site".into(),
                 key_id: format!("dk-new-{u}"),
                 user: "not-yet-synced".into(),
                 units: (0..N_UNITS).map(unit_id).collect(),

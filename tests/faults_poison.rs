@@ -75,7 +75,9 @@ fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> std::path::PathB
 fn command(name: &str, id: &str, target: Option<CommandTarget>) -> Cmd {
     let now = Utc::now();
     Cmd {
-        v: 1,
+        v: 2,
+        site: "site-1".into(),
+        gateway: "gw-1".into(),
         id: id.into(),
         name: name.into(),
         issued_at: now,
@@ -246,23 +248,23 @@ fn poison(kind: &str, topic_len: usize, signer: &SigningKey) -> Vec<(String, Vec
                 signed("signed: huge v", br#"{"v":1e99999,"id":"a"}"#),
                 signed(
                     "signed: duplicated id",
-                    format!(r#"{{"v":1,"id":"a","id":"b","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z"}}"#).as_bytes(),
+                    format!(r#"{{"v":2,"site":"site-1","gateway":"gw-1","id":"a","id":"b","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z"}}"#).as_bytes(),
                 ),
                 signed(
                     "signed: id with NUL",
-                    format!(r#"{{"v":1,"id":"a\u0000b","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z","target":{{"unit":"\u0000"}},"args":{{"x":[[[[1]]]]}}}}"#).as_bytes(),
+                    format!(r#"{{"v":2,"site":"site-1","gateway":"gw-1","id":"a\u0000b","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z","target":{{"unit":"\u0000"}},"args":{{"x":[[[[1]]]]}}}}"#).as_bytes(),
                 ),
                 signed(
-                    "signed: id over 128 bytes",
-                    format!(r#"{{"v":1,"id":"{long}","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z"}}"#).as_bytes(),
+                    "signed: id over 128 characters",
+                    format!(r#"{{"v":2,"site":"site-1","gateway":"gw-1","id":"{long}","name":"{name}","issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z"}}"#).as_bytes(),
                 ),
                 signed(
                     "signed: wrong types",
-                    format!(r#"{{"v":1,"id":7,"name":["{name}"],"issued_at":0,"expires_at":true,"target":"A-101","args":5}}"#).as_bytes(),
+                    format!(r#"{{"v":2,"site":"site-1","gateway":"gw-1","id":7,"name":["{name}"],"issued_at":0,"expires_at":true,"target":"A-101","args":5}}"#).as_bytes(),
                 ),
                 signed(
                     "signed: far times",
-                    format!(r#"{{"v":1,"id":"far","name":"{name}","issued_at":"-262143-01-01T00:00:00Z","expires_at":"+262142-12-31T23:59:59Z"}}"#).as_bytes(),
+                    format!(r#"{{"v":2,"site":"site-1","gateway":"gw-1","id":"far","name":"{name}","issued_at":"-262143-01-01T00:00:00Z","expires_at":"+262142-12-31T23:59:59Z"}}"#).as_bytes(),
                 ),
                 (
                     "signed: over max_message_bytes".into(),

@@ -134,13 +134,14 @@ proptest! {
         // A validly signed key with extreme times must be judged, not crash the decision.
         let t = Utc.timestamp_opt(secs % 8_000_000_000_000, 0).single().unwrap_or_else(Utc::now);
         let payload = KeyPayload {
-            v: 1, key_id: "k".into(), user: "alice".into(), units: vec!["A-101".into()],
+            v: 2, site: "s".into(), key_id: "k".into(), user: "alice".into(), units: vec!["A-101".into()],
             entries: vec!["gate-1".into()], issued_at: t, not_before: t, expires_at: t,
         };
         let token = digital_key::sign(&payload, &signer);
         let SyncMessage::Snapshot(s) = sync::parse(demo()).unwrap() else { unreachable!() };
         let site = Site::from_snapshot(&s, &CodeKey::from_bytes([3; 32])).unwrap();
-        let ctx = Context { code_key: &CodeKey::from_bytes([3; 32]), digital_key_public: Some(&public) };
+        let keys = digital_key::KeyVerifier::new(public, "s");
+        let ctx = Context { code_key: &CodeKey::from_bytes([3; 32]), digital_key_public: Some(&keys) };
         for target in [Target::Entry("gate-1"), Target::Unit("A-101")] {
             let _ = policy::decide(&site, &ctx, &Request { credential: Presented::DigitalKey(&token), target, direction: Direction::In }, t);
         }

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 const DEMO_SEED: [u8; 32] = [7; 32];
 const DEMO_PUBLIC: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
 /// The payload bytes of the worked example, exactly as signed.
-const EXAMPLE_PAYLOAD: &str = r#"{"v":1,"id":"c7d1f0a2-5b9e-4c3a-8f61-0d2e4b7a9c15","name":"unlock","issued_at":"2026-11-23T21:15:00Z","expires_at":"2026-11-23T21:17:00Z","target":{"unit":"A-101"}}"#;
+const EXAMPLE_PAYLOAD: &str = r#"{"v":2,"site":"site-0042","gateway":"gw-1","id":"c7d1f0a2-5b9e-4c3a-8f61-0d2e4b7a9c15","name":"unlock","issued_at":"2026-11-23T21:15:00Z","expires_at":"2026-11-23T21:17:00Z","target":{"unit":"A-101"}}"#;
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -229,7 +229,9 @@ fn every_example_reads_as_its_message_type() {
                     .trim_end_matches(".json")
                     .replace('-', "_");
                 assert_eq!(c.name, stem, "{name}: name");
-                assert_eq!(c.v, 1);
+                assert_eq!(c.v, gatehouse::cloud::messages::COMMAND_VERSION);
+                // Every example is for the gateway of the page's topics.
+                assert_eq!((c.site.as_str(), c.gateway.as_str()), ("site-0042", "gw-1"));
                 assert!(c.expires_at > c.issued_at, "{name}: expires after issued");
                 commands::parse(&c)
                     .unwrap_or_else(|r| panic!("{name}: refused by the gateway: {r:?}"));
@@ -337,18 +339,30 @@ fn the_documented_signed_command_verifies() {
     let bytes = file.as_bytes();
     let skew = Duration::seconds(30);
     let at = cmd.issued_at + Duration::seconds(1);
-    let ok = commands::verify(bytes, "unlock", &public, at, skew, 64 * 1024)
+    let cfg = |public| {
+        let mut c = commands::CommandConfig::new(public, "site-0042", "gw-1");
+        c.max_skew = skew;
+        c
+    };
+    let ok = commands::verify(bytes, "unlock", &cfg(public), at)
         .expect("the gateway accepts the documented command");
     assert_eq!(ok, cmd);
-    let late = commands::verify(bytes, "unlock", &public, cmd.expires_at, skew, 64 * 1024)
-        .expect_err("expired");
+    let late =
+        commands::verify(bytes, "unlock", &cfg(public), cmd.expires_at).expect_err("expired");
     assert_eq!(late.reason.as_str(), "expired");
-    let wrong_topic =
-        commands::verify(bytes, "lock", &public, at, skew, 64 * 1024).expect_err("name mismatch");
+    let wrong_topic = commands::verify(bytes, "lock", &cfg(public), at).expect_err("name mismatch");
     assert_eq!(wrong_topic.reason.as_str(), "name_mismatch");
+    // The same bytes at another site, or at another gateway of the same site: not for them.
+    for (site, gateway) in [("site-0043", "gw-1"), ("site-0042", "gw-2")] {
+        let mut other = cfg(public);
+        other.site = site.into();
+        other.gateway = gateway.into();
+        let e = commands::verify(bytes, "unlock", &other, at).expect_err("another gateway");
+        assert_eq!(e.reason.as_str(), "wrong_gateway");
+        assert_eq!(e.status().as_str(), "refused");
+    }
     let other_key = SigningKey::from_bytes(&[8; 32]).verifying_key();
-    let forged =
-        commands::verify(bytes, "unlock", &other_key, at, skew, 64 * 1024).expect_err("other key");
+    let forged = commands::verify(bytes, "unlock", &cfg(other_key), at).expect_err("other key");
     assert_eq!(forged.reason.as_str(), "bad_signature");
     assert_eq!(forged.id.as_deref(), Some(cmd.id.as_str()));
 }
@@ -411,6 +425,7 @@ fn the_page_names_every_example_schema_command_and_reason() {
         "unsigned",
         "bad_signature",
         "unsupported_version",
+        "wrong_gateway",
         "name_mismatch",
         "expired",
         "issued_in_future",

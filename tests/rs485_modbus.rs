@@ -377,11 +377,13 @@ address = 2
     });
     let signer = SigningKey::from_bytes(&[9; 32]);
     let router = Router::new(Arc::new(NoDevices), buses.relays());
-    let ccfg = CommandConfig::new(signer.verifying_key());
+    let ccfg = CommandConfig::new(signer.verifying_key(), "site", "gw");
     let run = |id: &str, name: &str, target: Value, args: Value| {
         let now = chrono::Utc::now();
         let cmd = Command {
-            v: 1,
+            v: 2,
+            site: "site".into(),
+            gateway: "gw".into(),
             id: id.into(),
             name: name.into(),
             issued_at: now,

@@ -15,6 +15,9 @@ use chrono::NaiveDate;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use gatehouse::access::{AccessEngine, Attempt};
 use gatehouse::policy::digital_key::{self, KeyPayload};
+
+/// The site id the gateway of these cases serves (keys must name it).
+const KEY_SITE: &str = "site-rules";
 use gatehouse::policy::tempcode::code_for_date;
 use gatehouse::policy::{Context, Direction, Presented, Reason, Request, Target, decide};
 use gatehouse::site::{CodeKey, Site, parse_time};
@@ -302,9 +305,10 @@ impl Case {
 fn check(site: &Site, public: Option<&VerifyingKey>, c: &Case) -> Result<(), String> {
     let at = parse_time(c.at).ok_or_else(|| format!("[{}] `{}` is not RFC 3339", c.name, c.at))?;
     let code_key = CodeKey::from_bytes(CODE_KEY);
+    let keys = public.map(|k| digital_key::KeyVerifier::new(*k, KEY_SITE));
     let ctx = Context {
         code_key: &code_key,
-        digital_key_public: public,
+        digital_key_public: keys.as_ref(),
     };
     let credential = match &c.cred {
         Cred::Code(s) => Presented::Code(s),
@@ -1371,7 +1375,8 @@ fn key_payload(
     expires: &str,
 ) -> KeyPayload {
     KeyPayload {
-        v: 1,
+        v: 2,
+        site: KEY_SITE.into(),
         key_id: key_id.into(),
         user: user.into(),
         units: units.iter().map(|s| s.to_string()).collect(),
@@ -1411,7 +1416,11 @@ fn offline_digital_keys() {
         &key_payload("dk-bob-1", "bob", &["A-102", "A-103"], &["gate-1"], ISSUED, ISSUED, EXPIRES),
         &cloud,
     );
-    let v2 = digital_key::sign(&KeyPayload { v: 2, ..alice_p.clone() }, &cloud);
+    let v1 = digital_key::sign(&KeyPayload { v: 1, ..alice_p.clone() }, &cloud);
+    let v3 = digital_key::sign(&KeyPayload { v: 3, ..alice_p.clone() }, &cloud);
+    // Issued (by the same cloud key) for another site, or naming no site.
+    let elsewhere = digital_key::sign(&KeyPayload { site: "site-b".into(), ..alice_p.clone() }, &cloud);
+    let no_site = digital_key::sign(&KeyPayload { site: String::new(), ..alice_p.clone() }, &cloud);
     // A payload swapped under a valid signature.
     let tampered = {
         use base64::Engine as _;
@@ -1447,7 +1456,11 @@ fn offline_digital_keys() {
         case("payload swapped under a signature", key(&tampered), Entry("gate-1"), MON_10, KeyBadSignature),
         case("garbage bytes", key(b"not a key at all"), Entry("gate-1"), MON_10, KeyMalformed),
         case("empty json object", key(b"{}"), Entry("gate-1"), MON_10, KeyMalformed),
-        case("unknown payload version", key(&v2), Entry("gate-1"), MON_10, KeyMalformed),
+        case("unknown payload version", key(&v3), Entry("gate-1"), MON_10, KeyMalformed),
+        case("version 1 key (no site)", key(&v1), Entry("gate-1"), MON_10, KeyMalformed),
+        case("a key for another site", key(&elsewhere), Entry("gate-1"), MON_10, KeyWrongSite),
+        case("a key for another site, at its unit", key(&elsewhere), Unit("A-101"), MON_10, KeyWrongSite),
+        case("a key naming no site", key(&no_site), Entry("gate-1"), MON_10, KeyWrongSite),
         case("overlocked unit named in the key", key(&bob), Unit("A-102"), MON_10, UnitOverlocked),
         case("occupied unit of the same key", key(&bob), Unit("A-103"), MON_10, DigitalKey),
     ];

@@ -116,7 +116,7 @@ fn temporary_code_worked_example() {
 fn sync_md_vectors_work_against_the_example_site() {
     use gatehouse::policy::{self, Context, Direction, Presented, Reason, Request, Target};
 
-    const KEY: &str = r#"{"payload":"eyJ2IjoxLCJrZXlfaWQiOiJkay1hbGljZS0xIiwidXNlciI6ImFsaWNlIiwidW5pdHMiOlsiQS0xMDEiXSwiZW50cmllcyI6WyJnYXRlLTEiXSwiaXNzdWVkX2F0IjoiMjAyNi0xMS0yM1QxMjowMDowMFoiLCJub3RfYmVmb3JlIjoiMjAyNi0xMS0yM1QxMTo1OTowMFoiLCJleHBpcmVzX2F0IjoiMjAyNi0xMS0yM1QyMDowMDowMFoifQ","signature":"MOp79XUCQLfQIj94cpY-lIcSPxi9sdKHE9u6faBd1gwWwvoIVBKU0SWJRWLzsvyGb6a19C3Sir18IW6N4uGCDQ"}"#;
+    const KEY: &str = r#"{"payload":"eyJ2IjoyLCJzaXRlIjoic2l0ZS0wMDQyIiwia2V5X2lkIjoiZGstYWxpY2UtMSIsInVzZXIiOiJhbGljZSIsInVuaXRzIjpbIkEtMTAxIl0sImVudHJpZXMiOlsiZ2F0ZS0xIl0sImlzc3VlZF9hdCI6IjIwMjYtMTEtMjNUMTI6MDA6MDBaIiwibm90X2JlZm9yZSI6IjIwMjYtMTEtMjNUMTE6NTk6MDBaIiwiZXhwaXJlc19hdCI6IjIwMjYtMTEtMjNUMjA6MDA6MDBaIn0","signature":"yuxuOB-zegcFJHXD5hW7QHitd_CJjycyHqfhvp16CS0EfNVEWHVJpdmW5Bq0h74ajM_vf3HshAp3fD9qxp0oCw"}"#;
     const PUBLIC: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
     let doc = read("docs/sync.md");
     assert!(doc.contains(KEY) && doc.contains(PUBLIC));
@@ -125,9 +125,11 @@ fn sync_md_vectors_work_against_the_example_site() {
     let (_dir, store) = open_store();
     store.apply(&parse("docs/examples/snapshot.json")).unwrap();
     let site = store.site();
+    // The key of the vector names site `site-0042`.
+    let keys = policy::digital_key::KeyVerifier::new(public, "site-0042");
     let ctx = Context {
         code_key: store.code_key(),
-        digital_key_public: Some(&public),
+        digital_key_public: Some(&keys),
     };
     let decide = |credential, target, at: &str| {
         let at = gatehouse::site::parse_time(at).expect("time");
@@ -159,6 +161,23 @@ fn sync_md_vectors_work_against_the_example_site() {
     assert_eq!(
         decide(key, gate, "2026-11-23T20:00:00Z"),
         Reason::KeyExpired
+    );
+
+    // The same key at a gateway of another site (same cloud key): opens nothing.
+    let elsewhere = policy::digital_key::KeyVerifier::new(public, "site-0043");
+    let ctx_elsewhere = Context {
+        code_key: store.code_key(),
+        digital_key_public: Some(&elsewhere),
+    };
+    let req = Request {
+        credential: key,
+        target: gate,
+        direction: Direction::In,
+    };
+    let at = gatehouse::site::parse_time("2026-11-23T15:00:00Z").expect("time");
+    assert_eq!(
+        policy::decide(&site, &ctx_elsewhere, &req, at).reason,
+        Reason::KeyWrongSite
     );
 
     let code = Presented::Code("754679");
@@ -361,7 +380,8 @@ fn access_rules_md_lists_every_reason() {
             | KeyRevoked
             | KeyNotYetValid
             | KeyExpired
-            | KeyNotForTarget => true,
+            | KeyNotForTarget
+            | KeyWrongSite => true,
         }
     }
     let all = [
@@ -397,6 +417,7 @@ fn access_rules_md_lists_every_reason() {
         KeyNotYetValid,
         KeyExpired,
         KeyNotForTarget,
+        KeyWrongSite,
     ];
     let doc = read("docs/access-rules.md");
     let rows: Vec<&str> = doc

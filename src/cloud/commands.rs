@@ -15,19 +15,23 @@
 //!
 //! Each check either passes or ends handling with a result whose `status` is `malformed` or
 //! `refused` and whose `reason` is the stable word in brackets ([`Reason`]):
+//! (no refusal's `detail` quotes a value of the payload other than short, marked excerpts of
+//! identifiers: see [`crate::redact`])
 //!
 //! 1. the message is at most `max_bytes` long (`malformed`, `too_large`; only the envelope's
 //!    `payload` is looked for and its first `max_bytes` decoded, for an id to echo);
 //! 2. it is a JSON object with a string `payload` (`malformed`, `not_json`);
 //! 3. `payload` is base64url of a JSON object (`malformed`, `bad_payload`); from here on the
 //!    result echoes the payload's `id` whenever one can be read, even from a payload that is
-//!    cut short or otherwise invalid (an id over [`MAX_ID_LEN`] bytes is cut to it, with
+//!    cut short or otherwise invalid (an id over [`MAX_ID_LEN`] characters is cut to it, with
 //!    `id_truncated`);
 //! 4. `signature` is present and is base64url of 64 bytes (`refused`, `unsigned`);
 //! 5. the signature verifies (`refused`, `bad_signature`);
-//! 6. `v` is 1 (`malformed`, `unsupported_version`);
+//! 6. `v` is [`COMMAND_VERSION`] (`malformed`, `unsupported_version`);
 //! 7. the payload has the fields of [`Command`], nothing more, and an `id` of 1 to
-//!    [`MAX_ID_LEN`] bytes (`malformed`, `bad_payload`);
+//!    [`MAX_ID_LEN`] characters (`malformed`, `bad_payload`); then (7a in docs/mqtt-api.md)
+//!    `site` and `gateway` are this gateway's ([`CommandConfig::site`], `gateway`): the
+//!    audience, checked before anything else is done (`refused`, `wrong_gateway`);
 //! 8. `name` equals the `<name>` of the topic it came on (`refused`, `name_mismatch`);
 //! 9. `expires_at > now` (`refused`, `expired`);
 //! 10. `issued_at <= now + max_skew` (`refused`, `issued_in_future`);
@@ -86,13 +90,16 @@ use serde::Serialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use super::messages::{COMMAND_CONTEXT, Command, CommandResult, CommandTarget, SignedCommand};
+use super::messages::{
+    COMMAND_CONTEXT, COMMAND_VERSION, Command, CommandResult, CommandTarget, SignedCommand,
+};
 use crate::site::Tables;
 use crate::store::Store;
 
-/// Longest command id accepted, in bytes.
+/// Longest command id accepted, in characters (Unicode scalar values, as JSON Schema's
+/// `maxLength` counts them).
 pub const MAX_ID_LEN: usize = 128;
-/// Longest `note` of an emergency unlock, in bytes.
+/// Longest `note` of an emergency unlock, in characters (as [`MAX_ID_LEN`]).
 pub const MAX_NOTE_LEN: usize = 500;
 /// Commands waiting for sleeping devices, at most (more are refused as `queue_full`).
 pub const MAX_PENDING: usize = 256;
@@ -137,8 +144,10 @@ pub enum Reason {
     Unsigned,
     /// The signature does not verify with the cloud's command key.
     BadSignature,
-    /// `v` is not 1 (malformed).
+    /// `v` is not [`COMMAND_VERSION`] (malformed).
     UnsupportedVersion,
+    /// `site` or `gateway` is not this gateway's (the command is for another gateway).
+    WrongGateway,
     /// `name` differs from the topic's name.
     NameMismatch,
     /// `expires_at` has passed.
@@ -176,6 +185,7 @@ impl Reason {
             Reason::Unsigned => "unsigned",
             Reason::BadSignature => "bad_signature",
             Reason::UnsupportedVersion => "unsupported_version",
+            Reason::WrongGateway => "wrong_gateway",
             Reason::NameMismatch => "name_mismatch",
             Reason::Expired => "expired",
             Reason::IssuedInFuture => "issued_in_future",
@@ -238,7 +248,9 @@ impl Refusal {
     /// The result to publish; `name` is the topic's command name.
     pub fn to_result(&self, name: &str, at: DateTime<Utc>) -> CommandResult {
         let (id, id_truncated) = match &self.id {
-            Some(id) if id.len() > MAX_ID_LEN => (Some(cut_id(id).to_string()), Some(true)),
+            Some(id) if id.chars().count() > MAX_ID_LEN => {
+                (Some(cut_id(id).to_string()), Some(true))
+            }
             id => (id.clone(), None),
         };
         CommandResult {
@@ -290,13 +302,12 @@ impl<'de> Visitor<'de> for IdProbe<'_> {
     }
 }
 
-/// An id cut to [`MAX_ID_LEN`] bytes at a character boundary.
+/// An id cut to its first [`MAX_ID_LEN`] characters (the limit counts characters).
 fn cut_id(id: &str) -> &str {
-    let mut end = MAX_ID_LEN.min(id.len());
-    while !id.is_char_boundary(end) {
-        end -= 1;
+    match id.char_indices().nth(MAX_ID_LEN) {
+        Some((end, _)) => &id[..end],
+        None => id,
     }
-    &id[..end]
 }
 
 /// The id of a message too large to be read whole: the envelope is scanned for its `payload`
@@ -341,15 +352,16 @@ fn probe_id(payload: &[u8]) -> Option<String> {
 }
 
 /// Checks a command message in the order given in the module docs and returns the authentic
-/// command. `topic_name` is the `<name>` of the `cmd/<name>` topic it came on.
+/// command. `topic_name` is the `<name>` of the `cmd/<name>` topic it came on; `cfg` gives the
+/// command key, this gateway's site and gateway ids (the audience a command must name), the
+/// allowed clock skew and the size limit.
 pub fn verify(
     bytes: &[u8],
     topic_name: &str,
-    public: &VerifyingKey,
+    cfg: &CommandConfig,
     now: DateTime<Utc>,
-    max_skew: Duration,
-    max_bytes: usize,
 ) -> Result<Command, Refusal> {
+    let (public, max_skew, max_bytes) = (&cfg.public, cfg.max_skew, cfg.max_bytes);
     use Reason::*;
     if bytes.len() > max_bytes {
         return Err(
@@ -371,7 +383,7 @@ pub fn verify(
     let id = probe_id(&payload);
     let refuse = |reason: Reason| Refusal::new(reason, id.clone());
     let object: serde_json::Map<String, Value> = serde_json::from_slice(&payload)
-        .map_err(|e| refuse(BadPayload).detail(format!("payload: {e}")))?;
+        .map_err(|e| refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde(&e))))?;
 
     let signature = envelope
         .get("signature")
@@ -387,21 +399,40 @@ pub fn verify(
         .map_err(|_| refuse(BadSignature))?;
 
     match object.get("v") {
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(COMMAND_VERSION)) => {}
         Some(Value::Number(n)) => {
-            return Err(refuse(UnsupportedVersion).detail(format!("v {n}, this gateway reads 1")));
+            let n = match n.as_u64() {
+                Some(n) if n < 1000 => n.to_string(),
+                _ => "(not shown)".to_string(),
+            };
+            return Err(refuse(UnsupportedVersion).detail(format!(
+                "v {n}, this gateway reads {COMMAND_VERSION} (commands name their site and gateway)"
+            )));
         }
         _ => return Err(refuse(BadPayload).detail("`v` is missing or not a number")),
     }
-    let cmd: Command = serde_json::from_value(Value::Object(object))
-        .map_err(|e| refuse(BadPayload).detail(format!("payload: {e}")))?;
-    if cmd.id.is_empty() || cmd.id.len() > MAX_ID_LEN {
-        return Err(refuse(BadPayload).detail(format!("id must be 1 to {MAX_ID_LEN} bytes")));
+    let cmd: Command = serde_path_to_error::deserialize(Value::Object(object)).map_err(|e| {
+        refuse(BadPayload).detail(format!("payload: {}", crate::redact::serde_with_path(&e)))
+    })?;
+    let id_chars = cmd.id.chars().count();
+    if id_chars == 0 || id_chars > MAX_ID_LEN {
+        return Err(refuse(BadPayload).detail(format!("id must be 1 to {MAX_ID_LEN} characters")));
+    }
+    // The audience, before anything else: a command for another site or gateway is not ours.
+    if cmd.site != cfg.site || cmd.gateway != cfg.gateway {
+        return Err(refuse(WrongGateway).detail(format!(
+            "the command is for site {} gateway {}, this is site {} gateway {}",
+            crate::redact::excerpt(&cmd.site),
+            crate::redact::excerpt(&cmd.gateway),
+            crate::redact::excerpt(&cfg.site),
+            crate::redact::excerpt(&cfg.gateway),
+        )));
     }
     if cmd.name != topic_name {
         return Err(refuse(NameMismatch).detail(format!(
-            "payload names `{}`, topic `{topic_name}`",
-            cmd.name
+            "payload names {}, topic {}",
+            crate::redact::excerpt(&cmd.name),
+            crate::redact::excerpt(topic_name)
         )));
     }
     if cmd.expires_at <= now {
@@ -627,7 +658,7 @@ fn args_object(
         _ => return Err(bad().detail("args must be an object")),
     };
     if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(bad().detail(format!("unknown argument `{k}`")));
+        return Err(bad().detail(format!("unknown argument {}", crate::redact::name(k))));
     }
     Ok(map)
 }
@@ -703,10 +734,10 @@ pub fn parse(cmd: &Command) -> Result<Request, Refusal> {
             let args = args_object(&cmd.args, &["reason", "note"], &cmd.id)?;
             let note = match args.get("note") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= MAX_NOTE_LEN => Some(s.clone()),
+                Some(Value::String(s)) if s.chars().count() <= MAX_NOTE_LEN => Some(s.clone()),
                 Some(_) => {
                     return Err(bad_args(&format!(
-                        "note must be a string of at most {MAX_NOTE_LEN} bytes"
+                        "note must be a string of at most {MAX_NOTE_LEN} characters"
                     )));
                 }
             };
@@ -1321,6 +1352,10 @@ fn expired(job: Job, now: DateTime<Utc>) -> Outcome {
 pub struct CommandConfig {
     /// The cloud's command key.
     pub public: VerifyingKey,
+    /// This gateway's site id (`site.id` of the config): a command must name it in `site`.
+    pub site: String,
+    /// This gateway's id (`site.gateway_id`): a command must name it in `gateway`.
+    pub gateway: String,
     /// How far in the future `issued_at` may be (the cloud's clock ahead of ours).
     pub max_skew: Duration,
     /// Longest message accepted, in bytes.
@@ -1331,9 +1366,11 @@ impl CommandConfig {
     pub const DEFAULT_MAX_SKEW_SECS: i64 = 60;
     pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;
 
-    pub fn new(public: VerifyingKey) -> Self {
+    pub fn new(public: VerifyingKey, site: &str, gateway: &str) -> Self {
         CommandConfig {
             public,
+            site: site.to_string(),
+            gateway: gateway.to_string(),
             max_skew: Duration::seconds(Self::DEFAULT_MAX_SKEW_SECS),
             max_bytes: Self::DEFAULT_MAX_BYTES,
         }
@@ -1361,14 +1398,7 @@ pub fn handle(
     now: DateTime<Utc>,
     cfg: &CommandConfig,
 ) -> Outcome {
-    let cmd = match verify(
-        bytes,
-        topic_name,
-        &cfg.public,
-        now,
-        cfg.max_skew,
-        cfg.max_bytes,
-    ) {
+    let cmd = match verify(bytes, topic_name, cfg, now) {
         Ok(c) => c,
         Err(refusal) => return Outcome::of(refusal.to_result(topic_name, now)),
     };

@@ -82,15 +82,7 @@ fn lane_of(job: &CmdJob, c: &Commands) -> String {
     match job {
         CmdJob::Wake(device) => format!("device:{device}"),
         CmdJob::Message(name, bytes) => {
-            let cfg = &c.cfg;
-            match commands::verify(
-                bytes,
-                name,
-                &cfg.public,
-                Utc::now(),
-                cfg.max_skew,
-                cfg.max_bytes,
-            ) {
+            match commands::verify(bytes, name, &c.cfg, Utc::now()) {
                 Ok(cmd) => match cmd.target {
                     Some(t) => match (t.unit, t.entry, t.device) {
                         (Some(u), _, _) => format!("unit:{u}"),
@@ -851,8 +843,8 @@ fn add_chunk(
     assembly: &mut Option<Assembly>,
     payload: &[u8],
 ) -> Result<Option<(String, Vec<u8>)>, String> {
-    let chunk: SnapshotChunk =
-        serde_json::from_slice(payload).map_err(|e| format!("snapshot part is not valid: {e}"))?;
+    let chunk: SnapshotChunk = serde_json::from_slice(payload)
+        .map_err(|e| format!("snapshot part is not valid: {}", crate::redact::serde(&e)))?;
     if chunk.count > MAX_SNAPSHOT_PARTS {
         return Err(format!(
             "snapshot announces {} parts (at most {MAX_SNAPSHOT_PARTS})",
@@ -899,8 +891,8 @@ fn add_chunk(
     let digest = hex::encode(Sha256::digest(&doc));
     if digest != a.sha256 {
         return Err(format!(
-            "snapshot `{}` does not match its sha256 (got {digest})",
-            a.id
+            "snapshot {} does not match its sha256 (got {digest})",
+            crate::redact::excerpt(&a.id)
         ));
     }
     Ok(Some((a.id, doc)))

@@ -145,11 +145,21 @@ pub struct SignedCommand {
 
 pub const COMMAND_CONTEXT: &[u8] = b"gatehouse-command-v1\0";
 
+/// The `v` of the commands this gateway reads. Version 1 (no `site`/`gateway`) is refused as
+/// `unsupported_version`.
+pub const COMMAND_VERSION: u32 = 2;
+
 /// What a command asks, inside the signed payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
+    /// [`COMMAND_VERSION`].
     pub v: u32,
+    /// The site the command is for: the gateway's configured `site.id`. A command names its
+    /// audience so that one captured at one site cannot be replayed at another.
+    pub site: String,
+    /// The gateway the command is for: the gateway's configured `site.gateway_id`.
+    pub gateway: String,
     /// Unique per command; results echo it; replays of it are refused.
     pub id: String,
     /// Must equal the `<name>` of the topic.
@@ -183,8 +193,8 @@ pub struct CommandResult {
     /// The command's id; absent only for a `malformed` command whose id could not be read.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
-    /// `true` when the command's id was longer than 128 bytes: `id` is then its first bytes
-    /// (at most 128, cut at a character boundary); match it as a prefix.
+    /// `true` when the command's id was longer than 128 characters: `id` is then its first 128
+    /// characters; match it as a prefix.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id_truncated: Option<bool>,
     pub name: String,

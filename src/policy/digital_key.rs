@@ -5,6 +5,10 @@
 //! signature is Ed25519 over `"gatehouse-digital-key-v1\0" || payload bytes`, so no JSON
 //! canonicalisation is needed: the signed bytes are exactly the bytes carried. The payload is
 //! [`KeyPayload`] as JSON. See docs/sync.md "Offline digital keys".
+//!
+//! A key names its audience: `site` is the site id of the gateways that honour it (the
+//! gateway's configured `site.id`), so a key issued for one site opens nothing at another site
+//! that trusts the same signing key. Version 1 keys (without `site`) are refused as malformed.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -15,11 +19,17 @@ use serde::{Deserialize, Serialize};
 /// Domain separation for key signatures.
 pub const KEY_CONTEXT: &[u8] = b"gatehouse-digital-key-v1\0";
 
+/// The `v` of the keys this gateway reads (2: keys name their `site`).
+pub const KEY_VERSION: u32 = 2;
+
 /// What a key grants. Times are RFC 3339.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPayload {
+    /// [`KEY_VERSION`].
     pub v: u32,
+    /// The site the key is for (the gateway's `site.id`); checked before anything else.
+    pub site: String,
     pub key_id: String,
     pub user: String,
     #[serde(default)]
@@ -43,9 +53,38 @@ struct Envelope {
 pub enum KeyError {
     Malformed,
     BadSignature,
+    /// Authentic, but for another site.
+    WrongSite,
 }
 
-/// Checks the envelope and signature, then reads the payload.
+/// What checks keys on this gateway: the cloud's public key and this gateway's site id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVerifier {
+    pub public: VerifyingKey,
+    /// The `site.id` of this gateway's config: a key must name it.
+    pub site: String,
+}
+
+impl KeyVerifier {
+    pub fn new(public: VerifyingKey, site: &str) -> Self {
+        KeyVerifier {
+            public,
+            site: site.to_string(),
+        }
+    }
+
+    /// [`verify`], then the audience: a key for another site is [`KeyError::WrongSite`].
+    pub fn verify(&self, token: &[u8]) -> Result<KeyPayload, KeyError> {
+        let p = verify(token, &self.public)?;
+        if p.site != self.site {
+            return Err(KeyError::WrongSite);
+        }
+        Ok(p)
+    }
+}
+
+/// Checks the envelope and signature, then reads the payload. Does not check the audience:
+/// use [`KeyVerifier::verify`].
 pub fn verify(token: &[u8], public: &VerifyingKey) -> Result<KeyPayload, KeyError> {
     let env: Envelope = serde_json::from_slice(token).map_err(|_| KeyError::Malformed)?;
     let payload = URL_SAFE_NO_PAD
@@ -63,7 +102,7 @@ pub fn verify(token: &[u8], public: &VerifyingKey) -> Result<KeyPayload, KeyErro
         .verify(&msg, &Signature::from_bytes(&sig))
         .map_err(|_| KeyError::BadSignature)?;
     let p: KeyPayload = serde_json::from_slice(&payload).map_err(|_| KeyError::Malformed)?;
-    if p.v != 1 {
+    if p.v != KEY_VERSION {
         return Err(KeyError::Malformed);
     }
     Ok(p)

@@ -11,7 +11,6 @@ pub mod schedule;
 pub mod tempcode;
 
 use chrono::{DateTime, Utc};
-use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
 use crate::site::{ALWAYS_OPEN, CodeKey, CompiledSchedule, CredValue, Site, Tables};
@@ -64,8 +63,9 @@ pub struct Request<'a> {
 /// Inputs a decision needs besides the site: keys.
 pub struct Context<'a> {
     pub code_key: &'a CodeKey,
-    /// The cloud's public key for offline digital keys; without it, keys are refused.
-    pub digital_key_public: Option<&'a VerifyingKey>,
+    /// The cloud's public key for offline digital keys and this gateway's site id (a key must
+    /// name it); without it, keys are refused.
+    pub digital_key_public: Option<&'a digital_key::KeyVerifier>,
 }
 
 /// Why access was granted or denied. The snake_case names are stable: the cloud, logs and
@@ -107,6 +107,8 @@ pub enum Reason {
     KeyNotYetValid,
     KeyExpired,
     KeyNotForTarget,
+    /// An authentic key issued for another site.
+    KeyWrongSite,
 }
 
 impl Reason {
@@ -145,6 +147,7 @@ impl Reason {
             KeyNotYetValid => "key_not_yet_valid",
             KeyExpired => "key_expired",
             KeyNotForTarget => "key_not_for_target",
+            KeyWrongSite => "key_wrong_site",
         }
     }
 
@@ -682,12 +685,13 @@ fn decide_digital_key(
     let Some(public) = ctx.digital_key_public else {
         return Decision::denied(Reason::KeyVerificationUnavailable);
     };
-    let key = match digital_key::verify(token, public) {
+    let key = match public.verify(token) {
         Ok(k) => k,
         Err(digital_key::KeyError::Malformed) => return Decision::denied(Reason::KeyMalformed),
         Err(digital_key::KeyError::BadSignature) => {
             return Decision::denied(Reason::KeyBadSignature);
         }
+        Err(digital_key::KeyError::WrongSite) => return Decision::denied(Reason::KeyWrongSite),
     };
     let mut d = Decision::denied(Reason::KeyRevoked);
     d.user = Some(key.user.clone());

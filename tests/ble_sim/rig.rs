@@ -156,7 +156,9 @@ impl Rig {
     ) -> CommandResult {
         let now = Utc::now();
         let cmd = Command {
-            v: 1,
+            v: 2,
+            site: "site".into(),
+            gateway: "gw".into(),
             id: id.into(),
             name: name.into(),
             issued_at: now,
@@ -164,7 +166,7 @@ impl Rig {
             target: serde_json::from_value(target).unwrap(),
             args: Value::Null,
         };
-        let ccfg = CommandConfig::new(self.signer.verifying_key());
+        let ccfg = CommandConfig::new(self.signer.verifying_key(), "site", "gw");
         handle(
             &self.router,
             &self.store,

@@ -213,8 +213,18 @@ def invalid_mqtt_documents():
     out.append(("ping with a target", "mqtt-command.schema.json", d))
 
     d = copy.deepcopy(ex["command-unlock.json"])
-    d["v"] = 2
-    out.append(("command v 2", "mqtt-command.schema.json", d))
+    d["v"] = 1
+    out.append(("command v 1 (no audience)", "mqtt-command.schema.json", d))
+
+    for field in ("site", "gateway"):
+        d = copy.deepcopy(ex["command-unlock.json"])
+        del d[field]
+        out.append((f"command without {field}", "mqtt-command.schema.json", d))
+
+    # Lengths are characters on both sides (tests/commands.rs sends the same strings to the
+    # gateway): one character over the bound, in multi-byte characters.
+    for doc, field, value in boundary_commands(ex, over=True):
+        out.append((f"command {field} of {len(value)} characters ({len(value.encode())} bytes)", "mqtt-command.schema.json", doc))
 
     d = copy.deepcopy(ex["command-result-refused.json"])
     del d["id"]
@@ -223,6 +233,19 @@ def invalid_mqtt_documents():
     d = copy.deepcopy(ex["command-result-done.json"])
     d["status"] = "ok"
     out.append(("result status `ok`", "mqtt-command-result.schema.json", d))
+    return out
+
+
+def boundary_commands(ex, over):
+    """Commands whose `id` or `note` is exactly at (over=False) or one past (over=True) the bound,
+    in multi-byte characters: `é` (2 bytes) for the id, `€` (3 bytes) for the note."""
+    extra = 1 if over else 0
+    d = copy.deepcopy(ex["command-unlock.json"])
+    d["id"] = "é" * (128 + extra)
+    out = [(d, "id", d["id"])]
+    d = copy.deepcopy(ex["command-emergency-unlock.json"])
+    d["args"]["note"] = "€" * (500 + extra)
+    out.append((d, "note", d["args"]["note"]))
     return out
 
 
@@ -264,6 +287,16 @@ def main():
             print(f"FAIL {rel}: {len(errs)} {schema} error(s): " + "; ".join(errs))
         else:
             print(f"ok   {rel}: valid ({schema})")
+
+    ex = {p.name: load(p) for p in MQTT_EXAMPLES.glob("*.json")}
+    for doc, field, value in boundary_commands(ex, over=False):
+        errs = schema_errors(schemas["mqtt-command.schema.json"], doc)
+        name = f"command {field} of {len(value)} characters ({len(value.encode())} bytes)"
+        if errs:
+            failed += 1
+            print(f"FAIL {name}: rejected by the schema ({errs[0]})")
+        else:
+            print(f"ok   {name}: valid")
 
     for name, schema, doc in invalid_mqtt_documents():
         errs = schema_errors(schemas[schema], doc)

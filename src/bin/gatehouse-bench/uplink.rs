@@ -254,7 +254,9 @@ async fn command_rtt(
     for i in 0..220 {
         let now = Utc::now();
         let cmd = Cmd {
-            v: 1,
+            v: 2,
+            site: "site".into(),
+            gateway: "gw".into(),
             id: format!("rtt-{i}"),
             name: "unlock".into(),
             issued_at: now,
@@ -354,6 +356,8 @@ async fn run_async() -> anyhow::Result<()> {
         )),
         cfg: CommandConfig {
             public: signer.verifying_key(),
+            site: "site".into(),
+            gateway: "gw".into(),
             max_skew: chrono::Duration::seconds(30),
             max_bytes: 64 * 1024,
         },
