@@ -483,6 +483,7 @@ impl CloudLink {
                     }
                     Ok(Ev::PubAck(pkid)) => {
                         if let Some(Some(seq)) = out.inflight.remove(&pkid) {
+                            crate::store::crash_point("event_acked");
                             out.acked.push(seq);
                         }
                     }
@@ -573,6 +574,7 @@ impl CloudLink {
                 && (out.acked.len() >= out.window.div_ceil(4) || out.inflight.is_empty())
             {
                 self.store.events().remove_delivered(&out.acked)?;
+                crate::store::crash_point("event_deleted");
                 out.acked.clear();
             }
         }
@@ -597,6 +599,7 @@ impl CloudLink {
             let bytes = event_message(epoch, seq, seq < connected_at, &stored);
             match client.try_publish(self.topics.events(), false, bytes) {
                 Ok(()) => {
+                    crate::store::crash_point("event_published");
                     out.requested.push_back(Some(seq));
                     out.cursor = seq + 1;
                 }

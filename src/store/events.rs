@@ -446,6 +446,16 @@ impl EventLog {
         }
         let mut new = st.clone();
         let mut batch = sled::Batch::default();
+        // The previous overflow record, if still held, is folded into this trim's (and so does
+        // not count towards the bounds).
+        let folded = match st.overflow {
+            Some(old) => trees.events.get(old.to_be_bytes())?.map(|v| (old, v)),
+            None => None,
+        };
+        if let Some((_, v)) = &folded {
+            new.count -= 1;
+            new.bytes -= v.len() as u64;
+        }
         let (mut dropped, mut first, mut last) = (0u64, None, 0u64);
         for kv in trees.events.range(st.scan_from.to_be_bytes()..) {
             let (k, v) = kv?;
@@ -475,18 +485,13 @@ impl EventLog {
             st.scan_from = new.scan_from;
             return Ok(0);
         }
-        // Fold the previous overflow record, if still held, into this one.
         let (mut covered, mut first_seq) = (dropped, first.unwrap_or(last));
-        if let Some(old) = st.overflow
-            && let Some(v) = trees.events.get(old.to_be_bytes())?
-        {
+        if let Some((old, v)) = folded {
             if let Ok(e) = serde_json::from_slice::<Event>(&v) {
                 covered += e.payload["dropped"].as_u64().unwrap_or(0);
                 first_seq = first_seq.min(e.payload["first_seq"].as_u64().unwrap_or(first_seq));
             }
             batch.remove(&old.to_be_bytes());
-            new.count -= 1;
-            new.bytes -= v.len() as u64;
         }
         new.dropped_total += dropped;
         let overflow = Event {

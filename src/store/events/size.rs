@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn a_huge_non_object_payload_is_bounded_too() {
-        let e = ev(json!([["a"; 10_000]]));
+        let e = ev(json!([vec!["a"; 10_000]]));
         let v = encode(&e).unwrap();
         assert!(v.len() <= MAX_RECORD_BYTES);
         let back: Event = serde_json::from_slice(&v).unwrap();

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::*;
 
-fn db() -> (tempfile::TempDir, sled::Db) {
+fn open_db() -> (tempfile::TempDir, sled::Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::Config::new()
         .path(dir.path().join("db"))
@@ -47,7 +47,7 @@ fn overflow_records(log: &EventLog) -> Vec<Event> {
 
 #[test]
 fn a_record_is_not_visible_before_its_flush() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     let notified = log.appended();
     let seqs = log.append_unflushed(&[ev(EventKind::AccessGranted)]).unwrap();
@@ -74,7 +74,7 @@ fn a_record_is_not_visible_before_its_flush() {
 
 #[test]
 fn every_record_is_bounded_in_size_and_the_append_never_fails_for_size() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     let huge = "d".repeat(32 << 20);
     log.append(&[NewEvent {
@@ -97,7 +97,7 @@ fn every_record_is_bounded_in_size_and_the_append_never_fails_for_size() {
 
 #[test]
 fn overflow_with_security_events_over_the_bound_stays_one_record_and_trims_rarely() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(100)).unwrap();
     // Security events alone are over the bound.
     log.append(&vec![ev(EventKind::AccessDenied); 150]).unwrap();
@@ -128,7 +128,7 @@ fn overflow_with_security_events_over_the_bound_stays_one_record_and_trims_rarel
 
 #[test]
 fn a_delivered_overflow_record_is_not_folded_and_totals_stay_cumulative() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(20)).unwrap();
     log.append(&vec![ev(EventKind::AccessGranted); 30]).unwrap();
     let first = overflow_records(&log);
@@ -153,7 +153,7 @@ fn a_delivered_overflow_record_is_not_folded_and_totals_stay_cumulative() {
 
 #[test]
 fn age_counts_lived_time_not_the_wall_clock() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let lim = LogLimits {
         max_age: chrono::Duration::days(1),
         ..limits(1_000)
@@ -183,12 +183,12 @@ fn age_counts_lived_time_not_the_wall_clock() {
 
 #[test]
 fn reattach_reads_the_state_back_from_the_new_database() {
-    let (_d, db) = db();
+    let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     log.append(&vec![ev(EventKind::AccessGranted); 3]).unwrap();
     log.append_unflushed(&[ev(EventKind::AccessGranted)]).unwrap();
     // Another database, as reopened after a disk-full recovery: 5 events and a high-water of 9.
-    let (_d2, other) = db();
+    let (_d2, other) = open_db();
     {
         let log2 = EventLog::open(&other, limits(1_000)).unwrap();
         log2.append(&vec![ev(EventKind::AccessDenied); 8]).unwrap();
