@@ -477,6 +477,9 @@ impl CloudLink {
                         let Some(what) = out.requested.pop_front() else {
                             return Ok(SessionEnd::Lost("publish written that was not requested".into()));
                         };
+                        if what.is_some() {
+                            crate::store::crash_point("event_published");
+                        }
                         if out.inflight.insert(pkid, what).is_some() {
                             return Ok(SessionEnd::Lost(format!("packet id {pkid} reused while in flight")));
                         }
@@ -599,7 +602,6 @@ impl CloudLink {
             let bytes = event_message(epoch, seq, seq < connected_at, &stored);
             match client.try_publish(self.topics.events(), false, bytes) {
                 Ok(()) => {
-                    crate::store::crash_point("event_published");
                     out.requested.push_back(Some(seq));
                     out.cursor = seq + 1;
                 }
