@@ -142,8 +142,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "no [cloud] section: events are kept in the outbox until a cloud link is configured"
         ),
     }
-    // Events appended without a flush become visible (to the cloud link) within a second: the
-    // flush runs on a blocking thread, never on the async workers.
+    // Events appended without a flush become visible (to the cloud link) within a second, and a
+    // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
         let (store, stop) = (store.clone(), shutdown.child_token());
         tracker.spawn(async move {
@@ -153,11 +153,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => return,
                 }
-                if store.events().has_pending() {
+                let events_due = store.events().has_pending() || store.events().over_bounds();
+                if events_due {
                     let store = store.clone();
-                    let flushed = tokio::task::spawn_blocking(move || store.events().flush_pending());
-                    if let Ok(Err(e)) = flushed.await {
-                        tracing::warn!("flushing the event log: {e:#}");
+                    let done = tokio::task::spawn_blocking(move || {
+                        let now = Utc::now();
+                        let local = now
+                            .with_timezone(&store.site().tables.facility.tz)
+                            .to_rfc3339();
+                        store.events().trim_pending(now, &local)?;
+                        store.events().flush_pending()
+                    });
+                    if let Ok(Err(e)) = done.await {
+                        tracing::warn!("trimming or flushing the event log: {e:#}");
                     }
                 }
             }

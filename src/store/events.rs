@@ -115,6 +115,12 @@ const HIGH_WATER: &[u8] = b"";
 /// Key of the count of events dropped by trims (sorts before every event key too).
 const DROPPED_TOTAL: &[u8] = b"\0";
 
+/// Records a trim inside an append may read, plus two per event appended: a decision never pays
+/// for a backlog; what is left is trimmed by later appends or by [`EventLog::trim_pending`].
+const INLINE_TRIM_READS: u64 = 64;
+/// Records a background trim reads while holding the log's lock (appends wait that long).
+const CHUNK_TRIM_READS: u64 = 4_096;
+
 /// Test hook: `GATEHOUSE_FLUSH_DELAY_MS` (read once) sleeps that long before each flush of the
 /// event log, a slow disk for the fault tests. Not for production.
 fn flush_delay() -> Option<std::time::Duration> {
@@ -185,24 +191,19 @@ fn u64_of(v: &[u8]) -> Option<u64> {
     v.try_into().ok().map(u64::from_be_bytes)
 }
 
-/// Whether a stored record is a security event (a corrupt record is not: a trim may drop it).
-fn is_security_record(v: &[u8]) -> bool {
+/// The kind of a stored record (`None` if it is corrupt).
+fn record_kind(v: &[u8]) -> Option<Cow<'_, str>> {
     #[derive(Deserialize)]
     struct Head<'a> {
         #[serde(borrow)]
         kind: Cow<'a, str>,
     }
-    serde_json::from_slice::<Head>(v).is_ok_and(|h| is_security_kind(&h.kind))
+    serde_json::from_slice::<Head>(v).ok().map(|h| h.kind)
 }
 
-fn is_overflow_record(v: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        kind: Cow<'a, str>,
-    }
-    serde_json::from_slice::<Head>(v)
-        .is_ok_and(|h| h.kind == EventKind::OutboxOverflow.as_str())
+/// Whether a stored record is a security event (a corrupt record is not: a trim may drop it).
+fn is_security_record(v: &[u8]) -> bool {
+    record_kind(v).is_some_and(|k| is_security_kind(&k))
 }
 
 /// Reads the log's state from disk (at open and at reattach).
@@ -229,8 +230,9 @@ fn scan(trees: &Trees) -> anyhow::Result<LogState> {
         let seq = seq_of(&k)?;
         st.count += 1;
         st.bytes += v.len() as u64;
-        if is_security_record(&v) {
-            if is_overflow_record(&v) {
+        let kind = record_kind(&v);
+        if kind.as_deref().is_some_and(is_security_kind) {
+            if kind.as_deref() == Some(EventKind::OutboxOverflow.as_str()) {
                 st.overflow = Some(seq);
             }
         } else {
@@ -338,7 +340,8 @@ impl EventLog {
             let at = events.last().map_or_else(Utc::now, |e| e.at);
             let local = events.last().map(|e| e.local.clone()).unwrap_or_default();
             // The events are in; a failed trim is retried at the next append or tick.
-            if let Err(e) = self.trim_locked(&trees, &mut st, 0, at, &local) {
+            let reads = INLINE_TRIM_READS + 2 * events.len() as u64;
+            if let Err(e) = self.trim_locked(&trees, &mut st, 0, at, &local, reads) {
                 tracing::warn!("trimming the event log: {e:#}");
             }
         }
@@ -390,8 +393,8 @@ impl EventLog {
     /// Writes one age mark. The daemon calls it every minute. Returns how many events went.
     pub fn trim(&self, lived_ms: u64, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
         let trees = self.trees();
-        let dropped = {
-            let mut st = self.lock();
+        let age_cut = {
+            let st = self.lock();
             // The age mark: events numbered below `st.next` were appended by now. Marks stay in
             // lived-time order even if lived time went back after a crash (it under-counts).
             let last = match trees.age.last()? {
@@ -405,7 +408,11 @@ impl EventLog {
             let max_age_ms = u64::try_from(self.limits.max_age.num_milliseconds()).unwrap_or(0);
             let mut age_cut = 0;
             if let Some(cutoff) = lived_ms.checked_sub(max_age_ms)
-                && let Some((k, v)) = trees.age.range(..=cutoff.to_be_bytes()).next_back().transpose()?
+                && let Some((k, v)) = trees
+                    .age
+                    .range(..=cutoff.to_be_bytes())
+                    .next_back()
+                    .transpose()?
             {
                 age_cut = u64_of(&v).unwrap_or(0);
                 // Marks at or below it are used up.
@@ -415,8 +422,43 @@ impl EventLog {
                 }
                 trees.age.apply_batch(used)?;
             }
-            self.trim_locked(&trees, &mut st, age_cut, now, local)?
+            age_cut
         };
+        self.trim_chunks(&trees, age_cut, now, local)
+    }
+
+    /// Finishes a trim that appends left unfinished (they read only a few records each), in
+    /// chunks, releasing the lock between them. The daemon calls it every second, off the async
+    /// workers. Returns how many events went.
+    pub fn trim_pending(&self, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
+        if !self.over_bounds() {
+            return Ok(0);
+        }
+        self.trim_chunks(&self.trees(), 0, now, local)
+    }
+
+    /// Whether the count or byte bound calls for a trim now.
+    pub fn over_bounds(&self) -> bool {
+        self.trim_due(&self.lock())
+    }
+
+    fn trim_chunks(
+        &self,
+        trees: &Trees,
+        age_cut: u64,
+        now: DateTime<Utc>,
+        local: &str,
+    ) -> anyhow::Result<u64> {
+        let mut dropped = 0;
+        loop {
+            let mut st = self.lock();
+            let (d, reads) =
+                self.trim_locked(trees, &mut st, age_cut, now, local, CHUNK_TRIM_READS)?;
+            dropped += d;
+            if reads < CHUNK_TRIM_READS {
+                break;
+            }
+        }
         if dropped > 0 {
             self.flush_pending()?;
         }
@@ -426,7 +468,8 @@ impl EventLog {
     /// Drops non-security events numbered below `age_cut`, and, if the bounds call for it, the
     /// oldest non-security events until the log is within 95 % of its bounds. Reads from the
     /// cursor past the leading security events. Records one `outbox_overflow` event, folding
-    /// the previous one if it is still held. On error nothing changes.
+    /// the previous one if it is still held. Reads at most `max_reads` records (the cursor keeps
+    /// its place for the next call). On error nothing changes. Returns (dropped, records read).
     fn trim_locked(
         &self,
         trees: &Trees,
@@ -434,7 +477,8 @@ impl EventLog {
         age_cut: u64,
         now: DateTime<Utc>,
         local: &str,
-    ) -> anyhow::Result<u64> {
+        max_reads: u64,
+    ) -> anyhow::Result<(u64, u64)> {
         let l = &self.limits;
         let (target_events, target_bytes) = (
             l.max_events - l.max_events / 20,
@@ -442,7 +486,7 @@ impl EventLog {
         );
         let for_space = self.trim_due(st);
         if !for_space && age_cut <= st.scan_from {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let mut new = st.clone();
         let mut batch = sled::Batch::default();
@@ -453,12 +497,16 @@ impl EventLog {
             None => None,
         };
         if let Some((_, v)) = &folded {
-            new.count -= 1;
-            new.bytes -= v.len() as u64;
+            new.count = new.count.saturating_sub(1);
+            new.bytes = new.bytes.saturating_sub(v.len() as u64);
         }
-        let (mut dropped, mut first, mut last) = (0u64, None, 0u64);
+        let (mut dropped, mut first, mut last, mut reads) = (0u64, None, 0u64, 0u64);
         for kv in trees.events.range(st.scan_from.to_be_bytes()..) {
+            if reads >= max_reads {
+                break;
+            }
             let (k, v) = kv?;
+            reads += 1;
             self.trim_reads.fetch_add(1, Ordering::Relaxed);
             let seq = seq_of(&k)?;
             let shrinking = for_space
@@ -473,8 +521,8 @@ impl EventLog {
                 continue;
             }
             batch.remove(k);
-            new.count -= 1;
-            new.bytes -= v.len() as u64;
+            new.count = new.count.saturating_sub(1);
+            new.bytes = new.bytes.saturating_sub(v.len() as u64);
             new.droppable = new.droppable.saturating_sub(1);
             new.droppable_bytes = new.droppable_bytes.saturating_sub(v.len() as u64);
             dropped += 1;
@@ -483,7 +531,7 @@ impl EventLog {
         }
         if dropped == 0 {
             st.scan_from = new.scan_from;
-            return Ok(0);
+            return Ok((0, reads));
         }
         let (mut covered, mut first_seq) = (dropped, first.unwrap_or(last));
         if let Some((old, v)) = folded {
@@ -525,7 +573,7 @@ impl EventLog {
             last_seq = last,
             "event log over its bounds: dropped the oldest non-security events"
         );
-        Ok(dropped)
+        Ok((dropped, reads))
     }
 
     /// Removes events the broker has acknowledged. Not flushed: an acknowledgement lost in a

@@ -203,3 +203,24 @@ fn reattach_reads_the_state_back_from_the_new_database() {
     assert_eq!(log.append(&[ev(EventKind::AccessGranted)]).unwrap(), [9]);
     assert_eq!(log.read_from(0, 100).unwrap().len(), 6);
 }
+
+#[test]
+fn an_append_reads_only_a_few_records_for_a_trim_and_the_background_trim_finishes_it() {
+    let (_d, db) = open_db();
+    let log = EventLog::open(&db, limits(1_000)).unwrap();
+    log.append(&vec![ev(EventKind::AccessDenied); 500]).unwrap();
+    log.append(&vec![ev(EventKind::AccessGranted); 500]).unwrap();
+    assert_eq!(log.trim_reads(), 0, "at the bound, not over it");
+    // Over the bound: the append reads at most 64 + 2 records (all security events here).
+    log.append(&[ev(EventKind::AccessGranted)]).unwrap();
+    assert_eq!(log.trim_reads(), 66);
+    assert_eq!(log.len(), 1_001);
+    assert!(log.over_bounds());
+    // The daemon's background trim (every second) finishes it, from where the append stopped.
+    assert_eq!(log.trim_pending(at(), "").unwrap(), 51);
+    assert!(!log.over_bounds());
+    assert_eq!(log.len(), 950 + 1);
+    assert_eq!(log.trim_reads(), 500 + 51 + 1, "each record read once, and where it stopped");
+    assert_eq!(overflow_records(&log).len(), 1);
+    assert_eq!(log.trim_pending(at(), "").unwrap(), 0);
+}
