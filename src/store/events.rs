@@ -39,7 +39,10 @@
 //! (removing it): the log holds at most one undelivered overflow record from this version. A
 //! trim reads only what it drops plus the security events it passes, once (a cursor skips the
 //! security events at the front of the log), and when only security events are over a bound no
-//! trim runs until the droppable events reach 5 % of the bound.
+//! trim runs until the droppable events reach 5 % of the bound. An append reads at most
+//! [`INLINE_TRIM_READS`] + 2 per event for a trim, so a decision never pays for a backlog; later
+//! appends, or [`EventLog::trim_pending`] (the daemon, every second, in chunks), go on from the
+//! cursor.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +165,8 @@ struct LogState {
     scan_from: u64,
     /// The latest `outbox_overflow` record held, folded into the next one.
     overflow: Option<u64>,
+    /// A trim for space stopped at its read limit before reaching 95 % of the bounds.
+    trimming: bool,
     dropped_total: u64,
 }
 
@@ -243,6 +248,9 @@ fn scan(trees: &Trees) -> anyhow::Result<LogState> {
         if leading_security {
             st.scan_from = seq + 1;
         }
+    }
+    if leading_security {
+        st.scan_from = st.next;
     }
     Ok(st)
 }
@@ -327,6 +335,9 @@ impl EventLog {
             if !e.kind.is_security() {
                 new.droppable += 1;
                 new.droppable_bytes += v.len() as u64;
+            } else if new.scan_from == new.next {
+                // Everything before it is a security event or gone: keep the cursor past it.
+                new.scan_from = new.next + 1;
             }
             batch.insert(&new.next.to_be_bytes(), v);
             seqs.push(new.next);
@@ -376,6 +387,9 @@ impl EventLog {
     /// events to bring it back to 95 % — or, when security events alone are over it, once the
     /// droppable ones reach 5 % of it (not at every append).
     fn trim_due(&self, st: &LogState) -> bool {
+        if st.trimming {
+            return true;
+        }
         let l = &self.limits;
         let over_count = st.count > l.max_events && {
             let excess = st.count - (l.max_events - l.max_events / 20);
@@ -529,8 +543,14 @@ impl EventLog {
             first.get_or_insert(seq);
             last = seq;
         }
+        // Stopped by the read limit with more to drop: the next append or tick goes on.
+        new.trimming = for_space
+            && reads >= max_reads
+            && new.droppable > 0
+            && (new.count > target_events || new.bytes > target_bytes);
         if dropped == 0 {
             st.scan_from = new.scan_from;
+            st.trimming = new.trimming;
             return Ok((0, reads));
         }
         let (mut covered, mut first_seq) = (dropped, first.unwrap_or(last));
@@ -561,6 +581,9 @@ impl EventLog {
         new.count += 1;
         new.bytes += v.len() as u64;
         new.overflow = Some(new.next);
+        if new.scan_from == new.next {
+            new.scan_from += 1;
+        }
         batch.insert(&new.next.to_be_bytes(), v);
         new.next += 1;
         batch.insert(HIGH_WATER, &new.next.to_be_bytes());

@@ -208,19 +208,26 @@ fn reattach_reads_the_state_back_from_the_new_database() {
 fn an_append_reads_only_a_few_records_for_a_trim_and_the_background_trim_finishes_it() {
     let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
-    log.append(&vec![ev(EventKind::AccessDenied); 500]).unwrap();
-    log.append(&vec![ev(EventKind::AccessGranted); 500]).unwrap();
+    // Security and ordinary events alternating (seq 1 security, 2 ordinary, ...).
+    let pairs: Vec<NewEvent> = (0..500)
+        .flat_map(|_| [ev(EventKind::AccessDenied), ev(EventKind::AccessGranted)])
+        .collect();
+    log.append(&pairs).unwrap();
     assert_eq!(log.trim_reads(), 0, "at the bound, not over it");
-    // Over the bound: the append reads at most 64 + 2 records (all security events here).
+    // Over the bound by one: 51 events must go, but the append reads only 64 + 2 records (and
+    // drops the 33 ordinary ones among them).
     log.append(&[ev(EventKind::AccessGranted)]).unwrap();
     assert_eq!(log.trim_reads(), 66);
-    assert_eq!(log.len(), 1_001);
-    assert!(log.over_bounds());
-    // The daemon's background trim (every second) finishes it, from where the append stopped.
-    assert_eq!(log.trim_pending(at(), "").unwrap(), 51);
+    assert_eq!(log.len(), 1_001 - 33 + 1);
+    assert!(log.over_bounds(), "the trim is unfinished");
+    // The daemon's background trim (every second) finishes it from where the append stopped.
+    assert_eq!(log.trim_pending(at(), "").unwrap(), 18);
     assert!(!log.over_bounds());
     assert_eq!(log.len(), 950 + 1);
-    assert_eq!(log.trim_reads(), 500 + 51 + 1, "each record read once, and where it stopped");
-    assert_eq!(overflow_records(&log).len(), 1);
+    assert_eq!(log.trim_reads(), 66 + 35 + 1, "each record read once, and where it stopped");
+    let overflow = overflow_records(&log);
+    assert_eq!(overflow.len(), 1);
+    assert_eq!(overflow[0].payload["dropped"], 51);
+    assert_eq!((overflow[0].payload["first_seq"].as_u64(), overflow[0].payload["last_seq"].as_u64()), (Some(2), Some(102)));
     assert_eq!(log.trim_pending(at(), "").unwrap(), 0);
 }
