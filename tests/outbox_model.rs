@@ -3,7 +3,9 @@
 //! every step with a `BTreeMap` that does the same by the documented rules (docs/guarantees.md):
 //! a record is visible only once flushed; over the bound the oldest ordinary events go down to
 //! 95 %, but only once enough of them are held (5 % of the bound when security events alone are
-//! over it); each trim writes one `outbox_overflow` and folds the previous one if still held.
+//! over it); an append reads at most 64 + 2 per event for it (from a cursor past the leading
+//! security events), the background trim (`trim_pending`) the rest; each trim that drops writes
+//! one `outbox_overflow` and folds the previous one if still held.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +21,8 @@ enum Op {
     Append(Vec<bool>, bool),
     /// Flush what was appended without a flush.
     Flush,
+    /// The daemon's background trim.
+    TrimPending,
     /// Acknowledge the visible events at these positions (as a broker would).
     Ack(Vec<prop::sample::Index>),
     /// Close and reopen the database (a clean daemon restart).
@@ -30,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (prop::collection::vec(prop::bool::weighted(0.3), 1..40), prop::bool::weighted(0.7))
             .prop_map(|(k, f)| Op::Append(k, f)),
         1 => Just(Op::Flush),
+        1 => Just(Op::TrimPending),
         3 => prop::collection::vec(any::<prop::sample::Index>(), 1..20).prop_map(Op::Ack),
         1 => Just(Op::Reopen),
     ]
@@ -58,45 +63,100 @@ struct Model {
     next: u64,
     durable: u64,
     overflow: Option<u64>,
+    /// Every record below it is a security event or gone: trims read from here.
+    scan_from: u64,
+    /// A trim stopped at its read limit with more to drop.
+    trimming: bool,
 }
 
+const TARGET: u64 = MAX_EVENTS - MAX_EVENTS / 20;
+
 impl Model {
-    fn trim_if_due(&mut self) {
-        let target = MAX_EVENTS - MAX_EVENTS / 20;
+    fn droppable(&self) -> u64 {
+        self.held.values().filter(|k| **k == Kind::Ordinary).count() as u64
+    }
+
+    fn due(&self) -> bool {
         let count = self.held.len() as u64;
-        let droppable = self
-            .held
-            .values()
-            .filter(|k| **k == Kind::Ordinary)
-            .count() as u64;
-        if count <= MAX_EVENTS || droppable < (count - target).min(MAX_EVENTS / 20).max(1) {
+        self.trimming
+            || (count > MAX_EVENTS
+                && self.droppable() >= (count - TARGET).clamp(1, MAX_EVENTS / 20))
+    }
+
+    fn append(&mut self, security: bool) {
+        if security && self.scan_from == self.next {
+            self.scan_from = self.next + 1;
+        }
+        self.held.insert(
+            self.next,
+            if security {
+                Kind::Security
+            } else {
+                Kind::Ordinary
+            },
+        );
+        self.next += 1;
+    }
+
+    /// One trim reading at most `cap` records.
+    fn trim(&mut self, cap: u64) {
+        if !self.due() {
             return;
         }
         // The held overflow record is folded into the new one: it does not count.
-        let mut left = count - u64::from(self.overflow.is_some());
-        let ordinary: Vec<u64> = self
+        let mut count = self.held.len() as u64 - u64::from(self.overflow.is_some());
+        let mut droppable = self.droppable();
+        let from: Vec<(u64, Kind)> = self
             .held
-            .iter()
-            .filter(|(_, k)| **k == Kind::Ordinary)
-            .map(|(s, _)| *s)
+            .range(self.scan_from..)
+            .map(|(s, k)| (*s, *k))
             .collect();
-        let mut dropped = 0;
-        for s in ordinary {
-            if left <= target {
+        let (mut reads, mut dropped) = (0, 0);
+        for (seq, kind) in from {
+            if reads >= cap {
                 break;
             }
-            self.held.remove(&s);
-            left -= 1;
-            dropped += 1;
+            reads += 1;
+            if droppable == 0 || count <= TARGET {
+                break;
+            }
+            self.scan_from = seq + 1;
+            if kind == Kind::Ordinary {
+                self.held.remove(&seq);
+                count -= 1;
+                droppable -= 1;
+                dropped += 1;
+            }
         }
+        self.trimming = reads >= cap && droppable > 0 && count > TARGET;
         if dropped > 0 {
             if let Some(o) = self.overflow.take() {
                 self.held.remove(&o);
             }
             self.held.insert(self.next, Kind::Overflow);
             self.overflow = Some(self.next);
+            if self.scan_from == self.next {
+                self.scan_from += 1;
+            }
             self.next += 1;
         }
+    }
+
+    /// What a reopen recomputes.
+    fn reopened(&mut self) {
+        self.durable = self.next;
+        self.trimming = false;
+        self.overflow = self
+            .held
+            .iter()
+            .rev()
+            .find(|(_, k)| **k == Kind::Overflow)
+            .map(|(s, _)| *s);
+        self.scan_from = self
+            .held
+            .iter()
+            .find(|(_, k)| **k == Kind::Ordinary)
+            .map_or(self.next, |(s, _)| *s);
     }
 }
 
@@ -134,11 +194,19 @@ proptest! {
                     };
                     for (seq, sec) in seqs.iter().zip(&kinds) {
                         prop_assert_eq!(*seq, m.next, "numbering");
-                        m.held.insert(m.next, if *sec { Kind::Security } else { Kind::Ordinary });
-                        m.next += 1;
+                        m.append(*sec);
                     }
-                    m.trim_if_due();
+                    m.trim(64 + 2 * kinds.len() as u64);
                     if flushed {
+                        m.durable = m.next;
+                    }
+                }
+                Op::TrimPending => {
+                    s.events().trim_pending(at, "").unwrap();
+                    let before = m.next;
+                    m.trim(4_096);
+                    if m.next > before {
+                        // It dropped events: it flushes what it wrote.
                         m.durable = m.next;
                     }
                 }
@@ -164,7 +232,7 @@ proptest! {
                     store.take().unwrap().flush().unwrap();
                     store = Some(Store::open_with(dir.path(), limits()).unwrap());
                     // What was on disk is durable, hence visible.
-                    m.durable = m.next;
+                    m.reopened();
                 }
             }
             let s = store.as_ref().unwrap();

@@ -411,13 +411,15 @@ impl EventLog {
             let st = self.lock();
             // The age mark: events numbered below `st.next` were appended by now. Marks stay in
             // lived-time order even if lived time went back after a crash (it under-counts).
-            let last = match trees.age.last()? {
-                Some((k, v)) => Some((u64_of(&k).unwrap_or(0), u64_of(&v).unwrap_or(0))),
-                None => None,
-            };
+            let last = trees
+                .age
+                .last()?
+                .map(|(k, v)| (u64_of(&k).unwrap_or(0), u64_of(&v).unwrap_or(0)));
             if last.is_none_or(|(_, n)| n < st.next) {
                 let key = last.map_or(lived_ms, |(l, _)| l.max(lived_ms));
-                trees.age.insert(key.to_be_bytes(), &st.next.to_be_bytes())?;
+                trees
+                    .age
+                    .insert(key.to_be_bytes(), &st.next.to_be_bytes())?;
             }
             let max_age_ms = u64::try_from(self.limits.max_age.num_milliseconds()).unwrap_or(0);
             let mut age_cut = 0;
