@@ -66,6 +66,11 @@ pub enum EventKind {
     BatteryLow,
     /// A BTHome button was pressed.
     Button,
+    /// The database refused writes (a full disk) from `since`: recorded once the disk takes
+    /// writes again (payload: since, what, error), just before `storage_recovered`.
+    StorageFailed,
+    /// The database takes writes again (payload: since, down_ms).
+    StorageRecovered,
 }
 
 impl EventKind {
@@ -102,6 +107,8 @@ impl EventKind {
             EventKind::LockStateChanged => "lock_state_changed",
             EventKind::BatteryLow => "battery_low",
             EventKind::Button => "button",
+            EventKind::StorageFailed => "storage_failed",
+            EventKind::StorageRecovered => "storage_recovered",
         }
     }
 
@@ -124,5 +131,6 @@ pub fn is_security_kind(kind: &str) -> bool {
             | "manual_release"
             | "outbox_overflow"
             | "command_refused"
+            | "storage_failed"
     )
 }

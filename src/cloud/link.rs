@@ -556,7 +556,8 @@ impl CloudLink {
                         tokio::task::spawn_blocking(move || {
                             let expired = commands::handle_expire(&c.router, &store, now);
                             record_effects(&store, &expired);
-                            if let Err(e) = store.commands().prune(now) {
+                            let lived = store.lived().now_ms();
+                            if let Err(e) = commands::prune(&store, now, lived, &c.cfg) {
                                 tracing::warn!("pruning command ids: {e:#}");
                             }
                             if !expired.is_empty()

@@ -90,7 +90,8 @@ fn seq_of(k: &[u8]) -> anyhow::Result<u64> {
 }
 
 impl EventLog {
-    pub(super) fn open(tree: sled::Tree, limits: LogLimits) -> anyhow::Result<EventLog> {
+    pub(super) fn open(db: &sled::Db, limits: LogLimits) -> anyhow::Result<EventLog> {
+        let tree = db.open_tree("events")?;
         let next = match tree.range(0u64.to_be_bytes()..).next_back() {
             Some(kv) => seq_of(&kv?.0)? + 1,
             None => 1,
@@ -258,6 +259,12 @@ impl EventLog {
             }
         }
         Ok(())
+    }
+
+    /// The same log woken through `appended` (kept by a store that reopens its database).
+    pub(super) fn with_appended(mut self, appended: Arc<tokio::sync::Notify>) -> EventLog {
+        self.appended = appended;
+        self
     }
 
     /// Woken after every append (the cloud link waits on it).
