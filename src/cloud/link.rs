@@ -296,6 +296,7 @@ impl CloudLink {
             gatehouse_version: online.then(|| env!("CARGO_PKG_VERSION").to_string()),
             site_version: online.then(|| self.store.site().version),
             outbox: online.then(|| self.store.events().len()),
+            storage: online.then(|| self.store.health().into()),
         }
     }
 
@@ -462,8 +463,12 @@ impl CloudLink {
         }
         let mut assembly: Option<Assembly> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut storage_ok = self.store.health().is_ok();
         loop {
-            self.fill(&client, &mut out, connected_at)?;
+            // A storage failure does not end the session (commands must still be answered).
+            if let Err(e) = self.fill(&client, &mut out, connected_at) {
+                tracing::debug!("reading the outbox: {e:#}");
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -544,6 +549,10 @@ impl CloudLink {
                 }
                 _ = self.appended.notified() => {}
                 _ = tick.tick() => {
+                    if storage_ok != self.store.health().is_ok() {
+                        storage_ok = !storage_ok;
+                        self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
+                    }
                     // States a full queue held back.
                     if let Some(d) = &self.devices {
                         let changed = d.take_changed();
@@ -573,8 +582,12 @@ impl CloudLink {
             if !out.acked.is_empty()
                 && (out.acked.len() >= out.window.div_ceil(4) || out.inflight.is_empty())
             {
-                self.store.events().remove_delivered(&out.acked)?;
-                out.acked.clear();
+                // On a storage failure they are kept and removed later (sent again after a
+                // restart at worst: the cloud drops duplicates by id).
+                match self.store.events().remove_delivered(&out.acked) {
+                    Ok(()) => out.acked.clear(),
+                    Err(e) => tracing::debug!("removing delivered events: {e:#}"),
+                }
             }
         }
     }
