@@ -466,7 +466,10 @@ impl CloudLink {
         let mut storage_ok = self.store.health().is_ok();
         loop {
             // A storage failure does not end the session (commands must still be answered).
-            if let Err(e) = self.fill(&client, &mut out, connected_at) {
+            // While it lasts no event is sent: what sled holds in memory may never reach the disk.
+            if self.store.health().is_ok()
+                && let Err(e) = self.fill(&client, &mut out, connected_at)
+            {
                 tracing::debug!("reading the outbox: {e:#}");
             }
             tokio::select! {

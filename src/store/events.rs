@@ -267,6 +267,17 @@ impl EventLog {
         self
     }
 
+    /// Makes sure no sequence number below `floor` is assigned again (a store reopened after a
+    /// storage failure: numbers the old handles gave out in memory may have been sent).
+    pub(super) fn raise_next(&self, floor: u64) -> anyhow::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if floor > st.next {
+            self.tree.insert(HIGH_WATER, &floor.to_be_bytes())?;
+            st.next = floor;
+        }
+        Ok(())
+    }
+
     /// Woken after every append (the cloud link waits on it).
     pub fn appended(&self) -> Arc<tokio::sync::Notify> {
         self.appended.clone()

@@ -247,13 +247,14 @@ impl Core {
         let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
         let mut handles = self.handles.write().unwrap_or_else(|e| e.into_inner());
         let appended = events.as_ref().map(|e| e.appended());
+        let next_seq = events.as_ref().map_or(0, |e| e.next_seq());
         *events = None;
         *handles = None;
         self.commands.detach();
         self.lived.detach();
         let deadline = Instant::now() + REOPEN_WAIT;
         let attached = loop {
-            match self.attach_new(appended.clone()) {
+            match self.attach_new(appended.clone(), next_seq) {
                 Ok(a) => break a,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("storage: reopen: {e:#}");
@@ -285,9 +286,11 @@ impl Core {
     fn attach_new(
         &self,
         appended: Option<Arc<tokio::sync::Notify>>,
+        next_seq: u64,
     ) -> anyhow::Result<(Handles, EventLog, sled::Tree)> {
         let h = Handles::open(open_db(&self.dir)?)?;
         let mut log = EventLog::open(&h.db, self.limits)?;
+        log.raise_next(next_seq)?;
         if let Some(n) = appended {
             log = log.with_appended(n);
         }
