@@ -203,7 +203,7 @@ fn random_clock_steps_never_execute_a_command_twice() {
         let mut sent: Vec<Vec<u8>> = Vec::new();
         let mut runs: HashMap<usize, usize> = HashMap::new();
         for step in 0..300 {
-            real_ms += rng.below(90_000);
+            real_ms += rng.below(30_000);
             let wall = |off: i64| t0() + Duration::milliseconds(real_ms as i64 + off);
             match rng.below(10) {
                 // Step the wall clock.
@@ -233,7 +233,13 @@ fn random_clock_steps_never_execute_a_command_twice() {
                     sent.push(bytes);
                 }
                 _ if !sent.is_empty() => {
-                    let i = rng.below(sent.len() as u64) as usize;
+                    // Mostly a recent one (still valid by the right clock).
+                    let n = sent.len() as u64;
+                    let i = if rng.below(4) == 0 {
+                        rng.below(n)
+                    } else {
+                        n - 1 - rng.below(n.min(4))
+                    } as usize;
                     let o = f.deliver(&sent[i], wall(offset_ms), real_ms);
                     total_replays += 1;
                     if executed(&o) {
