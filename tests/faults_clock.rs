@@ -70,7 +70,15 @@ fn ping(id: &str, issued: DateTime<Utc>) -> Command {
 impl Fx {
     /// Delivers signed bytes with the gateway's wall clock at `wall` and `lived` ms lived.
     fn deliver(&self, bytes: &[u8], wall: DateTime<Utc>, lived: u64) -> Outcome {
-        handle_at(&self.router, &self.store, bytes, "ping", wall, lived, &self.cfg)
+        handle_at(
+            &self.router,
+            &self.store,
+            bytes,
+            "ping",
+            wall,
+            lived,
+            &self.cfg,
+        )
     }
     fn prune(&self, wall: DateTime<Utc>, lived: u64) -> usize {
         prune(&self.store, wall, lived, &self.cfg).unwrap()
@@ -101,11 +109,11 @@ fn a_forward_step_past_expiry_does_not_prune_and_a_replay_after_the_step_back_is
     assert_eq!(f.prune(t0() + Duration::days(1), lived), 1);
     let r = f.deliver(&cmd, t0() + Duration::minutes(1), lived + 1);
     assert_eq!(
-            (r.result.status.as_str(), r.result.reason.as_deref()),
-            ("refused", Some("expired")),
-            "{:?}",
-            r.result
-        );
+        (r.result.status.as_str(), r.result.reason.as_deref()),
+        ("refused", Some("expired")),
+        "{:?}",
+        r.result
+    );
     assert!(!executed(&r));
     println!(
         "faults: clock forward past expiry + prune + back: the id is kept until lived time \

@@ -95,7 +95,10 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -335,7 +338,11 @@ async fn the_daemon_answers_every_command_while_the_disk_is_full_and_recovers() 
                 .filter(|s| s["online"] == true)
         };
         sub.wait_for(
-            |m| m.iter().filter_map(status).any(|s| s["storage"]["state"] == "ok"),
+            |m| {
+                m.iter()
+                    .filter_map(status)
+                    .any(|s| s["storage"]["state"] == "ok")
+            },
             WAIT,
         )
         .await;
@@ -355,7 +362,10 @@ async fn the_daemon_answers_every_command_while_the_disk_is_full_and_recovers() 
             }
             assert_eq!(r["status"], "done", "{r}");
             ran_while_full += 1;
-            assert!(ran_while_full < 10_000, "the full disk never failed a write");
+            assert!(
+                ran_while_full < 10_000,
+                "the full disk never failed a write"
+            );
         }
         let refused_while_full = 3 * scale().min(4) + 3;
         for _ in 0..refused_while_full {
@@ -414,8 +424,8 @@ async fn the_daemon_answers_every_command_while_the_disk_is_full_and_recovers() 
                     !kinds(m, "storage_recovered").is_empty()
                         && before.is_subset(&event_seqs(m))
                         && m.iter()
-                            .filter_map(status)
-                            .last()
+                            .rev()
+                            .find_map(status)
                             .is_some_and(|s| s["storage"]["state"] == "ok")
                 },
                 WAIT,
@@ -439,7 +449,10 @@ async fn the_daemon_answers_every_command_while_the_disk_is_full_and_recovers() 
         for id in &ids {
             per_id.insert(id, results_of(&msgs, &t, id).len());
         }
-        assert!(per_id.values().all(|n| *n == 1), "results per id: {per_id:?}");
+        assert!(
+            per_id.values().all(|n| *n == 1),
+            "results per id: {per_id:?}"
+        );
         println!(
             "faults: disk full (daemon, round {round}): {ran_while_full} commands ran after the \
              fill until sled failed, then {} answered failed/storage once each; one \

@@ -48,8 +48,8 @@ mod health;
 mod lived;
 
 pub use commands::{Claim, CommandLog, SeenCommand};
-pub use health::Health;
 pub use events::{Event, EventLog, LogLimits, NewEvent};
+pub use health::Health;
 pub use lived::LivedClock;
 
 /// Credentials per stored chunk.
@@ -430,11 +430,7 @@ impl Core {
         // tables) while this thread parses the small tables; then this thread inserts.
         let mut creds = CredTable::with_capacity(m.credentials as usize);
         let h = self.h()?;
-        let (tree, prefix, hasher) = (
-            h.tree.clone(),
-            gen_key(m.gen_, b'c', &[]),
-            creds.hasher(),
-        );
+        let (tree, prefix, hasher) = (h.tree.clone(), gen_key(m.gen_, b'c', &[]), creds.hasher());
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<Result<Vec<LoadedGroup>, String>>(LOAD_AHEAD);
         let loader = std::thread::spawn(move || {
