@@ -25,7 +25,8 @@
 //! few microseconds; a writer checks and persists without it, then takes the write lock only to
 //! swap (snapshot) or commit (delta). Readers therefore see the old site or the new, never a mix.
 //!
-//! The event log (the cloud outbox) is in [`events`], the command log in [`commands`].
+//! The event log (the cloud outbox) is in [`events`], the command log in [`commands`], the
+//! storage health and the reopen after a storage failure (a full disk) in [`health`].
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ use crate::sync::{self, SyncMessage};
 
 mod commands;
 mod events;
+mod handles;
 mod health;
 mod lived;
 
@@ -51,6 +53,8 @@ pub use commands::{Claim, CommandLog, SeenCommand};
 pub use events::{Event, EventLog, LogLimits, NewEvent};
 pub use health::Health;
 pub use lived::LivedClock;
+
+use handles::{Handles, HandlesGuard, open_db, read_meta};
 
 /// Credentials per stored chunk.
 const CHUNK: usize = 16_384;
@@ -150,27 +154,6 @@ pub struct Core {
     commands: CommandLog,
     lived: LivedClock,
     health: health::HealthCell,
-}
-
-/// The sled handles of one open of the database. Every clone of them must be gone before the
-/// database can be opened again (sled holds a file lock).
-struct Handles {
-    db: sled::Db,
-    /// Tree `site`.
-    tree: sled::Tree,
-    /// Gateway state: database epoch, session counter (tree `state`).
-    state: sled::Tree,
-}
-
-/// A read guard on the open handles.
-struct HandlesGuard<'a>(RwLockReadGuard<'a, Option<Handles>>);
-
-impl Deref for HandlesGuard<'_> {
-    type Target = Handles;
-    fn deref(&self) -> &Handles {
-        // Constructed only when `Some` (see `Core::h`), and the read guard keeps it so.
-        self.0.as_ref().expect("handles checked at construction")
-    }
 }
 
 fn gen_prefix(g: u64) -> Vec<u8> {
@@ -359,59 +342,6 @@ impl Store {
             recovery: Some(health::Recovery::start(core.clone())),
             core,
         })
-    }
-}
-
-/// Opens sled in `dir/db`.
-fn open_db(dir: &Path) -> anyhow::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir.join("db"))
-        .cache_capacity(8 << 20)
-        .flush_every_ms(Some(500))
-        .open()
-        .map_err(|e| {
-            // sled reports a held lock as an I/O error whose text says so.
-            if e.to_string().contains("could not acquire lock") {
-                anyhow::anyhow!(
-                    "database `{}` is in use by another process (is the daemon running?)",
-                    dir.display()
-                )
-            } else {
-                anyhow::Error::new(e)
-                    .context(format!("opening database `{}`", dir.join("db").display()))
-            }
-        })
-}
-
-fn read_meta(tree: &sled::Tree, dir: &Path) -> anyhow::Result<Option<Meta>> {
-    let meta: Option<Meta> = match tree.get("meta")? {
-        Some(b) => Some(serde_json::from_slice(&b).context("database meta record is corrupt")?),
-        None => None,
-    };
-    if let Some(m) = &meta
-        && m.format != FORMAT
-    {
-        bail!(
-            "database `{}` has layout {} (this gatehouse reads {FORMAT}); export it with the \
-             version that wrote it, or delete it and resync",
-            dir.display(),
-            m.format
-        );
-    }
-    Ok(meta)
-}
-
-impl Handles {
-    fn open(db: sled::Db) -> anyhow::Result<Handles> {
-        let tree = db.open_tree("site")?;
-        let state = db.open_tree("state")?;
-        if state.get("epoch")?.is_none() {
-            let mut e = [0u8; 8];
-            getrandom::getrandom(&mut e).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            state.insert("epoch", hex::encode(e).as_bytes())?;
-            state.flush()?;
-        }
-        Ok(Handles { db, tree, state })
     }
 }
 
