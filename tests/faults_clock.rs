@@ -4,8 +4,15 @@
 //! `pruned_through` below which commands are refused `expired`. The clocks are injected:
 //! [`handle_at`] and [`prune`] take the wall time and the lived milliseconds.
 
+#[path = "support/broker.rs"]
+mod broker;
+mod common;
+
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, Utc};
 use ed25519_dalek::SigningKey;
@@ -266,5 +273,174 @@ fn random_clock_steps_never_execute_a_command_twice() {
         "faults: clock steps x{walks} walks of 300 steps: {total_exec} commands executed, \
          {total_replays} replays, {total_pruned} ids pruned; none executed twice; fresh commands \
          always ran with the clock right"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon as a process, its clock stepped by libfaketime (Debian package `faketime`).
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+const WAIT: StdDuration = StdDuration::from_secs(60);
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write_daemon_config(dir: &Path, b: &broker::Broker, signer: &SigningKey) -> PathBuf {
+    let f = b.client("gw-1");
+    let cfg = dir.join("gatehouse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"data\"\n\
+             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\n\
+             key_file = \"{}\"\nkeep_alive_secs = 5\nreconnect_min_ms = 200\n\
+             command_public_key = \"{}\"\n",
+            b.port(),
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display(),
+            hex::encode(signer.verifying_key().to_bytes())
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Sends signed bytes on `cmd/ping` and waits for the `n`-th result for `id`.
+async fn send(
+    b: &broker::Broker,
+    sub: &broker::Subscriber,
+    bytes: Vec<u8>,
+    id: &str,
+    n: usize,
+) -> serde_json::Value {
+    let t = gatehouse::cloud::messages::Topics::new("gatehouse", "site-1", "gw-1");
+    let results = |m: &[broker::Received]| -> Vec<serde_json::Value> {
+        m.iter()
+            .filter(|x| x.topic == t.command_result("ping"))
+            .filter_map(|x| serde_json::from_slice::<serde_json::Value>(&x.payload).ok())
+            .filter(|v| v["id"] == id)
+            .collect()
+    };
+    let client = format!("cloud-{id}-{n}");
+    broker::publish_qos1(
+        b.mqtt_options_as("cloud", &client),
+        &format!("{}/cmd/ping", t.base()),
+        bytes,
+        false,
+    )
+    .await
+    .unwrap();
+    let msgs = sub.wait_for(|m| results(m).len() >= n, WAIT).await;
+    results(&msgs).remove(n - 1)
+}
+
+/// Waits until the daemon's log has `n` more lines containing `needle` than it had at `from`.
+fn wait_log(log: &Path, needle: &str, from: usize, n: usize) -> usize {
+    let start = Instant::now();
+    loop {
+        let count = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(needle)
+            .count();
+        if count >= from + n {
+            return count;
+        }
+        assert!(start.elapsed() < WAIT, "no `{needle}` in the daemon's log");
+        std::thread::sleep(StdDuration::from_millis(100));
+    }
+}
+
+/// The daemon's wall clock jumps two days ahead (pruning runs), then back: the replay of a
+/// command it executed before the jump is answered with the first result, not executed again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_steps_forward_prunes_steps_back_and_does_not_run_a_replay() {
+    if !Path::new(LIBFAKETIME).exists() {
+        let root = Process::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        assert!(!root, "{LIBFAKETIME} missing (apt-get install faketime)");
+        println!("faults: clock (daemon): SKIPPED, {LIBFAKETIME} missing");
+        return;
+    }
+    let b = broker::Broker::start();
+    let signer = SigningKey::from_bytes(&[1; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_daemon_config(dir.path(), &b, &signer);
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let log = dir.path().join("daemon.log");
+    let sub = broker::Subscriber::connect(&b, "cloud", "gatehouse/site-1/gw-1/cmd/+/result").await;
+    sub.wait_subscribed(1, WAIT).await;
+    let _daemon = Daemon(
+        Process::new(common::gatehouse_bin())
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("RUST_LOG", "gatehouse=debug,warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = broker::Subscriber::connect(&b, "watch", "gatehouse/site-1/gw-1/status").await;
+    status
+        .wait_for(
+            |m| {
+                m.iter().any(|x| {
+                    serde_json::from_slice::<serde_json::Value>(&x.payload)
+                        .is_ok_and(|v| v["online"] == true)
+                })
+            },
+            WAIT,
+        )
+        .await;
+    let rounds = scale().min(5);
+    for r in 0..rounds {
+        let id = format!("x{r}");
+        let first_cmd = sign(&ping(&id, Utc::now()), &signer);
+        let first = send(&b, &sub, first_cmd.clone(), &id, 1).await;
+        assert_eq!(first["status"], "done", "{first}");
+        // Two days ahead: a fresh command now looks expired to the daemon.
+        std::fs::write(&offset, "+2d\n").unwrap();
+        let probe = format!("ahead{r}");
+        let p = send(
+            &b,
+            &sub,
+            sign(&ping(&probe, Utc::now()), &signer),
+            &probe,
+            1,
+        )
+        .await;
+        assert_eq!(p["reason"], "expired", "the daemon's clock is ahead: {p}");
+        // Pruning runs (twice, to be sure one ran entirely with the clock ahead).
+        let before = wait_log(&log, "command ids pruned", 0, 0);
+        wait_log(&log, "command ids pruned", before, 2);
+        // Back to the right time: the replay is recognised.
+        std::fs::write(&offset, "+0\n").unwrap();
+        let back = format!("back{r}");
+        let p = send(&b, &sub, sign(&ping(&back, Utc::now()), &signer), &back, 1).await;
+        assert_eq!(
+            p["status"], "done",
+            "the daemon's clock is right again: {p}"
+        );
+        let replay = send(&b, &sub, first_cmd, &id, 2).await;
+        assert_eq!(
+            replay, first,
+            "the replay is answered with the first result (not executed again)"
+        );
+    }
+    println!(
+        "faults: clock (daemon, libfaketime) x{rounds}: +2 days, prune ran, back: the replay \
+         was answered with the first result, not executed again"
     );
 }

@@ -569,8 +569,13 @@ impl CloudLink {
                             let expired = commands::handle_expire(&c.router, &store, now);
                             record_effects(&store, &expired);
                             let lived = store.lived().now_ms();
-                            if let Err(e) = commands::prune(&store, now, lived, &c.cfg) {
-                                tracing::warn!("pruning command ids: {e:#}");
+                            match commands::prune(&store, now, lived, &c.cfg) {
+                                Ok(n) => tracing::debug!(
+                                    pruned = n,
+                                    held = store.commands().len(),
+                                    "command ids pruned"
+                                ),
+                                Err(e) => tracing::warn!("pruning command ids: {e:#}"),
                             }
                             if !expired.is_empty()
                                 && let Err(e) = tx.blocking_send(expired)

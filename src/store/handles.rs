@@ -81,4 +81,3 @@ impl Handles {
         Ok(Handles { db, tree, state })
     }
 }
-
