@@ -18,7 +18,8 @@ run:
 
 ## System packages the tests need, installed only when missing (needs root for apt-get):
 ## mosquitto (cloud-link tests), libdbus/glib headers and dbus-daemon (the mock BlueZ's
-## dbus-python and private bus; bluer links libdbus).
+## dbus-python and private bus; bluer links libdbus), faketime (libfaketime: the daemon's wall
+## clock stepped in tests/faults_clock.rs).
 deps:
 	@missing=""; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
@@ -28,6 +29,7 @@ deps:
 	pkg-config --exists dbus-1 2>/dev/null || missing="$$missing libdbus-1-dev"; \
 	pkg-config --exists glib-2.0 2>/dev/null || missing="$$missing libglib2.0-dev"; \
 	command -v dbus-daemon >/dev/null || missing="$$missing dbus-daemon"; \
+	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

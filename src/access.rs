@@ -143,7 +143,10 @@ impl AccessEngine {
                 }),
             });
         }
-        self.store.events().append(&events)?;
+        if let Err(e) = self.store.events().append(&events) {
+            self.store.report_error("recording an access decision");
+            return Err(e);
+        }
         Ok(decision)
     }
 }

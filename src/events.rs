@@ -72,6 +72,11 @@ pub enum EventKind {
     /// The broker sent a message over the packet size the gateway takes in (MQTT 3.1.1); the
     /// connection was dropped (payload: `bytes`, `limit`, `protocol`, `occurrences`).
     MessageTooLarge,
+    /// The database refused writes (a full disk) from `since`: recorded once the disk takes
+    /// writes again (payload: since, what, error), just before `storage_recovered`.
+    StorageFailed,
+    /// The database takes writes again (payload: since, down_ms).
+    StorageRecovered,
 }
 
 impl EventKind {
@@ -110,6 +115,8 @@ impl EventKind {
             EventKind::Button => "button",
             EventKind::EventUnpublishable => "event_unpublishable",
             EventKind::MessageTooLarge => "message_too_large",
+            EventKind::StorageFailed => "storage_failed",
+            EventKind::StorageRecovered => "storage_recovered",
         }
     }
 
@@ -132,5 +139,6 @@ pub fn is_security_kind(kind: &str) -> bool {
             | "manual_release"
             | "outbox_overflow"
             | "command_refused"
+            | "storage_failed"
     )
 }

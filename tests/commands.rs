@@ -493,7 +493,10 @@ fn claimed_without_a_result_is_refused_as_duplicate() {
     let f = fx();
     let cmd = unlock_unit("c-crash", "A-101");
     // As if the process died after the claim, before the result was stored.
-    f.store.commands().claim("c-crash", cmd.expires_at).unwrap();
+    f.store
+        .commands()
+        .claim("c-crash", cmd.expires_at, now(), 0)
+        .unwrap();
     let o = f.send(&cmd);
     assert!(o.duplicate);
     assert_result(&o, "refused", Some("duplicate"), Some("c-crash"));

@@ -135,6 +135,7 @@ fn every_example_reads_as_its_message_type() {
                     s.gatehouse_version.is_some(),
                     s.site_version.is_some(),
                     s.outbox.is_some(),
+                    s.storage.is_some(),
                 ];
                 // The will carries the four required fields only; online status all of them.
                 assert!(

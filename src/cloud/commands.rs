@@ -94,7 +94,7 @@ use super::messages::{
     COMMAND_CONTEXT, COMMAND_VERSION, Command, CommandResult, CommandTarget, SignedCommand,
 };
 use crate::site::Tables;
-use crate::store::Store;
+use crate::store::{Claim, Store};
 
 /// Longest command id accepted, in characters (Unicode scalar values, as JSON Schema's
 /// `maxLength` counts them).
@@ -1398,13 +1398,31 @@ pub fn handle(
     now: DateTime<Utc>,
     cfg: &CommandConfig,
 ) -> Outcome {
+    let lived_ms = store.lived().now_ms();
+    handle_at(router, store, bytes, topic_name, now, lived_ms, cfg)
+}
+
+/// [`handle`] with the lived time given (see [`crate::store::LivedClock`]): the wall clock `now`
+/// and `lived_ms` are the only clocks the command path reads.
+pub fn handle_at(
+    router: &Router,
+    store: &Store,
+    bytes: &[u8],
+    topic_name: &str,
+    now: DateTime<Utc>,
+    lived_ms: u64,
+    cfg: &CommandConfig,
+) -> Outcome {
     let cmd = match verify(bytes, topic_name, cfg, now) {
         Ok(c) => c,
         Err(refusal) => return Outcome::of(refusal.to_result(topic_name, now)),
     };
-    match store.commands().claim(&cmd.id, cmd.expires_at) {
-        Ok(None) => {}
-        Ok(Some(seen)) => {
+    match store
+        .commands()
+        .claim(&cmd.id, cmd.expires_at, now, lived_ms)
+    {
+        Ok(Claim::New) => {}
+        Ok(Claim::Seen(seen)) => {
             let earlier = seen
                 .result
                 .and_then(|v| serde_json::from_value::<CommandResult>(v).ok());
@@ -1419,8 +1437,20 @@ pub fn handle(
                 duplicate: true,
             };
         }
+        Ok(Claim::Pruned { through }) => {
+            return Outcome::of(
+                Refusal::new(Reason::Expired, Some(cmd.id.clone()))
+                    .detail(format!(
+                        "expires at {}, no later than commands already forgotten ({through}): \
+                         a replay could not be recognised",
+                        cmd.expires_at
+                    ))
+                    .to_result(&cmd.name, now),
+            );
+        }
         Err(e) => {
             tracing::error!(id = %cmd.id, "could not record a command id: {e:#}");
+            store.report_error("recording a command id");
             return Outcome::of(result(
                 &cmd.id,
                 &cmd.name,
@@ -1454,13 +1484,24 @@ pub fn handle_wake(
 }
 
 /// [`Router::expire`], storing each `expired` result. Call it periodically (with
-/// `store.commands().prune(now)`).
+/// [`prune`]).
 pub fn handle_expire(router: &Router, store: &Store, now: DateTime<Utc>) -> Vec<Outcome> {
     let out = router.expire(now);
     for o in &out {
         store_result(store, &o.result);
     }
     out
+}
+
+/// Forgets the command ids that have expired by the wall clock `now` and by lived time
+/// `lived_ms` (see [`crate::store::CommandLog::prune`]).
+pub fn prune(
+    store: &Store,
+    now: DateTime<Utc>,
+    lived_ms: u64,
+    cfg: &CommandConfig,
+) -> anyhow::Result<usize> {
+    store.commands().prune(now, lived_ms, cfg.max_skew)
 }
 
 // ---------------------------------------------------------------------------------------------

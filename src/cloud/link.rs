@@ -326,6 +326,7 @@ impl CloudLink {
             gatehouse_version: online.then(|| env!("CARGO_PKG_VERSION").to_string()),
             site_version: online.then(|| self.store.site().version),
             outbox: online.then(|| self.store.events().len()),
+            storage: online.then(|| self.store.health().into()),
         }
     }
 
@@ -505,8 +506,15 @@ impl CloudLink {
         }
         let mut assembly: Option<Assembly> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut storage_ok = self.store.health().is_ok();
         loop {
-            self.fill(&client, &mut out, connected_at)?;
+            // A storage failure does not end the session (commands must still be answered).
+            // While it lasts no event is sent: what sled holds in memory may never reach the disk.
+            if self.store.health().is_ok()
+                && let Err(e) = self.fill(&client, &mut out, connected_at)
+            {
+                tracing::debug!("reading the outbox: {e:#}");
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -597,6 +605,10 @@ impl CloudLink {
                 }
                 _ = self.appended.notified() => {}
                 _ = tick.tick() => {
+                    if storage_ok != self.store.health().is_ok() {
+                        storage_ok = !storage_ok;
+                        self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
+                    }
                     // States a full queue held back.
                     if let Some(d) = &self.devices {
                         let changed = d.take_changed();
@@ -609,8 +621,14 @@ impl CloudLink {
                         tokio::task::spawn_blocking(move || {
                             let expired = commands::handle_expire(&c.router, &store, now);
                             record_effects(&store, &expired);
-                            if let Err(e) = store.commands().prune(now) {
-                                tracing::warn!("pruning command ids: {e:#}");
+                            let lived = store.lived().now_ms();
+                            match commands::prune(&store, now, lived, &c.cfg) {
+                                Ok(n) => tracing::debug!(
+                                    pruned = n,
+                                    held = store.commands().len(),
+                                    "command ids pruned"
+                                ),
+                                Err(e) => tracing::warn!("pruning command ids: {e:#}"),
                             }
                             if !expired.is_empty()
                                 && let Err(e) = tx.blocking_send(expired)
@@ -625,9 +643,15 @@ impl CloudLink {
             if !out.acked.is_empty()
                 && (out.acked.len() >= out.window.div_ceil(4) || out.inflight.is_empty())
             {
-                self.store.events().remove_delivered(&out.acked)?;
-                crate::store::crash_point("event_deleted");
-                out.acked.clear();
+                // On a storage failure they are kept and removed later (sent again after a
+                // restart at worst: the cloud drops duplicates by id).
+                match self.store.events().remove_delivered(&out.acked) {
+                    Ok(()) => {
+                        crate::store::crash_point("event_deleted");
+                        out.acked.clear();
+                    }
+                    Err(e) => tracing::debug!("removing delivered events: {e:#}"),
+                }
             }
         }
     }

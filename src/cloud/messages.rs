@@ -80,6 +80,46 @@ pub struct Status {
     /// Events waiting in the outbox when this status was published.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub outbox: Option<u64>,
+    /// Whether the gateway's database takes writes (republished when it changes).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub storage: Option<StorageStatus>,
+}
+
+/// `status.storage`: `ok`, or `failed` (a full disk): every access decision is refused and every
+/// command fails with reason `storage` until the disk takes writes again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageStatus {
+    /// `ok` or `failed`.
+    pub state: String,
+    /// When it failed (UTC); `failed` only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub since: Option<DateTime<Utc>>,
+    /// What the gateway was doing when the failure was noticed; `failed` only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub what: Option<String>,
+    /// The storage error; `failed` only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl From<crate::store::Health> for StorageStatus {
+    fn from(h: crate::store::Health) -> Self {
+        match h {
+            crate::store::Health::Ok => StorageStatus {
+                state: "ok".into(),
+                since: None,
+                what: None,
+                error: None,
+            },
+            crate::store::Health::Failed { since, what, error } => StorageStatus {
+                state: "failed".into(),
+                since: Some(since),
+                what: Some(what),
+                error: Some(error),
+            },
+        }
+    }
 }
 
 /// One event on `events` (QoS 1). At least once, in order; drop duplicates by `id`.

@@ -178,7 +178,7 @@ pub struct EventLog {
     state: Mutex<LogState>,
     /// The first sequence number not known to be on disk: records at or above it are invisible.
     durable: AtomicU64,
-    /// Held by a flush (and by [`EventLog::reattach`]): flushes are serialised.
+    /// Held by a flush: flushes are serialised.
     flushing: Mutex<()>,
     limits: LogLimits,
     appended: Arc<tokio::sync::Notify>,
@@ -211,7 +211,7 @@ fn is_security_record(v: &[u8]) -> bool {
     record_kind(v).is_some_and(|k| is_security_kind(&k))
 }
 
-/// Reads the log's state from disk (at open and at reattach).
+/// Reads the log's state from disk (at open, also after a disk-full recovery reopened sled).
 fn scan(trees: &Trees) -> anyhow::Result<LogState> {
     let t = &trees.events;
     let next = match t.range(0u64.to_be_bytes()..).next_back() {
@@ -274,24 +274,6 @@ impl EventLog {
             appended: Arc::new(tokio::sync::Notify::new()),
             trim_reads: AtomicU64::new(0),
         })
-    }
-
-    /// Switches to a freshly reopened database (after a disk-full recovery): reopens the trees
-    /// and recomputes the state from what is on disk. Records that were applied but never
-    /// flushed are gone; they were never visible, so their numbers may be assigned again.
-    // Called by the store's disk-full recovery (until it lands, only by tests).
-    #[allow(dead_code)]
-    pub(super) fn reattach(&self, db: &sled::Db) -> anyhow::Result<()> {
-        let trees = Trees::open(db)?;
-        let _flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = scan(&trees)?;
-        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = trees;
-        self.durable.store(fresh.next, Ordering::Release);
-        *st = fresh;
-        drop(st);
-        self.appended.notify_one();
-        Ok(())
     }
 
     fn trees(&self) -> Trees {
@@ -618,6 +600,25 @@ impl EventLog {
                     st.overflow = None;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The same log woken through `appended` (kept by a store that reopens its database).
+    pub(super) fn with_appended(mut self, appended: Arc<tokio::sync::Notify>) -> EventLog {
+        self.appended = appended;
+        self
+    }
+
+    /// Makes sure no sequence number below `floor` is assigned again (a store reopened after a
+    /// storage failure). Records are published only once flushed, so this is a second line of
+    /// defence: the cloud may see a gap in `seq`, never one `seq` with two contents.
+    pub(super) fn raise_next(&self, floor: u64) -> anyhow::Result<()> {
+        let trees = self.trees();
+        let mut st = self.lock();
+        if floor > st.next {
+            trees.events.insert(HIGH_WATER, &floor.to_be_bytes())?;
+            st.next = floor;
         }
         Ok(())
     }

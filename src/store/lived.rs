@@ -7,7 +7,10 @@
 //! is kept in the `state` tree under `lived_ms` and saved by [`LivedClock::persist`] (the daemon
 //! does it every minute and at shutdown). A crash loses at most the time since the last save,
 //! so lived time only ever *under*-counts: what is kept by its age is kept a little longer.
+//! A reopen of the database (after a storage failure) keeps counting: the clock is detached
+//! from the old `state` tree and attached to the new one without re-reading the total.
 
+use std::sync::RwLock;
 use std::time::Instant;
 
 const KEY: &[u8] = b"lived_ms";
@@ -15,7 +18,7 @@ const KEY: &[u8] = b"lived_ms";
 pub struct LivedClock {
     base_ms: u64,
     started: Instant,
-    state: sled::Tree,
+    state: RwLock<Option<sled::Tree>>,
 }
 
 impl LivedClock {
@@ -31,7 +34,7 @@ impl LivedClock {
         Ok(LivedClock {
             base_ms,
             started: Instant::now(),
-            state,
+            state: RwLock::new(Some(state)),
         })
     }
 
@@ -43,7 +46,21 @@ impl LivedClock {
 
     /// Saves the total (not flushed: the next flush of the database makes it durable).
     pub fn persist(&self) -> anyhow::Result<()> {
-        self.state.insert(KEY, &self.now_ms().to_be_bytes())?;
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let state = state
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("storage: the database is being reopened"))?;
+        state.insert(KEY, &self.now_ms().to_be_bytes())?;
         Ok(())
+    }
+
+    /// Drops the tree handle (before a reopen).
+    pub(super) fn detach(&self) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Uses `state` from now on.
+    pub(super) fn attach(&self, state: sled::Tree) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Some(state);
     }
 }

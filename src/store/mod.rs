@@ -25,8 +25,10 @@
 //! few microseconds; a writer checks and persists without it, then takes the write lock only to
 //! swap (snapshot) or commit (delta). Readers therefore see the old site or the new, never a mix.
 //!
-//! The event log (the cloud outbox) is in [`events`], the command log in [`commands`].
+//! The event log (the cloud outbox) is in [`events`], the command log in [`commands`], the
+//! storage health and the reopen after a storage failure (a full disk) in [`health`].
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
@@ -44,14 +46,19 @@ use crate::sync::{self, SyncMessage};
 mod codekey;
 mod commands;
 mod events;
+mod handles;
+mod health;
 mod lived;
 
 pub use codekey::read as read_code_key;
-pub use commands::{CommandLog, SeenCommand};
+pub use commands::{Claim, CommandLog, SeenCommand};
 pub use events::{
     AGE_TREE, EVENTS_TREE, Event, EventLog, LogLimits, MAX_RECORD_BYTES, MAX_STRING_BYTES, NewEvent,
 };
+pub use health::Health;
 pub use lived::LivedClock;
+
+use handles::{Handles, HandlesGuard, open_db, read_meta};
 
 /// Credentials per stored chunk.
 const CHUNK: usize = 16_384;
@@ -131,20 +138,46 @@ impl ApplyError {
 }
 
 /// The site database: the current site in memory, its copy in sled, and the event log.
+///
+/// The sled handles sit behind a swappable slot: sled keeps the first write error it meets
+/// (a full disk) until the database is reopened, so a write error moves the store to
+/// [`Health::Failed`] and a recovery thread (started here, stopped when the store is dropped)
+/// reopens the database once the disk takes writes again (see [`health`]).
 pub struct Store {
+    core: Arc<Core>,
+    recovery: Option<health::Recovery>,
+}
+
+impl Deref for Store {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(r) = self.recovery.take() {
+            r.stop();
+        }
+    }
+}
+
+/// Everything of a [`Store`] (reached through it by `Deref`).
+pub struct Core {
     dir: PathBuf,
-    db: sled::Db,
-    tree: sled::Tree,
     key: CodeKey,
     site: RwLock<Site>,
     meta: Mutex<Option<Meta>>,
-    events: EventLog,
     /// Keys of unfinished generations removed by this open (a killed snapshot import).
     recovered_keys: usize,
-    /// Gateway state: database epoch, session counter (tree `state`).
-    state: sled::Tree,
+    limits: LogLimits,
+    /// The open sled database and its trees; `None` only inside a reopen (under the lock).
+    handles: RwLock<Option<Handles>>,
+    events: RwLock<Option<Arc<EventLog>>>,
     commands: CommandLog,
     lived: LivedClock,
+    health: health::HealthCell,
 }
 
 fn gen_prefix(g: u64) -> Vec<u8> {
@@ -221,54 +254,19 @@ impl Store {
     /// [`Store::open`] with all the event log's bounds.
     pub fn open_with(dir: &Path, limits: LogLimits) -> anyhow::Result<Store> {
         crate::fsperm::prepare_data_dir(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(8 << 20)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| {
-                // sled reports a held lock as an I/O error whose text says so.
-                if e.to_string().contains("could not acquire lock") {
-                    anyhow::anyhow!(
-                        "database `{}` is in use by another process (is the daemon running?)",
-                        dir.display()
-                    )
-                } else {
-                    anyhow::Error::new(e)
-                        .context(format!("opening database `{}`", dir.join("db").display()))
-                }
-            })?;
+        let db = open_db(dir)?;
         crate::fsperm::tighten(dir)?;
-        let tree = db.open_tree("site")?;
-        let events = EventLog::open(&db, limits)?;
-        let state = db.open_tree("state")?;
-        if state.get("epoch")?.is_none() {
-            let mut e = [0u8; 8];
-            getrandom::getrandom(&mut e).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            state.insert("epoch", hex::encode(e).as_bytes())?;
-            state.flush()?;
-        }
-        let commands = CommandLog::open(db.open_tree("commands")?);
-        let meta: Option<Meta> = match tree.get("meta")? {
-            Some(b) => Some(serde_json::from_slice(&b).context("database meta record is corrupt")?),
-            None => None,
-        };
-        if let Some(m) = &meta
-            && m.format != FORMAT
-        {
-            bail!(
-                "database `{}` has layout {} (this gatehouse reads {FORMAT}); export it with the \
-                 version that wrote it, or delete it and resync",
-                dir.display(),
-                m.format
-            );
-        }
-        let key = codekey::open(dir, &state, meta.is_some())?;
+        let h = Handles::open(db)?;
+        let events = EventLog::open(&h.db, limits)?;
+        let commands = CommandLog::open(h.db.open_tree("commands")?);
+        let meta = read_meta(&h.tree, dir)?;
+        let key = codekey::open(dir, &h.state, meta.is_some())?;
         // Remove any generation that meta does not name: left by a snapshot import that was
         // killed, or by a clean-up that did not finish.
         let current = meta.as_ref().map(|m| m.gen_);
         let mut n_garbage = 0usize;
         let mut from = gen_prefix(0);
+        let tree = &h.tree;
         // Visit one key per generation, skipping over the current one (reading its values
         // would cost as much as loading it); remove any other generation whole.
         while let Some((k, _)) = tree.range(from.clone()..).next().transpose()? {
@@ -295,45 +293,57 @@ impl Store {
             }
         }
         if n_garbage > 0 {
-            db.flush()?;
+            h.db.flush()?;
             tracing::info!(keys = n_garbage, "removed an unfinished generation");
         }
-        let store = Store {
+        let core = Core {
             dir: dir.to_path_buf(),
             site: RwLock::new(empty_site()),
             meta: Mutex::new(meta.clone()),
-            db,
-            tree,
             key,
-            events,
             recovered_keys: n_garbage,
-            lived: LivedClock::open(state.clone())?,
-            state,
+            limits,
+            lived: LivedClock::open(h.state.clone())?,
+            handles: RwLock::new(Some(h)),
+            events: RwLock::new(Some(Arc::new(events))),
             commands,
+            health: health::HealthCell::default(),
         };
         if let Some(m) = meta {
             let started = Instant::now();
-            let site = store
+            let site = core
                 .load_generation(&m)
                 .with_context(|| format!("loading the site from `{}`", dir.display()))?;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "site loaded"
             );
-            *store.site.write().unwrap_or_else(|e| e.into_inner()) = site;
+            *core.site.write().unwrap_or_else(|e| e.into_inner()) = site;
         }
-        Ok(store)
+        let core = Arc::new(core);
+        Ok(Store {
+            recovery: Some(health::Recovery::start(core.clone())),
+            core,
+        })
+    }
+}
+
+impl Core {
+    /// The open handles, or an error inside a failed reopen.
+    fn h(&self) -> anyhow::Result<HandlesGuard<'_>> {
+        let g = self.handles.read().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            bail!("storage: the database is being reopened");
+        }
+        Ok(HandlesGuard(g))
     }
 
     fn load_generation(&self, m: &Meta) -> anyhow::Result<Site> {
         // A loader thread reads, decodes and hashes the credential chunks (which needs no
         // tables) while this thread parses the small tables; then this thread inserts.
         let mut creds = CredTable::with_capacity(m.credentials as usize);
-        let (tree, prefix, hasher) = (
-            self.tree.clone(),
-            gen_key(m.gen_, b'c', &[]),
-            creds.hasher(),
-        );
+        let h = self.h()?;
+        let (tree, prefix, hasher) = (h.tree.clone(), gen_key(m.gen_, b'c', &[]), creds.hasher());
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<Result<Vec<LoadedGroup>, String>>(LOAD_AHEAD);
         let loader = std::thread::spawn(move || {
@@ -356,7 +366,7 @@ impl Store {
                 }
             }
         });
-        let tables = self
+        let tables = h
             .tree
             .get(gen_key(m.gen_, b'b', &[]))
             .map_err(anyhow::Error::from)
@@ -391,7 +401,7 @@ impl Store {
             bail!(e);
         }
         let mut site = Site::from_parts(base_version, Arc::new(tables), creds);
-        for kv in self.tree.scan_prefix(gen_key(m.gen_, b'd', &[])) {
+        for kv in h.tree.scan_prefix(gen_key(m.gen_, b'd', &[])) {
             let (_, v) = kv?;
             let d: sync::Delta = serde_json::from_slice(&v).context("stored delta is corrupt")?;
             let p = site
@@ -422,8 +432,39 @@ impl Store {
         self.site.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn events(&self) -> &EventLog {
-        &self.events
+    /// The event log. Take it for one operation at a time: a reopen waits until every handle
+    /// taken before it is dropped.
+    pub fn events(&self) -> Arc<EventLog> {
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            // `None` only inside a reopen, which holds the write lock throughout.
+            .expect("the event log is attached")
+    }
+
+    /// Whether the database takes writes (see [`Health`]).
+    pub fn health(&self) -> Health {
+        self.health.get()
+    }
+
+    /// Tells the store that one of its operations failed (`what`: which), so that it checks its
+    /// database now rather than at its next round. A write error of sled makes the store
+    /// [`Health::Failed`] until the database is reopened.
+    pub fn report_error(&self, what: &str) {
+        self.health.report(what);
+    }
+
+    fn storage_error(&self, what: &str, e: anyhow::Error) -> ApplyError {
+        self.report_error(what);
+        ApplyError::Storage(e)
+    }
+
+    fn w<T>(&self, what: &str, r: anyhow::Result<T>) -> anyhow::Result<T> {
+        if r.is_err() {
+            self.report_error(what);
+        }
+        r
     }
 
     /// Time this database has lived through (monotonic, across restarts): see [`LivedClock`].
@@ -438,9 +479,9 @@ impl Store {
     /// A random id made when the database was created: with an event's sequence number it makes
     /// an id that stays unique even if the database is recreated and numbering starts again.
     pub fn epoch(&self) -> String {
-        self.state
-            .get("epoch")
+        self.h()
             .ok()
+            .and_then(|h| h.state.get("epoch").ok())
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
             .unwrap_or_default()
@@ -452,7 +493,7 @@ impl Store {
     /// A read error or a damaged record is an error, never "no key": a caller that took it for
     /// "none" would make a new key and lose the one the reader holds.
     pub fn reader_key(&self, reader: &str) -> anyhow::Result<Option<([u8; 16], bool)>> {
-        let Some(v) = self.state.get(format!("osdp_scbk/{reader}"))? else {
+        let Some(v) = self.h()?.state.get(format!("osdp_scbk/{reader}"))? else {
             return Ok(None);
         };
         let key = v
@@ -472,27 +513,34 @@ impl Store {
     ) -> anyhow::Result<()> {
         let mut v = key.to_vec();
         v.push(confirmed as u8);
-        self.state.insert(format!("osdp_scbk/{reader}"), v)?;
-        self.state.flush()?;
-        Ok(())
+        let r = self.h().and_then(|h| {
+            h.state.insert(format!("osdp_scbk/{reader}"), v)?;
+            h.state.flush()?;
+            Ok(())
+        });
+        self.w("storing a reader key", r)
     }
 
     /// Forgets a reader's key (the reader goes back to install mode).
     pub fn clear_reader_key(&self, reader: &str) -> anyhow::Result<()> {
-        self.state.remove(format!("osdp_scbk/{reader}"))?;
-        self.state.flush()?;
-        Ok(())
+        let r = self.h().and_then(|h| {
+            h.state.remove(format!("osdp_scbk/{reader}"))?;
+            h.state.flush()?;
+            Ok(())
+        });
+        self.w("removing a reader key", r)
     }
 
     /// Increments and returns the session counter (one per daemon start), durably.
     pub fn next_session(&self) -> anyhow::Result<u64> {
-        let v = self.state.update_and_fetch("session", |old| {
+        let h = self.h()?;
+        let v = h.state.update_and_fetch("session", |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_be_bytes);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        self.state.flush()?;
+        h.state.flush()?;
         let b = v.context("session counter")?;
         Ok(u64::from_be_bytes(
             b.as_ref().try_into().context("session counter")?,
@@ -515,7 +563,7 @@ impl Store {
                 let site = Site::from_snapshot(s, &self.key)?;
                 let new_meta = self
                     .write_generation(&site, meta.as_ref())
-                    .map_err(ApplyError::Storage)?;
+                    .map_err(|e| self.storage_error("applying a sync message", e))?;
                 let old_gen = meta.as_ref().map(|m| m.gen_);
                 *self.site.write().unwrap_or_else(|e| e.into_inner()) = site;
                 *meta = Some(new_meta);
@@ -545,7 +593,7 @@ impl Store {
                     ..m.clone()
                 };
                 self.persist_delta(&prepared.normalized, &new_meta)
-                    .map_err(ApplyError::Storage)?;
+                    .map_err(|e| self.storage_error("applying a sync message", e))?;
                 self.site
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
@@ -585,8 +633,10 @@ impl Store {
             serde_json::to_vec(d)?,
         );
         b.insert("meta", serde_json::to_vec(meta)?);
-        self.tree.apply_batch(b)?;
-        if let Err(e) = self.db.flush() {
+        let h = self.h()?;
+        h.tree.apply_batch(b)?;
+        if let Err(e) = h.db.flush() {
+            self.report_error("flushing a sync delta");
             tracing::error!(
                 version = d.version,
                 "delta applied but not yet on disk: {e}"
@@ -599,15 +649,16 @@ impl Store {
     fn write_generation(&self, site: &Site, current: Option<&Meta>) -> anyhow::Result<Meta> {
         let g = current.map_or(1, |m| m.gen_ + 1);
         let small = site.small_snapshot(&self.key);
-        self.tree
+        let h = self.h()?;
+        h.tree
             .insert(gen_key(g, b'b', &[]), serde_json::to_vec(&small)?)?;
         for (n, chunk) in stored_chunks(&site.creds, CHUNK).iter().enumerate() {
-            self.tree.insert(
+            h.tree.insert(
                 gen_key(g, b'c', &(n as u32).to_be_bytes()),
                 postcard::to_stdvec(chunk)?,
             )?;
         }
-        self.db.flush()?;
+        h.db.flush()?;
         crash_point("generation_written");
         let meta = Meta {
             format: FORMAT,
@@ -618,8 +669,9 @@ impl Store {
         };
         // Once `meta` names the new generation, sled serves it: the switch has happened even if
         // the flush that follows fails (logged; the background flush retries).
-        self.tree.insert("meta", serde_json::to_vec(&meta)?)?;
-        if let Err(e) = self.db.flush() {
+        h.tree.insert("meta", serde_json::to_vec(&meta)?)?;
+        if let Err(e) = h.db.flush() {
+            self.report_error("flushing a site generation");
             tracing::error!(
                 version = site.version,
                 "site switched but not yet on disk: {e}"
@@ -630,11 +682,13 @@ impl Store {
     }
 
     fn drop_generation(&self, g: u64) {
+        let Ok(h) = self.h() else { return };
         let mut b = sled::Batch::default();
-        for k in self.tree.scan_prefix(gen_prefix(g)).keys().flatten() {
+        for k in h.tree.scan_prefix(gen_prefix(g)).keys().flatten() {
             b.remove(k);
         }
-        if let Err(e) = self.tree.apply_batch(b) {
+        if let Err(e) = h.tree.apply_batch(b) {
+            self.report_error("removing an old generation");
             // Left behind keys are removed at the next open.
             tracing::warn!("could not remove generation {g}: {e}");
         }
@@ -648,17 +702,22 @@ impl Store {
     pub fn stats(&self) -> Stats {
         let site = self.site();
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (first, last) = self.events.bounds();
+        let events = self.events();
+        let (first, last) = events.bounds();
         Stats {
             version: site.version,
             has_snapshot: meta.is_some(),
             generation: meta.as_ref().map_or(0, |m| m.gen_),
             deltas_since_snapshot: meta.as_ref().map_or(0, |m| m.deltas),
             counts: site.counts(),
-            events: self.events.len(),
+            events: events.len(),
             first_event_seq: first,
             last_event_seq: last,
-            size_on_disk_bytes: self.db.size_on_disk().unwrap_or(0),
+            size_on_disk_bytes: self
+                .h()
+                .ok()
+                .and_then(|h| h.db.size_on_disk().ok())
+                .unwrap_or(0),
             code_key_id: self.key.id(),
             recovered_keys_at_open: self.recovered_keys,
         }
@@ -667,7 +726,7 @@ impl Store {
     /// Flushes everything to disk. Called at shutdown.
     pub fn flush(&self) -> anyhow::Result<()> {
         self.lived.persist()?;
-        self.db.flush()?;
+        self.h()?.db.flush()?;
         Ok(())
     }
 }

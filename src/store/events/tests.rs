@@ -1,5 +1,5 @@
 //! The event log's own rules: visibility after flush, size bound, trim cost and folding, age
-//! in lived time, reattach.
+//! in lived time.
 
 use chrono::{TimeZone, Utc};
 use serde_json::json;
@@ -199,30 +199,6 @@ fn age_counts_lived_time_not_the_wall_clock() {
     );
     assert_eq!(log.trim(120_000 + DAY, ahead, "").unwrap(), 1);
     assert_eq!(log.len(), 2);
-}
-
-#[test]
-fn reattach_reads_the_state_back_from_the_new_database() {
-    let (_d, db) = open_db();
-    let log = EventLog::open(&db, limits(1_000)).unwrap();
-    log.append(&vec![ev(EventKind::AccessGranted); 3]).unwrap();
-    log.append_unflushed(&[ev(EventKind::AccessGranted)])
-        .unwrap();
-    // Another database, as reopened after a disk-full recovery: 5 events and a high-water of 9.
-    let (_d2, other) = open_db();
-    {
-        let log2 = EventLog::open(&other, limits(1_000)).unwrap();
-        log2.append(&vec![ev(EventKind::AccessDenied); 8]).unwrap();
-        log2.remove_delivered(&[1, 2, 8]).unwrap();
-        log2.flush().unwrap();
-    }
-    log.reattach(&other).unwrap();
-    assert_eq!(log.len(), 5);
-    assert_eq!(log.next_seq(), 9);
-    assert!(!log.has_pending());
-    assert_eq!(log.bounds(), (Some(3), Some(7)));
-    assert_eq!(log.append(&[ev(EventKind::AccessGranted)]).unwrap(), [9]);
-    assert_eq!(log.read_from(0, 100).unwrap().len(), 6);
 }
 
 #[test]
