@@ -1,0 +1,458 @@
+//! `gatehouse-bench outbox`: the event log as the cloud outbox, and the daemon's memory.
+//!
+//! - `decision_p99_ms_empty`: a flushed decision (`AccessEngine::check`: decide, append, flush)
+//!   with an empty log;
+//! - `decision_p99_ms_full`: the same with [`BACKLOG`] undelivered events held (every tenth a
+//!   security event), at the default bound, so that decisions push the log over it;
+//! - `rss_mb_backlog_1m`: VmRSS of the real daemon (`gatehouse run`, a child process) holding
+//!   that backlog, its cloud link unable to reach a broker;
+//! - `snapshot_replace_peak_mb`: VmHWM of the daemon, holding a site of 1,000,000 credentials,
+//!   while the cloud replaces that site over MQTT (chunked `sync/snapshot` through a local
+//!   mosquitto), until `sync/result` says applied;
+//! - `resume_after_broker_s_p99`: the broker is stopped for a while and restarted, several
+//!   rounds; the time from the restart until the daemon's link publishes again (its `status`),
+//!   with the default reconnect settings.
+//!
+//! The backlog is generated through the public `EventLog` API in large batches before the daemon
+//! starts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use chrono::Utc;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use gatehouse::access::{AccessEngine, Attempt};
+use gatehouse::events::EventKind;
+use gatehouse::policy::{Direction, Presented, Request, Target};
+use gatehouse::store::{LogLimits, NewEvent, Store};
+
+use crate::uplink::{Mosquitto, options};
+
+/// Undelivered events held (the default bound of the log).
+const BACKLOG: u64 = 1_000_000;
+/// Flushed decisions timed in each state of the log.
+const DECISIONS: usize = 2_000;
+/// Snapshot bytes per MQTT part (docs/mqtt-api.md suggests 256 KiB).
+const PART: usize = 256 * 1024;
+/// How long the broker stays away in each resume round, in seconds.
+const BROKER_DOWN_S: [u64; 5] = [2, 5, 10, 20, 40];
+
+const DEMO_SNAPSHOT: &str = include_str!("../../../config/demo-snapshot.json");
+
+pub fn run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let signer = ed25519_dalek::SigningKey::from_bytes(&[33; 32]);
+    let public = hex::encode(signer.verifying_key().to_bytes());
+
+    // 1. Decisions with an empty log, then with the backlog held.
+    let backlog_dir = dir.path().join("backlog");
+    let data = backlog_dir.join("data");
+    let (p99_empty, p99_full, max_full, held) = {
+        let store = Arc::new(Store::open_with(&data, LogLimits::default())?);
+        store.apply(&gatehouse::sync::parse(DEMO_SNAPSHOT.as_bytes())?)?;
+        let engine = AccessEngine::new(store.clone(), None);
+        // Deliver what the import recorded: the log starts empty.
+        let (_, last) = store.events().bounds();
+        if let Some(last) = last {
+            store
+                .events()
+                .remove_delivered(&(0..=last).collect::<Vec<_>>())?;
+        }
+        let empty = decisions(&engine)?;
+        let t = Instant::now();
+        fill(&store, BACKLOG.saturating_sub(store.events().len()))?;
+        eprintln!(
+            "backlog: {} events, {:.0} MiB of records, generated in {:.1} s",
+            store.events().len(),
+            store.events().bytes() as f64 / (1 << 20) as f64,
+            t.elapsed().as_secs_f64()
+        );
+        let full = decisions(&engine)?;
+        let held = store.events().len();
+        store.flush()?;
+        (pct(&empty, 0.99), pct(&full, 0.99), pct(&full, 1.0), held)
+    };
+    eprintln!("after the full-log decisions the log holds {held} events");
+
+    // 2. The daemon holding the backlog, its broker unreachable.
+    let rss_backlog = {
+        let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let cfg = write_config(&backlog_dir, dead_port, &public)?;
+        let mut d = Daemon::start(&cfg, &backlog_dir)?;
+        d.wait_log("starting the cloud link", Duration::from_secs(300))?;
+        // Let it settle (the link tries the broker, background flushes run), then sample.
+        std::thread::sleep(Duration::from_secs(3));
+        let mut rss: f64 = 0.0;
+        for _ in 0..20 {
+            rss = rss.max(d.status_mb("VmRSS:"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "daemon with the backlog: VmRSS {rss:.0} MiB, VmHWM {:.0} MiB",
+            d.status_mb("VmHWM:")
+        );
+        d.stop();
+        rss
+    };
+    drop(std::fs::remove_dir_all(&backlog_dir));
+
+    // 3. and 4. A daemon holding a million credentials, connected to a local mosquitto.
+    let site_dir = dir.path().join("site");
+    let mut broker = Mosquitto::start(dir.path())?;
+    {
+        let t = Instant::now();
+        let store = Store::open_with(&site_dir.join("data"), LogLimits::default())?;
+        store.apply(&gatehouse::sync::SyncMessage::Snapshot(Box::new(
+            super::synthetic(),
+        )))?;
+        store.flush()?;
+        eprintln!(
+            "initial site of {} credentials imported in {:.1} s",
+            super::CREDENTIALS,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let cfg = write_config(&site_dir, broker.port, &public)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut d = Daemon::start(&cfg, &site_dir)?;
+    let (replace_peak, resume) = rt.block_on(async {
+        let cloud = Cloud::connect(broker.port).await?;
+        cloud.wait_status(Duration::from_secs(300)).await?;
+        let open_hwm = d.status_mb("VmHWM:");
+        // Count only the replacement: reset the peak if the kernel lets us.
+        let reset = std::fs::write(format!("/proc/{}/clear_refs", d.pid()), "5").is_ok();
+        eprintln!(
+            "daemon open with the site: VmRSS {:.0} MiB, VmHWM {open_hwm:.0} MiB (peak reset: {reset})",
+            d.status_mb("VmRSS:")
+        );
+        let t = Instant::now();
+        cloud.send_snapshot().await?;
+        let peak = d.status_mb("VmHWM:");
+        eprintln!(
+            "snapshot replaced in {:.1} s; daemon VmHWM {peak:.0} MiB, VmRSS after {:.0} MiB",
+            t.elapsed().as_secs_f64(),
+            d.status_mb("VmRSS:")
+        );
+
+        let mut resume = Vec::new();
+        for down in BROKER_DOWN_S {
+            broker.kill();
+            tokio::time::sleep(Duration::from_secs(down)).await;
+            cloud.reset();
+            broker.restart()?;
+            let back = Instant::now();
+            cloud.wait_status(Duration::from_secs(600)).await?;
+            let s = back.elapsed().as_secs_f64();
+            eprintln!("broker away {down} s: the link published again {s:.2} s after its return");
+            resume.push(s);
+        }
+        anyhow::Ok((peak, resume))
+    })?;
+    d.stop();
+
+    println!(
+        "{}",
+        json!({
+            "backlog": BACKLOG,
+            "decision_p99_ms_empty": round3(p99_empty),
+            "decision_p99_ms_full": round3(p99_full),
+            "decision_max_ms_full": round3(max_full),
+            "rss_mb_backlog_1m": rss_backlog.round(),
+            "snapshot_replace_peak_mb": replace_peak.round(),
+            "resume_after_broker_s_p99": round3(pct(&resume, 0.99)),
+        })
+    );
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The `p` quantile of `v` (0.99: p99; 1.0: the maximum).
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Times flushed decisions (a valid code at the gate), in milliseconds.
+fn decisions(engine: &AccessEngine) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(DECISIONS);
+    for _ in 0..DECISIONS {
+        let attempt = Attempt {
+            request: Request {
+                credential: Presented::Code("123456"),
+                target: Target::Entry("gate-1"),
+                direction: Direction::In,
+            },
+            device: Some("keypad-gate-1"),
+        };
+        let t = Instant::now();
+        engine.check(&attempt, Utc::now())?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(out)
+}
+
+/// Appends `n` events in large flushed batches; every tenth is a security event.
+fn fill(store: &Store, n: u64) -> anyhow::Result<()> {
+    const BATCH: u64 = 20_000;
+    let at = Utc::now();
+    let local = at.to_rfc3339();
+    let mut i = 0;
+    while i < n {
+        let k = BATCH.min(n - i);
+        let batch: Vec<NewEvent> = (i..i + k)
+            .map(|j| {
+                let security = j % 10 == 0;
+                NewEvent {
+                    at,
+                    local: local.clone(),
+                    kind: if security {
+                        EventKind::AccessDenied
+                    } else {
+                        EventKind::AccessGranted
+                    },
+                    payload: json!({
+                        "reason": if security { "unknown_credential" } else { "tenant" },
+                        "credential": "code", "entry": "gate-1", "direction": "in",
+                        "units": [format!("U{}", j % 100_000)], "user": format!("u{}", j % 120_000),
+                        "device": "keypad-gate-1",
+                    }),
+                }
+            })
+            .collect();
+        store.events().append(&batch)?;
+        i += k;
+    }
+    Ok(())
+}
+
+fn write_config(dir: &Path, port: u16, public_hex: &str) -> anyhow::Result<PathBuf> {
+    let cfg = dir.join("gatehouse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nid = \"site\"\ngateway_id = \"gw\"\n[storage]\ndata_dir = \"data\"\n\
+             [cloud]\nhost = \"127.0.0.1\"\nport = {port}\ntransport = \"tcp\"\n\
+             topic_prefix = \"bench\"\ncommand_public_key = \"{public_hex}\"\n"
+        ),
+    )?;
+    Ok(cfg)
+}
+
+/// `gatehouse run` as a child process, its log in a file.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(cfg: &Path, dir: &Path) -> anyhow::Result<Daemon> {
+        let exe = std::env::current_exe()?
+            .parent()
+            .context("bench executable directory")?
+            .join("gatehouse");
+        if !exe.is_file() {
+            bail!(
+                "`{}` not found: build the daemon too (cargo build --release --bins)",
+                exe.display()
+            );
+        }
+        let log = dir.join("daemon.log");
+        let child = Command::new(&exe)
+            .args(["run", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting `{}`", exe.display()))?;
+        Ok(Daemon { child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status_mb(&self, key: &str) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    fn wait_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("the daemon exited ({st}): {text}");
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not log `{needle}` within {timeout:?}: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The cloud's side: a client that watches the gateway's `status` and `sync/result` and sends
+/// snapshots. It reconnects by itself when the broker comes back.
+struct Cloud {
+    client: rumqttc::AsyncClient,
+    /// Online statuses and sync results seen since the last [`Cloud::reset`].
+    seen: Arc<std::sync::Mutex<(u64, Vec<serde_json::Value>)>>,
+    base: String,
+}
+
+impl Cloud {
+    async fn connect(port: u16) -> anyhow::Result<Cloud> {
+        let base = "bench/site/gw".to_string();
+        let mut o = options("bench-cloud", port);
+        o.set_max_packet_size(4 << 20, 4 << 20);
+        o.set_inflight(20);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 64);
+        let seen = Arc::new(std::sync::Mutex::new((0u64, Vec::new())));
+        let (s, c, b) = (seen.clone(), client.clone(), base.clone());
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = c
+                            .subscribe(format!("{b}/status"), rumqttc::QoS::AtLeastOnce)
+                            .await;
+                        let _ = c
+                            .subscribe(format!("{b}/sync/result"), rumqttc::QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&p.payload).unwrap_or_default();
+                        let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                        if p.topic.ends_with("/status") && v["online"] == true {
+                            g.0 += 1;
+                        } else if p.topic.ends_with("/sync/result") {
+                            g.1.push(v);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        Ok(Cloud { client, seen, base })
+    }
+
+    fn reset(&self) {
+        let mut g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = 0;
+        g.1.clear();
+    }
+
+    /// Waits for an online status (the link publishes one each time it connects).
+    async fn wait_status(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.seen.lock().unwrap_or_else(|e| e.into_inner()).0 == 0 {
+            if Instant::now() > deadline {
+                bail!("no online status from the daemon within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends the synthetic site again (version 2) in parts and waits until it is applied.
+    async fn send_snapshot(&self) -> anyhow::Result<()> {
+        let doc = {
+            let mut snap = super::synthetic();
+            snap.version = 2;
+            serde_json::to_vec(&snap)?
+        };
+        let sha = hex::encode(Sha256::digest(&doc));
+        let count = doc.len().div_ceil(PART);
+        eprintln!(
+            "snapshot: {:.0} MiB in {count} parts",
+            doc.len() as f64 / (1 << 20) as f64
+        );
+        for (index, part) in doc.chunks(PART).enumerate() {
+            let msg = json!({
+                "id": "bench-replace", "index": index, "count": count, "sha256": sha,
+                "data": base64::engine::general_purpose::STANDARD.encode(part),
+            });
+            self.client
+                .publish(
+                    format!("{}/sync/snapshot", self.base),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&msg)?,
+                )
+                .await?;
+        }
+        drop(doc);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Some(r) = self
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .iter()
+                .find(|r| r["id"] == "bench-replace")
+            {
+                if r["status"] == "applied" {
+                    return Ok(());
+                }
+                bail!("snapshot not applied: {r}");
+            }
+            if Instant::now() > deadline {
+                bail!("no sync/result for the snapshot within 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
