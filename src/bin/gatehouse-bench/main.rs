@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Some("rs485") => rs485::run(),
         Some("ble") => ble::run(),
         Some("outbox") => outbox::run(),
+        Some("outbox-probe") => outbox::probe(&args[1..]),
         _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485|ble|outbox"),
     }
 }

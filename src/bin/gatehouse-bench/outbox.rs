@@ -208,7 +208,8 @@ fn decisions(engine: &AccessEngine) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Appends `n` events in large flushed batches; every tenth is a security event.
+/// Appends `n` events in large batches (flushed once at the end); every tenth is a security
+/// event.
 fn fill(store: &Store, n: u64) -> anyhow::Result<()> {
     const BATCH: u64 = 20_000;
     let at = Utc::now();
@@ -236,10 +237,10 @@ fn fill(store: &Store, n: u64) -> anyhow::Result<()> {
                 }
             })
             .collect();
-        store.events().append(&batch)?;
+        store.events().append_unflushed(&batch)?;
         i += k;
     }
-    Ok(())
+    store.events().flush()
 }
 
 fn write_config(dir: &Path, port: u16, public_hex: &str) -> anyhow::Result<PathBuf> {
@@ -455,4 +456,101 @@ impl Cloud {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// `gatehouse-bench outbox-probe snap | log <dir> [cache_mb] | fill <dir> | fillraw <dir> <n>`:
+/// memory at each stage of replacing a million-credential site in one process, or of opening a
+/// database holding a backlog (for finding where the memory goes; prints to stderr).
+/// `GH_SEG_KB` sets sled's segment size for `log` and `fillraw`.
+pub fn probe(args: &[String]) -> anyhow::Result<()> {
+    let rss = |stage: &str| {
+        eprintln!(
+            "{stage:<40} rss {:>6.0} MiB  hwm {:>6.0} MiB",
+            super::rss_now_mb(),
+            super::peak_rss_mb()
+        )
+    };
+    match args.first().map(String::as_str) {
+        Some("snap") => {
+            let key = gatehouse::site::CodeKey::from_bytes([7; 32]);
+            let old = gatehouse::site::Site::from_snapshot(&super::synthetic(), &key)?;
+            rss("old site");
+            let doc = serde_json::to_vec(&super::synthetic())?;
+            rss("doc");
+            let msg = gatehouse::sync::parse(&doc)?;
+            rss("parsed");
+            let gatehouse::sync::SyncMessage::Snapshot(s) = msg else {
+                bail!("not a snapshot")
+            };
+            let new = gatehouse::site::Site::from_snapshot(&s, &key)?;
+            rss("new site");
+            let small = new.small_snapshot(&key);
+            let b = serde_json::to_vec(&small)?;
+            rss("small snapshot");
+            let chunks = gatehouse::site::stored_chunks(&new.creds, 16_384);
+            rss("stored chunks");
+            let n: usize = chunks
+                .iter()
+                .map(|c| postcard::to_stdvec(c).map(|v| v.len()).unwrap_or(0))
+                .sum();
+            rss("postcard");
+            eprintln!("{} chunk bytes, {} base bytes", n, b.len());
+            drop((old, doc, s, new));
+        }
+        Some("log") => {
+            let dir = Path::new(args.get(1).context("dir")?);
+            let cache: u64 = args.get(2).map_or(Ok(8), |s| s.parse())?;
+            rss("start");
+            let db = probe_config(cache).path(dir.join("db")).open()?;
+            rss("sled open");
+            let tree = db.open_tree("events")?;
+            rss("events tree open");
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for kv in tree.range(0u64.to_be_bytes()..) {
+                let (_, v) = kv?;
+                n += 1;
+                bytes += v.len() as u64;
+            }
+            rss(&format!("counted {n} ({bytes} bytes)"));
+            let n2 = tree.range(0u64.to_be_bytes()..).keys().count();
+            rss(&format!("keys again {n2}"));
+        }
+        Some("fill") => {
+            let dir = Path::new(args.get(1).context("dir")?);
+            let store = Store::open_with(dir, LogLimits::default())?;
+            fill(&store, BACKLOG)?;
+            store.flush()?;
+            rss("filled");
+        }
+        Some("fillraw") => {
+            let dir = Path::new(args.get(1).context("dir")?);
+            let n: u64 = args.get(2).context("n")?.parse()?;
+            let db = probe_config(8).path(dir.join("db")).open()?;
+            let tree = db.open_tree("events")?;
+            let v = vec![b'x'; 267];
+            let mut i = 1u64;
+            while i <= n {
+                let mut b = sled::Batch::default();
+                for j in i..(i + 20_000).min(n + 1) {
+                    b.insert(&j.to_be_bytes(), v.clone());
+                }
+                i += 20_000;
+                b.insert(b"", &i.to_be_bytes());
+                tree.apply_batch(b)?;
+            }
+            db.flush()?;
+            rss("filled raw");
+        }
+        _ => bail!("usage: outbox-probe snap | log <dir> [cache_mb] | fill <dir>"),
+    }
+    Ok(())
+}
+
+fn probe_config(cache_mb: u64) -> sled::Config {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut c = sled::Config::new().cache_capacity(cache_mb << 20);
+    if let Some(kb) = env("GH_SEG_KB") {
+        c = c.segment_size(kb as usize * 1024);
+    }
+    c
 }
