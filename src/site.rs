@@ -1340,7 +1340,10 @@ mod stored_tests {
     /// A borrowed group is written exactly as an owned one is read back.
     #[test]
     fn a_stored_group_ref_encodes_as_a_stored_group() {
-        let (code, fob) = (CredValue::Code(CodeHash([3; 32])), CredValue::Fob("F1".into()));
+        let (code, fob) = (
+            CredValue::Code(CodeHash([3; 32])),
+            CredValue::Fob("F1".into()),
+        );
         let r = vec![StoredGroupRef {
             user: "u1",
             creds: vec![("c1", &code), ("c2", &fob)],

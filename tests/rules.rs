@@ -1305,34 +1305,74 @@ fn keypad_lockout_ignores_wall_clock_steps() {
             },
             device: Some("keypad-gate"),
         };
-        engine.check(&a, time(at)).expect("decision recorded").reason
+        engine
+            .check(&a, time(at))
+            .expect("decision recorded")
+            .reason
     };
     // Fixture policy: 5 invalid codes within 15 minutes, cool-down 5 minutes.
     for i in 0..5 {
-        assert_eq!(attempt(&format!("00000{i}"), "2026-11-23T10:00:00-05:00"), UnknownCredential);
+        assert_eq!(
+            attempt(&format!("00000{i}"), "2026-11-23T10:00:00-05:00"),
+            UnknownCredential
+        );
     }
-    assert_eq!(attempt("123456", "2026-11-23T10:00:01-05:00"), KeypadLockedOut);
+    assert_eq!(
+        attempt("123456", "2026-11-23T10:00:01-05:00"),
+        KeypadLockedOut
+    );
     // Wall clock stepped forward by an hour (past the cool-down), no monotonic time passed.
-    assert_eq!(attempt("123456", "2026-11-23T11:00:01-05:00"), KeypadLockedOut, "a forward step must not end the lockout");
+    assert_eq!(
+        attempt("123456", "2026-11-23T11:00:01-05:00"),
+        KeypadLockedOut,
+        "a forward step must not end the lockout"
+    );
     // Wall clock stepped back by a day.
-    assert_eq!(attempt("123456", "2026-11-22T11:00:01-05:00"), KeypadLockedOut);
+    assert_eq!(
+        attempt("123456", "2026-11-22T11:00:01-05:00"),
+        KeypadLockedOut
+    );
     // 4 min 59 s of monotonic time: still locked (the wall clock back at 10:05).
     clock.set(std::time::Duration::from_secs(299));
-    assert_eq!(attempt("123456", "2026-11-23T10:05:00-05:00"), KeypadLockedOut);
+    assert_eq!(
+        attempt("123456", "2026-11-23T10:05:00-05:00"),
+        KeypadLockedOut
+    );
     // 5 minutes of monotonic time have passed: unlocked, though the wall clock went back an hour.
     clock.set(std::time::Duration::from_secs(300));
-    assert_eq!(attempt("123456", "2026-11-23T09:05:00-05:00"), Tenant, "a backward step must not lengthen the lockout");
+    assert_eq!(
+        attempt("123456", "2026-11-23T09:05:00-05:00"),
+        Tenant,
+        "a backward step must not lengthen the lockout"
+    );
     // The window counts monotonic time too: four failures, a wall-clock jump of a day, a fifth
     // failure at the same monotonic instant locks the keypad.
     for i in 0..4 {
-        assert_eq!(attempt(&format!("00001{i}"), "2026-11-23T10:10:00-05:00"), UnknownCredential);
+        assert_eq!(
+            attempt(&format!("00001{i}"), "2026-11-23T10:10:00-05:00"),
+            UnknownCredential
+        );
     }
-    assert_eq!(attempt("000019", "2026-11-24T10:10:00-05:00"), UnknownCredential);
-    assert_eq!(attempt("123456", "2026-11-24T10:10:01-05:00"), KeypadLockedOut, "a forward step must not expire the window's failures");
+    assert_eq!(
+        attempt("000019", "2026-11-24T10:10:00-05:00"),
+        UnknownCredential
+    );
+    assert_eq!(
+        attempt("123456", "2026-11-24T10:10:01-05:00"),
+        KeypadLockedOut,
+        "a forward step must not expire the window's failures"
+    );
     let events = engine.store().events().read_from(0, 1000).expect("events");
-    let starts: Vec<_> = events.iter().filter(|e| e.kind == "keypad_locked_out").collect();
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "keypad_locked_out")
+        .collect();
     assert_eq!(starts.len(), 2, "one keypad_locked_out per lockout");
-    assert_eq!(starts[0].payload["until"], json!(time("2026-11-23T10:05:00-05:00")), "until: the wall time the cool-down was expected to end");
+    assert_eq!(
+        starts[0].payload["until"],
+        json!(time("2026-11-23T10:05:00-05:00")),
+        "until: the wall time the cool-down was expected to end"
+    );
 }
 
 #[test]
