@@ -14,7 +14,8 @@
 //!   with the default reconnect settings.
 //!
 //! The backlog is generated through the public `EventLog` API in large batches before the daemon
-//! starts.
+//! starts. `GATEHOUSE_BENCH_PHASES=decisions,rss,snapshot` runs only the named phases (default
+//! all: `decisions`, `rss`, `snapshot`, `resume`); figures of phases not run are `null`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,6 +46,10 @@ const BROKER_DOWN_S: [u64; 5] = [2, 5, 10, 20, 40];
 
 const DEMO_SNAPSHOT: &str = include_str!("../../../config/demo-snapshot.json");
 
+fn phase(name: &str) -> bool {
+    std::env::var("GATEHOUSE_BENCH_PHASES").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
+}
+
 pub fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let signer = ed25519_dalek::SigningKey::from_bytes(&[33; 32]);
@@ -53,7 +58,8 @@ pub fn run() -> anyhow::Result<()> {
     // 1. Decisions with an empty log, then with the backlog held.
     let backlog_dir = dir.path().join("backlog");
     let data = backlog_dir.join("data");
-    let (p99_empty, p99_full, max_full, held) = {
+    let (mut p99_empty, mut p99_full, mut max_full, mut rss_backlog) = (None, None, None, None);
+    if phase("decisions") || phase("rss") {
         let store = Arc::new(Store::open_with(&data, LogLimits::default())?);
         store.apply(&gatehouse::sync::parse(DEMO_SNAPSHOT.as_bytes())?)?;
         let engine = AccessEngine::new(store.clone(), None);
@@ -74,14 +80,18 @@ pub fn run() -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
         let full = decisions(&engine)?;
-        let held = store.events().len();
+        eprintln!(
+            "after the full-log decisions the log holds {} events",
+            store.events().len()
+        );
         store.flush()?;
-        (pct(&empty, 0.99), pct(&full, 0.99), pct(&full, 1.0), held)
-    };
-    eprintln!("after the full-log decisions the log holds {held} events");
+        p99_empty = Some(pct(&empty, 0.99));
+        p99_full = Some(pct(&full, 0.99));
+        max_full = Some(pct(&full, 1.0));
+    }
 
     // 2. The daemon holding the backlog, its broker unreachable.
-    let rss_backlog = {
+    if phase("rss") {
         let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -100,9 +110,13 @@ pub fn run() -> anyhow::Result<()> {
             d.status_mb("VmHWM:")
         );
         d.stop();
-        rss
-    };
+        rss_backlog = Some(rss);
+    }
     drop(std::fs::remove_dir_all(&backlog_dir));
+    if !phase("snapshot") && !phase("resume") {
+        print_figures(p99_empty, p99_full, max_full, rss_backlog, None, &[]);
+        return Ok(());
+    }
 
     // 3. and 4. A daemon holding a million credentials, connected to a local mosquitto.
     let site_dir = dir.path().join("site");
@@ -129,6 +143,7 @@ pub fn run() -> anyhow::Result<()> {
     let (replace_peak, resume) = rt.block_on(async {
         let cloud = Cloud::connect(broker.port).await?;
         cloud.wait_status(Duration::from_secs(300)).await?;
+        let mut peak = None;
         let open_hwm = d.status_mb("VmHWM:");
         // Count only the replacement: reset the peak if the kernel lets us.
         let reset = std::fs::write(format!("/proc/{}/clear_refs", d.pid()), "5").is_ok();
@@ -136,17 +151,21 @@ pub fn run() -> anyhow::Result<()> {
             "daemon open with the site: VmRSS {:.0} MiB, VmHWM {open_hwm:.0} MiB (peak reset: {reset})",
             d.status_mb("VmRSS:")
         );
-        let t = Instant::now();
-        cloud.send_snapshot().await?;
-        let peak = d.status_mb("VmHWM:");
-        eprintln!(
-            "snapshot replaced in {:.1} s; daemon VmHWM {peak:.0} MiB, VmRSS after {:.0} MiB",
-            t.elapsed().as_secs_f64(),
-            d.status_mb("VmRSS:")
-        );
+        if phase("snapshot") {
+            let t = Instant::now();
+            cloud.send_snapshot().await?;
+            let hwm = d.status_mb("VmHWM:");
+            eprintln!(
+                "snapshot replaced in {:.1} s; daemon VmHWM {hwm:.0} MiB, VmRSS after {:.0} MiB",
+                t.elapsed().as_secs_f64(),
+                d.status_mb("VmRSS:")
+            );
+            peak = Some(hwm);
+        }
 
         let mut resume = Vec::new();
-        for down in BROKER_DOWN_S {
+        let rounds: &[u64] = if phase("resume") { &BROKER_DOWN_S } else { &[] };
+        for &down in rounds {
             broker.kill();
             tokio::time::sleep(Duration::from_secs(down)).await;
             cloud.reset();
@@ -160,20 +179,37 @@ pub fn run() -> anyhow::Result<()> {
         anyhow::Ok((peak, resume))
     })?;
     d.stop();
+    print_figures(
+        p99_empty,
+        p99_full,
+        max_full,
+        rss_backlog,
+        replace_peak,
+        &resume,
+    );
+    Ok(())
+}
 
+fn print_figures(
+    p99_empty: Option<f64>,
+    p99_full: Option<f64>,
+    max_full: Option<f64>,
+    rss_backlog: Option<f64>,
+    replace_peak: Option<f64>,
+    resume: &[f64],
+) {
     println!(
         "{}",
         json!({
             "backlog": BACKLOG,
-            "decision_p99_ms_empty": round3(p99_empty),
-            "decision_p99_ms_full": round3(p99_full),
-            "decision_max_ms_full": round3(max_full),
-            "rss_mb_backlog_1m": rss_backlog.round(),
-            "snapshot_replace_peak_mb": replace_peak.round(),
-            "resume_after_broker_s_p99": round3(pct(&resume, 0.99)),
+            "decision_p99_ms_empty": p99_empty.map(round3),
+            "decision_p99_ms_full": p99_full.map(round3),
+            "decision_max_ms_full": max_full.map(round3),
+            "rss_mb_backlog_1m": rss_backlog.map(f64::round),
+            "snapshot_replace_peak_mb": replace_peak.map(f64::round),
+            "resume_after_broker_s_p99": (!resume.is_empty()).then(|| round3(pct(resume, 0.99))),
         })
     );
-    Ok(())
 }
 
 fn round3(x: f64) -> f64 {
