@@ -4,6 +4,7 @@
 //! for an event that is not on disk.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -22,11 +23,15 @@ pub struct Attempt<'a> {
     pub device: Option<&'a str>,
 }
 
+/// Where the engine reads monotonic time (keypad lockout durations).
+pub type MonotonicClock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 pub struct AccessEngine {
     store: Arc<Store>,
     lockouts: Mutex<Lockouts>,
     /// The cloud's key for offline digital keys and this gateway's site id.
     digital_key_public: Option<KeyVerifier>,
+    monotonic: MonotonicClock,
 }
 
 impl AccessEngine {
@@ -37,7 +42,15 @@ impl AccessEngine {
             store,
             lockouts: Mutex::new(Lockouts::default()),
             digital_key_public,
+            monotonic: Arc::new(Instant::now),
         }
+    }
+
+    /// Replaces the monotonic clock that keypad lockout durations are measured on (tests step
+    /// it; the daemon uses [`Instant::now`]). The wall clock is the `at` of each attempt.
+    pub fn with_monotonic_clock(mut self, clock: MonotonicClock) -> Self {
+        self.monotonic = clock;
+        self
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -54,7 +67,8 @@ impl AccessEngine {
         policy::decide(&site, &ctx, req, at)
     }
 
-    /// Decides an attempt, records it durably, and returns the decision.
+    /// Decides an attempt, records it durably, and returns the decision. `at` (wall clock) is
+    /// what the policy and the event see; keypad lockout durations run on the monotonic clock.
     pub fn check(&self, attempt: &Attempt, at: DateTime<Utc>) -> anyhow::Result<Decision> {
         let req = &attempt.request;
         let site = self.store.site();
@@ -65,8 +79,9 @@ impl AccessEngine {
         let mut lockout_started = None;
         let decision = {
             let mut lockouts = self.lockouts.lock().unwrap_or_else(|e| e.into_inner());
+            let now = (self.monotonic)();
             match attempt.device {
-                Some(kp) if is_code && lockouts.locked_until(kp, at).is_some() => {
+                Some(kp) if is_code && lockouts.is_locked(kp, now) => {
                     Decision::denied(Reason::KeypadLockedOut)
                 }
                 _ => {
@@ -78,8 +93,8 @@ impl AccessEngine {
                     if let (true, Reason::UnknownCredential, Some(kp)) =
                         (is_code, d.reason, attempt.device)
                     {
-                        lockout_started = lockouts.record_failure(kp, at, lockout_policy);
-                        lockouts.prune(at, lockout_policy);
+                        lockout_started = lockouts.record_failure(kp, now, lockout_policy);
+                        lockouts.prune(now, lockout_policy);
                     }
                     d
                 }
@@ -130,7 +145,13 @@ impl AccessEngine {
             },
             payload,
         }];
-        if let Some(until) = lockout_started {
+        if let Some(cooldown) = lockout_started {
+            // The end of the cool-down as a wall-clock time, for people reading the event; the
+            // lockout itself ends when that much monotonic time has passed.
+            let until = chrono::Duration::from_std(cooldown)
+                .ok()
+                .and_then(|d| at.checked_add_signed(d))
+                .unwrap_or(at);
             events.push(NewEvent {
                 at,
                 local,

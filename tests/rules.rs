@@ -1263,6 +1263,122 @@ fn temporary_code() {
 // keypad_lockout (through AccessEngine and the durable event log)
 // ------------------------------------------------------------------------------------------------
 
+/// A monotonic clock a test sets by hand: a fixed origin plus an offset.
+#[derive(Clone)]
+struct ManualClock {
+    origin: std::time::Instant,
+    offset: Arc<std::sync::Mutex<std::time::Duration>>,
+}
+
+impl ManualClock {
+    fn new() -> Self {
+        ManualClock {
+            origin: std::time::Instant::now(),
+            offset: Arc::default(),
+        }
+    }
+
+    fn set(&self, d: std::time::Duration) {
+        *self.offset.lock().unwrap() = d;
+    }
+
+    fn clock(&self) -> gatehouse::access::MonotonicClock {
+        let c = self.clone();
+        Arc::new(move || c.origin + *c.offset.lock().unwrap())
+    }
+}
+
+/// The wall clock steps (forward past the cool-down, back by a day) while no time passes on the
+/// monotonic clock: the lockout is unchanged. It ends when the cool-down has passed on the
+/// monotonic clock, whatever the wall clock says then.
+#[test]
+fn keypad_lockout_ignores_wall_clock_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), 10_000).expect("store opens");
+    store
+        .apply(&SyncMessage::Snapshot(Box::new(fixture())))
+        .expect("snapshot applies");
+    let clock = ManualClock::new();
+    let engine = AccessEngine::new(Arc::new(store), None).with_monotonic_clock(clock.clock());
+    let attempt = |code: &str, at: &str| {
+        let a = Attempt {
+            request: Request {
+                credential: Presented::Code(code),
+                target: Target::Entry("gate-1"),
+                direction: Direction::In,
+            },
+            device: Some("keypad-gate"),
+        };
+        engine
+            .check(&a, time(at))
+            .expect("decision recorded")
+            .reason
+    };
+    // Fixture policy: 5 invalid codes within 15 minutes, cool-down 5 minutes.
+    for i in 0..5 {
+        assert_eq!(
+            attempt(&format!("00000{i}"), "2026-11-23T10:00:00-05:00"),
+            UnknownCredential
+        );
+    }
+    assert_eq!(
+        attempt("123456", "2026-11-23T10:00:01-05:00"),
+        KeypadLockedOut
+    );
+    // Wall clock stepped forward by an hour (past the cool-down), no monotonic time passed.
+    assert_eq!(
+        attempt("123456", "2026-11-23T11:00:01-05:00"),
+        KeypadLockedOut,
+        "a forward step must not end the lockout"
+    );
+    // Wall clock stepped back by a day.
+    assert_eq!(
+        attempt("123456", "2026-11-22T11:00:01-05:00"),
+        KeypadLockedOut
+    );
+    // 4 min 59 s of monotonic time: still locked (the wall clock back at 10:05).
+    clock.set(std::time::Duration::from_secs(299));
+    assert_eq!(
+        attempt("123456", "2026-11-23T10:05:00-05:00"),
+        KeypadLockedOut
+    );
+    // 5 minutes of monotonic time have passed: unlocked, though the wall clock went back an hour.
+    clock.set(std::time::Duration::from_secs(300));
+    assert_eq!(
+        attempt("123456", "2026-11-23T09:05:00-05:00"),
+        Tenant,
+        "a backward step must not lengthen the lockout"
+    );
+    // The window counts monotonic time too: four failures, a wall-clock jump of a day, a fifth
+    // failure at the same monotonic instant locks the keypad.
+    for i in 0..4 {
+        assert_eq!(
+            attempt(&format!("00001{i}"), "2026-11-23T10:10:00-05:00"),
+            UnknownCredential
+        );
+    }
+    assert_eq!(
+        attempt("000019", "2026-11-24T10:10:00-05:00"),
+        UnknownCredential
+    );
+    assert_eq!(
+        attempt("123456", "2026-11-24T10:10:01-05:00"),
+        KeypadLockedOut,
+        "a forward step must not expire the window's failures"
+    );
+    let events = engine.store().events().read_from(0, 1000).expect("events");
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "keypad_locked_out")
+        .collect();
+    assert_eq!(starts.len(), 2, "one keypad_locked_out per lockout");
+    assert_eq!(
+        starts[0].payload["until"],
+        json!(time("2026-11-23T10:05:00-05:00")),
+        "until: the wall time the cool-down was expected to end"
+    );
+}
+
 #[test]
 #[rustfmt::skip] // one table row per line
 fn keypad_lockout() {
@@ -1272,13 +1388,17 @@ fn keypad_lockout() {
     store
         .apply(&SyncMessage::Snapshot(Box::new(fixture())))
         .expect("snapshot applies");
-    let engine = AccessEngine::new(Arc::new(store), None);
+    // Lockout durations run on the monotonic clock: here it moves as the attempts' wall times do.
+    let clock = ManualClock::new();
+    let engine = AccessEngine::new(Arc::new(store), None).with_monotonic_clock(clock.clock());
     let today = temp_code("2026-11-23");
+    let t0 = time("2026-11-23T10:00:00-05:00");
 
     let mut failures = Vec::new();
     let mut steps = 0usize;
     let mut step = |name: &str, device: &str, presented: &str, at: &str, expect: Reason| {
         steps += 1;
+        clock.set((time(at) - t0).to_std().expect("attempts after t0"));
         let attempt = Attempt {
             request: Request {
                 credential: Presented::Code(presented),

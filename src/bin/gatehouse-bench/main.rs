@@ -6,6 +6,10 @@
 //! random decisions mixing valid, invalid and blacklisted credentials. `rss_mb` is the peak
 //! resident size of that reopened, daemon-like process; the import process's own peak is printed
 //! on stderr.
+//!
+//! `gatehouse-bench outbox`: decision latency with a full outbox, the daemon's memory holding a
+//! million undelivered events and replacing a million-credential site over MQTT, and how soon
+//! the link resumes after the broker returns (see `outbox.rs`).
 
 mod ble;
 mod outbox;
@@ -39,11 +43,12 @@ fn main() -> anyhow::Result<()> {
         Some("access") => access(),
         Some("access-open") => access_open(Path::new(&args[1])),
         Some("event-log") => event_log(),
-        Some("outbox") => outbox::run(),
         Some("uplink") => uplink::run(),
         Some("rs485") => rs485::run(),
         Some("ble") => ble::run(),
-        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble"),
+        Some("outbox") => outbox::run(),
+        Some("outbox-probe") => outbox::probe(&args[1..]),
+        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485|ble|outbox"),
     }
 }
 

@@ -33,14 +33,14 @@ use gatehouse::store::{LogLimits, NewEvent, Store};
 const N: u64 = 100_000;
 const BACKLOG: u64 = 1_000_000;
 
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Option<Child>,
     conf: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Mosquitto {
-    fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let conf = dir.join("mosquitto.conf");
         let mut text = format!(
@@ -61,7 +61,7 @@ impl Mosquitto {
         Ok(m)
     }
 
-    fn restart(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn restart(&mut self) -> anyhow::Result<()> {
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&self.conf)
@@ -80,7 +80,7 @@ impl Mosquitto {
         Ok(())
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -105,7 +105,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn options(id: &str, port: u16) -> rumqttc::MqttOptions {
+pub(crate) fn options(id: &str, port: u16) -> rumqttc::MqttOptions {
     let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_inflight(100);
