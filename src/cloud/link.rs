@@ -466,7 +466,7 @@ impl CloudLink {
             let (store, tx) = (self.store.clone(), sync_tx.clone());
             tokio::task::spawn_blocking(move || {
                 for (doc, id) in job_rx {
-                    if tx.blocking_send(apply_document(&store, &doc, id)).is_err() {
+                    if tx.blocking_send(apply_document(&store, doc, id)).is_err() {
                         break;
                     }
                 }
@@ -966,13 +966,15 @@ fn record_effects(store: &Store, outcomes: &[Outcome]) {
 /// `id` is the transfer id of a document assembled from `sync/snapshot` parts, `None` for one
 /// from `sync/delta`: the topic decides what is accepted (a snapshot only in parts, with its
 /// SHA-256; a delta only on `sync/delta`).
-pub fn apply_document(store: &Store, doc: &[u8], id: Option<String>) -> SyncResult {
+/// Takes the document by value: it is dropped once parsed, before the site is built (a
+/// million-credential snapshot is tens of MB of JSON).
+pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncResult {
     let record = |kind: EventKind, payload: serde_json::Value| {
         if let Err(e) = crate::daemon::record(store, kind, payload) {
             tracing::error!("recording a sync outcome: {e:#}");
         }
     };
-    if let Some((kind, reason)) = wrong_topic(doc, id.is_some()) {
+    if let Some((kind, reason)) = wrong_topic(&doc, id.is_some()) {
         record(
             EventKind::SyncRefused,
             json!({"kind": kind, "reason": reason, "source": "mqtt"}),
@@ -987,7 +989,9 @@ pub fn apply_document(store: &Store, doc: &[u8], id: Option<String>) -> SyncResu
             reason: Some(reason.into()),
         };
     }
-    let msg = match sync::parse(doc) {
+    let parsed = sync::parse(&doc);
+    drop(doc);
+    let msg = match parsed {
         Ok(m) => m,
         Err(e) => {
             record(

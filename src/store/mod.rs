@@ -648,10 +648,10 @@ impl Core {
     /// Writes `site` as a new generation and makes it current. Returns the new meta.
     fn write_generation(&self, site: &Site, current: Option<&Meta>) -> anyhow::Result<Meta> {
         let g = current.map_or(1, |m| m.gen_ + 1);
-        let small = site.small_snapshot(&self.key);
+        // The small tables' JSON is written (and its parts freed) before the chunks are built.
+        let base = serde_json::to_vec(&site.small_snapshot(&self.key))?;
         let h = self.h()?;
-        h.tree
-            .insert(gen_key(g, b'b', &[]), serde_json::to_vec(&small)?)?;
+        h.tree.insert(gen_key(g, b'b', &[]), base)?;
         for (n, chunk) in stored_chunks(&site.creds, CHUNK).iter().enumerate() {
             h.tree.insert(
                 gen_key(g, b'c', &(n as u32).to_be_bytes()),
