@@ -174,6 +174,25 @@ impl Cloud {
     }
 
     /// The `n`-th unlock request (0-based) the gateway sent.
+    /// The `n`-th unlock request (from 0) for `device`: a command that was queued and run again
+    /// (a padlock that dropped the link while the cloud was asked) adds requests of its own.
+    async fn request_for(&self, device: &str, n: usize) -> Value {
+        let topic = self.t.ble_unlock_request();
+        let of = |m: &[Received]| {
+            m.iter()
+                .filter(|x| x.topic == topic)
+                .map(json_of)
+                .filter(|r| r["device"] == device)
+                .collect::<Vec<_>>()
+        };
+        let found = self
+            .sub
+            .try_wait_for(|m| of(m).len() > n, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no unlock request #{n} for {device}"));
+        of(&found).swap_remove(n)
+    }
+
     async fn request(&self, n: usize) -> Value {
         let topic = self.t.ble_unlock_request();
         let found = self
@@ -348,7 +367,7 @@ async fn padlocks_sensors_and_fobs_through_bluer_and_a_mock_bluez() {
     cloud.command("unlock", "u-sleeper", "A-102", 120).await;
     cloud.result("unlock", "u-sleeper", "queued").await;
     bluez.send(json!({"op": "wake", "mac": LOCK_A102}));
-    let req = cloud.request(2).await;
+    let req = cloud.request_for("lock-a102", 0).await;
     assert_eq!(req["device"], "lock-a102");
     // This time the cloud answers with nothing useful: the lock gets the offline unlock.
     let r = cloud.result("unlock", "u-sleeper", "done").await;
