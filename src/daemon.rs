@@ -142,7 +142,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "no [cloud] section: events are kept in the outbox until a cloud link is configured"
         ),
     }
-    // Housekeeping, whether or not a cloud link runs: the event log's age bound.
+    // Events appended without a flush become visible (to the cloud link) within a second, and a
+    // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
+    {
+        let (store, stop) = (store.clone(), shutdown.child_token());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let events_due = store.events().has_pending() || store.events().over_bounds();
+                if events_due {
+                    let store = store.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let now = Utc::now();
+                        let local = now
+                            .with_timezone(&store.site().tables.facility.tz)
+                            .to_rfc3339();
+                        store.events().trim_pending(now, &local)?;
+                        store.events().flush_pending()
+                    });
+                    if let Ok(Err(e)) = done.await {
+                        tracing::warn!("trimming or flushing the event log: {e:#}");
+                    }
+                }
+            }
+        });
+    }
+    // Housekeeping, whether or not a cloud link runs: the event log's age bound (in lived time).
     {
         let (store, stop) = (store.clone(), shutdown.child_token());
         tracker.spawn(async move {
@@ -158,7 +187,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     let local = now
                         .with_timezone(&store.site().tables.facility.tz)
                         .to_rfc3339();
-                    if let Err(e) = store.events().trim(now, &local) {
+                    if let Err(e) = store.events().trim(store.lived().now_ms(), now, &local) {
                         tracing::warn!("trimming the event log: {e:#}");
                     }
                     if let Err(e) = store.lived().persist() {

@@ -477,12 +477,16 @@ impl CloudLink {
                         let Some(what) = out.requested.pop_front() else {
                             return Ok(SessionEnd::Lost("publish written that was not requested".into()));
                         };
+                        if what.is_some() {
+                            crate::store::crash_point("event_published");
+                        }
                         if out.inflight.insert(pkid, what).is_some() {
                             return Ok(SessionEnd::Lost(format!("packet id {pkid} reused while in flight")));
                         }
                     }
                     Ok(Ev::PubAck(pkid)) => {
                         if let Some(Some(seq)) = out.inflight.remove(&pkid) {
+                            crate::store::crash_point("event_acked");
                             out.acked.push(seq);
                         }
                     }
@@ -573,6 +577,7 @@ impl CloudLink {
                 && (out.acked.len() >= out.window.div_ceil(4) || out.inflight.is_empty())
             {
                 self.store.events().remove_delivered(&out.acked)?;
+                crate::store::crash_point("event_deleted");
                 out.acked.clear();
             }
         }

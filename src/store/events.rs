@@ -1,23 +1,66 @@
-//! The event log (tree `events`), which is also the cloud outbox.
+//! The event log, which is also the cloud outbox.
 //!
-//! `<seq:u64be>` → JSON [`Event`]. Sequence numbers increase by one per event and are never
-//! reused (the next number is recovered from the last key at open). [`EventLog::append`] flushes
-//! before it returns: an event is on disk before its effect is reported. The log is bounded by
-//! a count; the oldest events go first.
+//! # Layout
+//!
+//! ```text
+//! tree `events`      ""              u64be  high-water: the next sequence number to assign
+//!                    "\0"            u64be  events dropped by trims since the database epoch
+//!                    <seq:u64be>     JSON [`Event`] (at most [`MAX_RECORD_BYTES`])
+//! tree `events_age`  <lived_ms:u64be> u64be  age mark: every event numbered below the value
+//!                                           was appended at or before this lived time
+//! ```
+//!
+//! Sequence numbers increase by one per event; the high-water key is written in the same batch
+//! as the records, so a number once flushed is never assigned again.
+//!
+//! # Visible only when durable
+//!
+//! An appended record is applied to sled at once but is *visible* (to [`EventLog::read_raw_from`],
+//! [`EventLog::read_from`], [`EventLog::bounds`] — what the cloud link publishes) only once a
+//! flush has put it on disk: a watermark (`durable`, the first sequence number not known to be
+//! on disk) advances after each flush, and the `appended` notification fires only then. So a
+//! record the cloud has seen is never lost in a crash, and a sequence number that a crash does
+//! reuse (the record and its high-water key were not flushed) was never published.
+//! [`EventLog::append`] flushes before it returns; [`EventLog::append_unflushed`] leaves it to
+//! [`EventLog::flush_pending`], which the daemon calls every second off the async workers. Flushes
+//! are serialised; one that starts after a record was applied covers it, so appenders that
+//! arrive while another flushes find their records already durable (a later group-commit thread
+//! can batch appends on top of `append_unflushed` + `flush_pending`).
+//!
+//! # Bounds
+//!
+//! The log is bounded by count and bytes: over either, the oldest non-security events go first
+//! (down to 95 % of the bound), and by age in *lived* time ([`crate::store::LivedClock`]): the
+//! daemon's housekeeping calls [`EventLog::trim`] every minute with the lived time, which writes
+//! one age mark and drops the non-security events appended more than `max_age` of lived time
+//! ago. A wall-clock step never drops anything. Security events
+//! ([`crate::events::is_security_kind`]) are kept beyond every bound. Each trim that drops events
+//! writes one `outbox_overflow` record and folds the previous one, if not yet delivered, into it
+//! (removing it): the log holds at most one undelivered overflow record from this version. A
+//! trim reads only what it drops plus the security events it passes, once (a cursor skips the
+//! security events at the front of the log), and when only security events are over a bound no
+//! trim runs until the droppable events reach 5 % of the bound.
 
-use std::sync::{Arc, Mutex};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::events::EventKind;
+use super::crash_point;
+use crate::events::{EventKind, is_security_kind};
+
+mod size;
+
+pub use size::{MAX_RECORD_BYTES, MAX_STRING_BYTES};
 
 /// One entry of the durable event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
-    /// When it happened, UTC.
+    /// When it happened, UTC (wall clock: what the cloud sees).
     pub at: DateTime<Utc>,
     /// The same instant in the facility's local time, with its offset (RFC 3339).
     pub local: String,
@@ -39,6 +82,7 @@ pub struct NewEvent {
 pub struct LogLimits {
     pub max_events: u64,
     pub max_bytes: u64,
+    /// In lived time (see [`crate::store::LivedClock`]), not wall-clock time.
     pub max_age: chrono::Duration,
 }
 
@@ -61,27 +105,81 @@ impl Default for LogLimits {
     }
 }
 
-#[derive(Debug)]
-struct LogState {
-    next: u64,
-    count: u64,
-    bytes: u64,
-}
-
-/// The durable, bounded event log. It is also the cloud outbox: an event leaves it only when the
-/// broker has acknowledged it ([`EventLog::remove_delivered`]) or when the log is over its bounds,
-/// and then the oldest events that are not security events go first
-/// ([`crate::events::is_security_kind`]); an `outbox_overflow` event counts what was dropped.
-pub struct EventLog {
-    tree: sled::Tree,
-    state: Mutex<LogState>,
-    limits: LogLimits,
-    appended: Arc<tokio::sync::Notify>,
-}
+/// Names of the sled trees the event log uses.
+pub const EVENTS_TREE: &str = "events";
+pub const AGE_TREE: &str = "events_age";
 
 /// Key of the next sequence number to assign: the empty key sorts before every 8-byte event key,
 /// so reads from a cursor never see it.
 const HIGH_WATER: &[u8] = b"";
+/// Key of the count of events dropped by trims (sorts before every event key too).
+const DROPPED_TOTAL: &[u8] = b"\0";
+
+/// Records a trim inside an append may read, plus two per event appended: a decision never pays
+/// for a backlog; what is left is trimmed by later appends or by [`EventLog::trim_pending`].
+const INLINE_TRIM_READS: u64 = 64;
+/// Records a background trim reads while holding the log's lock (appends wait that long).
+const CHUNK_TRIM_READS: u64 = 4_096;
+
+/// Test hook: `GATEHOUSE_FLUSH_DELAY_MS` (read once) sleeps that long before each flush of the
+/// event log, a slow disk for the fault tests. Not for production.
+fn flush_delay() -> Option<std::time::Duration> {
+    static DELAY: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("GATEHOUSE_FLUSH_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&ms| ms > 0)
+            .map(std::time::Duration::from_millis)
+    })
+}
+
+#[derive(Clone)]
+struct Trees {
+    events: sled::Tree,
+    age: sled::Tree,
+}
+
+impl Trees {
+    fn open(db: &sled::Db) -> anyhow::Result<Trees> {
+        Ok(Trees {
+            events: db.open_tree(EVENTS_TREE)?,
+            age: db.open_tree(AGE_TREE)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct LogState {
+    /// The next sequence number to assign.
+    next: u64,
+    count: u64,
+    bytes: u64,
+    /// Non-security events held (those a trim may drop), and their bytes.
+    droppable: u64,
+    droppable_bytes: u64,
+    /// Every record numbered below this is a security event (or gone): trims start here.
+    scan_from: u64,
+    /// The latest `outbox_overflow` record held, folded into the next one.
+    overflow: Option<u64>,
+    dropped_total: u64,
+}
+
+/// The durable, bounded event log. It is also the cloud outbox: an event leaves it only when the
+/// broker has acknowledged it ([`EventLog::remove_delivered`]) or when a trim drops it (see the
+/// module documentation).
+pub struct EventLog {
+    trees: RwLock<Trees>,
+    state: Mutex<LogState>,
+    /// The first sequence number not known to be on disk: records at or above it are invisible.
+    durable: AtomicU64,
+    /// Held by a flush (and by [`EventLog::reattach`]): flushes are serialised.
+    flushing: Mutex<()>,
+    limits: LogLimits,
+    appended: Arc<tokio::sync::Notify>,
+    /// Records read by trims since open (the cost of trimming, for tests).
+    trim_reads: AtomicU64,
+}
 
 fn seq_of(k: &[u8]) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(
@@ -89,202 +187,459 @@ fn seq_of(k: &[u8]) -> anyhow::Result<u64> {
     ))
 }
 
-impl EventLog {
-    pub(super) fn open(tree: sled::Tree, limits: LogLimits) -> anyhow::Result<EventLog> {
-        let next = match tree.range(0u64.to_be_bytes()..).next_back() {
-            Some(kv) => seq_of(&kv?.0)? + 1,
-            None => 1,
-        };
-        // Sequence numbers are never reused, even when the log was emptied by deliveries.
-        let floor = tree
-            .get(HIGH_WATER)?
-            .map(|v| seq_of(&v))
-            .transpose()?
-            .unwrap_or(1);
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for kv in tree.range(0u64.to_be_bytes()..) {
-            let (_, v) = kv?;
-            count += 1;
-            bytes += v.len() as u64;
+fn u64_of(v: &[u8]) -> Option<u64> {
+    v.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// The kind of a stored record (`None` if it is corrupt).
+fn record_kind(v: &[u8]) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        kind: Cow<'a, str>,
+    }
+    serde_json::from_slice::<Head>(v).ok().map(|h| h.kind)
+}
+
+/// Whether a stored record is a security event (a corrupt record is not: a trim may drop it).
+fn is_security_record(v: &[u8]) -> bool {
+    record_kind(v).is_some_and(|k| is_security_kind(&k))
+}
+
+/// Reads the log's state from disk (at open and at reattach).
+fn scan(trees: &Trees) -> anyhow::Result<LogState> {
+    let t = &trees.events;
+    let next = match t.range(0u64.to_be_bytes()..).next_back() {
+        Some(kv) => seq_of(&kv?.0)? + 1,
+        None => 1,
+    };
+    // Sequence numbers are never reused, even when the log was emptied by deliveries.
+    let floor = t
+        .get(HIGH_WATER)?
+        .map(|v| seq_of(&v))
+        .transpose()?
+        .unwrap_or(1);
+    let mut st = LogState {
+        next: next.max(floor),
+        dropped_total: t.get(DROPPED_TOTAL)?.and_then(|v| u64_of(&v)).unwrap_or(0),
+        ..LogState::default()
+    };
+    let mut leading_security = true;
+    for kv in t.range(0u64.to_be_bytes()..) {
+        let (k, v) = kv?;
+        let seq = seq_of(&k)?;
+        st.count += 1;
+        st.bytes += v.len() as u64;
+        let kind = record_kind(&v);
+        if kind.as_deref().is_some_and(is_security_kind) {
+            if kind.as_deref() == Some(EventKind::OutboxOverflow.as_str()) {
+                st.overflow = Some(seq);
+            }
+        } else {
+            st.droppable += 1;
+            st.droppable_bytes += v.len() as u64;
+            leading_security = false;
         }
+        if leading_security {
+            st.scan_from = seq + 1;
+        }
+    }
+    Ok(st)
+}
+
+impl EventLog {
+    /// Opens the log in trees [`EVENTS_TREE`] and [`AGE_TREE`] of `db`. Everything found on disk
+    /// is durable, hence visible.
+    pub(super) fn open(db: &sled::Db, limits: LogLimits) -> anyhow::Result<EventLog> {
+        let trees = Trees::open(db)?;
+        let st = scan(&trees)?;
         Ok(EventLog {
-            tree,
-            state: Mutex::new(LogState {
-                next: next.max(floor),
-                count,
-                bytes,
-            }),
+            trees: RwLock::new(trees),
+            durable: AtomicU64::new(st.next),
+            state: Mutex::new(st),
+            flushing: Mutex::new(()),
             limits: LogLimits {
                 max_events: limits.max_events.max(1),
+                max_bytes: limits.max_bytes.max(1),
                 ..limits
             },
             appended: Arc::new(tokio::sync::Notify::new()),
+            trim_reads: AtomicU64::new(0),
         })
     }
 
-    /// Appends events and flushes them to disk before returning their sequence numbers.
+    /// Switches to a freshly reopened database (after a disk-full recovery): reopens the trees
+    /// and recomputes the state from what is on disk. Records that were applied but never
+    /// flushed are gone; they were never visible, so their numbers may be assigned again.
+    // Called by the store's disk-full recovery (until it lands, only by tests).
+    #[allow(dead_code)]
+    pub(super) fn reattach(&self, db: &sled::Db) -> anyhow::Result<()> {
+        let trees = Trees::open(db)?;
+        let _flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = scan(&trees)?;
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = trees;
+        self.durable.store(fresh.next, Ordering::Release);
+        *st = fresh;
+        drop(st);
+        self.appended.notify_one();
+        Ok(())
+    }
+
+    fn trees(&self) -> Trees {
+        self.trees.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends events and flushes them to disk before returning their sequence numbers; they
+    /// are visible (to the cloud link) from then on. A failed flush leaves them applied but
+    /// invisible until a later flush succeeds.
     pub fn append(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
         let seqs = self.append_unflushed(events)?;
-        self.tree.flush()?;
+        crash_point("event_applied");
+        self.flush_pending()?;
         Ok(seqs)
     }
 
-    /// Appends without waiting for the disk (the background flush, at most 500 ms later, makes
-    /// them durable). For events whose loss in a power cut is acceptable.
+    /// Appends without waiting for the disk. The records become visible at the next
+    /// [`EventLog::flush_pending`] (the daemon calls it every second) or flushed append. For events
+    /// whose loss in a power cut is acceptable. If sled refuses the batch, nothing changes.
     pub fn append_unflushed(&self, events: &[NewEvent]) -> anyhow::Result<Vec<u64>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let trees = self.trees();
+        let mut st = self.lock();
         let mut batch = sled::Batch::default();
         let mut seqs = Vec::with_capacity(events.len());
-        let (mut next, mut added) = (st.next, 0u64);
+        let mut new = st.clone();
         for e in events {
             let ev = Event {
-                seq: next,
+                seq: new.next,
                 at: e.at,
                 local: e.local.clone(),
                 kind: e.kind.as_str().to_string(),
                 payload: e.payload.clone(),
             };
-            let v = serde_json::to_vec(&ev)?;
-            added += v.len() as u64;
-            batch.insert(&next.to_be_bytes(), v);
-            seqs.push(next);
-            next += 1;
+            let v = size::encode(&ev)?;
+            new.count += 1;
+            new.bytes += v.len() as u64;
+            if !e.kind.is_security() {
+                new.droppable += 1;
+                new.droppable_bytes += v.len() as u64;
+            }
+            batch.insert(&new.next.to_be_bytes(), v);
+            seqs.push(new.next);
+            new.next += 1;
         }
         // The high-water mark of sequence numbers, in the same batch.
-        batch.insert(HIGH_WATER, &next.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        st.next = next;
-        st.count += events.len() as u64;
-        st.bytes += added;
-        self.appended.notify_one();
-        if st.count > self.limits.max_events || st.bytes > self.limits.max_bytes {
+        batch.insert(HIGH_WATER, &new.next.to_be_bytes());
+        trees.events.apply_batch(batch)?;
+        *st = new;
+        if self.trim_due(&st) {
             let at = events.last().map_or_else(Utc::now, |e| e.at);
             let local = events.last().map(|e| e.local.clone()).unwrap_or_default();
-            self.trim_locked(&mut st, at, &local)?;
+            // The events are in; a failed trim is retried at the next append or tick.
+            let reads = INLINE_TRIM_READS + 2 * events.len() as u64;
+            if let Err(e) = self.trim_locked(&trees, &mut st, 0, at, &local, reads) {
+                tracing::warn!("trimming the event log: {e:#}");
+            }
         }
         Ok(seqs)
     }
 
-    /// Enforces the bounds now (also the maximum age). The cloud link calls it periodically.
-    pub fn trim(&self, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.trim_locked(&mut st, now, local)
+    /// Flushes what was applied and makes it visible. Returns the watermark: every record
+    /// numbered below it is on disk. Blocks on the disk: call it off the async workers.
+    pub fn flush_pending(&self) -> anyhow::Result<u64> {
+        let _flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let target = self.lock().next;
+        let durable = self.durable.load(Ordering::Acquire);
+        if target <= durable {
+            return Ok(durable);
+        }
+        if let Some(d) = flush_delay() {
+            std::thread::sleep(d);
+        }
+        self.trees().events.flush()?;
+        crash_point("event_flushed");
+        self.durable.store(target, Ordering::Release);
+        self.appended.notify_one();
+        Ok(target)
     }
 
-    /// Drops the oldest non-security events until the log is within 95 % of its bounds (so that
-    /// trimming is not repeated at every append) and nothing is older than the maximum age.
-    /// Security events are kept even beyond the bounds. Records one `outbox_overflow` event.
-    fn trim_locked(
+    /// Whether records were applied that are not yet visible (a flush is due).
+    pub fn has_pending(&self) -> bool {
+        self.lock().next > self.durable.load(Ordering::Acquire)
+    }
+
+    /// Whether the count or byte bound calls for a trim: over a bound, with enough droppable
+    /// events to bring it back to 95 % — or, when security events alone are over it, once the
+    /// droppable ones reach 5 % of it (not at every append).
+    fn trim_due(&self, st: &LogState) -> bool {
+        let l = &self.limits;
+        let over_count = st.count > l.max_events && {
+            let excess = st.count - (l.max_events - l.max_events / 20);
+            st.droppable >= excess.min(l.max_events / 20).max(1)
+        };
+        let over_bytes = st.bytes > l.max_bytes && {
+            let excess = st.bytes - (l.max_bytes - l.max_bytes / 20);
+            st.droppable_bytes >= excess.min(l.max_bytes / 20).max(1)
+        };
+        over_count || over_bytes
+    }
+
+    /// Enforces the bounds now, including the maximum age counted in lived time (`lived_ms`,
+    /// from [`crate::store::LivedClock::now_ms`]); `now`/`local` stamp the overflow record.
+    /// Writes one age mark. The daemon calls it every minute. Returns how many events went.
+    pub fn trim(&self, lived_ms: u64, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
+        let trees = self.trees();
+        let age_cut = {
+            let st = self.lock();
+            // The age mark: events numbered below `st.next` were appended by now. Marks stay in
+            // lived-time order even if lived time went back after a crash (it under-counts).
+            let last = match trees.age.last()? {
+                Some((k, v)) => Some((u64_of(&k).unwrap_or(0), u64_of(&v).unwrap_or(0))),
+                None => None,
+            };
+            if last.is_none_or(|(_, n)| n < st.next) {
+                let key = last.map_or(lived_ms, |(l, _)| l.max(lived_ms));
+                trees.age.insert(key.to_be_bytes(), &st.next.to_be_bytes())?;
+            }
+            let max_age_ms = u64::try_from(self.limits.max_age.num_milliseconds()).unwrap_or(0);
+            let mut age_cut = 0;
+            if let Some(cutoff) = lived_ms.checked_sub(max_age_ms)
+                && let Some((k, v)) = trees
+                    .age
+                    .range(..=cutoff.to_be_bytes())
+                    .next_back()
+                    .transpose()?
+            {
+                age_cut = u64_of(&v).unwrap_or(0);
+                // Marks at or below it are used up.
+                let mut used = sled::Batch::default();
+                for k in trees.age.range(..=k).keys() {
+                    used.remove(k?);
+                }
+                trees.age.apply_batch(used)?;
+            }
+            age_cut
+        };
+        self.trim_chunks(&trees, age_cut, now, local)
+    }
+
+    /// Finishes a trim that appends left unfinished (they read only a few records each), in
+    /// chunks, releasing the lock between them. The daemon calls it every second, off the async
+    /// workers. Returns how many events went.
+    pub fn trim_pending(&self, now: DateTime<Utc>, local: &str) -> anyhow::Result<u64> {
+        if !self.over_bounds() {
+            return Ok(0);
+        }
+        self.trim_chunks(&self.trees(), 0, now, local)
+    }
+
+    /// Whether the count or byte bound calls for a trim now.
+    pub fn over_bounds(&self) -> bool {
+        self.trim_due(&self.lock())
+    }
+
+    fn trim_chunks(
         &self,
-        st: &mut LogState,
+        trees: &Trees,
+        age_cut: u64,
         now: DateTime<Utc>,
         local: &str,
     ) -> anyhow::Result<u64> {
-        let target_events = self.limits.max_events - self.limits.max_events / 20;
-        let target_bytes = self.limits.max_bytes - self.limits.max_bytes / 20;
-        let cutoff = now.checked_sub_signed(self.limits.max_age);
-        let over_bounds = st.count > self.limits.max_events || st.bytes > self.limits.max_bytes;
-        let (mut count, mut bytes) = (st.count, st.bytes);
-        let mut batch = sled::Batch::default();
-        let (mut dropped, mut first, mut last) = (0u64, None, 0u64);
-        for kv in self.tree.range(0u64.to_be_bytes()..) {
-            let (k, v) = kv?;
-            let shrinking = over_bounds && (count > target_events || bytes > target_bytes);
-            let ev: Option<Event> = serde_json::from_slice(&v).ok();
-            let too_old = match (&ev, cutoff) {
-                (Some(e), Some(c)) => e.at < c,
-                _ => false,
-            };
-            // Events are in time order: once one is neither needed for space nor too old,
-            // none after it is.
-            if !shrinking && !too_old {
+        let mut dropped = 0;
+        loop {
+            let mut st = self.lock();
+            let (d, reads) =
+                self.trim_locked(trees, &mut st, age_cut, now, local, CHUNK_TRIM_READS)?;
+            dropped += d;
+            if reads < CHUNK_TRIM_READS {
                 break;
             }
-            // A corrupt record is dropped like an ordinary one (and counted).
-            if ev
-                .as_ref()
-                .is_some_and(|e| crate::events::is_security_kind(&e.kind))
-            {
+        }
+        if dropped > 0 {
+            self.flush_pending()?;
+        }
+        Ok(dropped)
+    }
+
+    /// Drops non-security events numbered below `age_cut`, and, if the bounds call for it, the
+    /// oldest non-security events until the log is within 95 % of its bounds. Reads from the
+    /// cursor past the leading security events. Records one `outbox_overflow` event, folding
+    /// the previous one if it is still held. Reads at most `max_reads` records (the cursor keeps
+    /// its place for the next call). On error nothing changes. Returns (dropped, records read).
+    fn trim_locked(
+        &self,
+        trees: &Trees,
+        st: &mut LogState,
+        age_cut: u64,
+        now: DateTime<Utc>,
+        local: &str,
+        max_reads: u64,
+    ) -> anyhow::Result<(u64, u64)> {
+        let l = &self.limits;
+        let (target_events, target_bytes) = (
+            l.max_events - l.max_events / 20,
+            l.max_bytes - l.max_bytes / 20,
+        );
+        let for_space = self.trim_due(st);
+        if !for_space && age_cut <= st.scan_from {
+            return Ok((0, 0));
+        }
+        let mut new = st.clone();
+        let mut batch = sled::Batch::default();
+        // The previous overflow record, if still held, is folded into this trim's (and so does
+        // not count towards the bounds).
+        let folded = match st.overflow {
+            Some(old) => trees.events.get(old.to_be_bytes())?.map(|v| (old, v)),
+            None => None,
+        };
+        if let Some((_, v)) = &folded {
+            new.count = new.count.saturating_sub(1);
+            new.bytes = new.bytes.saturating_sub(v.len() as u64);
+        }
+        let (mut dropped, mut first, mut last, mut reads) = (0u64, None, 0u64, 0u64);
+        for kv in trees.events.range(st.scan_from.to_be_bytes()..) {
+            if reads >= max_reads {
+                break;
+            }
+            let (k, v) = kv?;
+            reads += 1;
+            self.trim_reads.fetch_add(1, Ordering::Relaxed);
+            let seq = seq_of(&k)?;
+            let shrinking = for_space
+                && new.droppable > 0
+                && (new.count > target_events || new.bytes > target_bytes);
+            if seq >= age_cut && !shrinking {
+                break;
+            }
+            // Everything before the cursor is now a security event or dropped.
+            new.scan_from = seq + 1;
+            if is_security_record(&v) {
                 continue;
             }
-            let seq = seq_of(&k)?;
             batch.remove(k);
-            count = count.saturating_sub(1);
-            bytes = bytes.saturating_sub(v.len() as u64);
+            new.count = new.count.saturating_sub(1);
+            new.bytes = new.bytes.saturating_sub(v.len() as u64);
+            new.droppable = new.droppable.saturating_sub(1);
+            new.droppable_bytes = new.droppable_bytes.saturating_sub(v.len() as u64);
             dropped += 1;
             first.get_or_insert(seq);
             last = seq;
         }
         if dropped == 0 {
-            return Ok(0);
+            st.scan_from = new.scan_from;
+            return Ok((0, reads));
         }
+        let (mut covered, mut first_seq) = (dropped, first.unwrap_or(last));
+        if let Some((old, v)) = folded {
+            if let Ok(e) = serde_json::from_slice::<Event>(&v) {
+                covered += e.payload["dropped"].as_u64().unwrap_or(0);
+                first_seq = first_seq.min(e.payload["first_seq"].as_u64().unwrap_or(first_seq));
+            }
+            batch.remove(&old.to_be_bytes());
+        }
+        new.dropped_total += dropped;
         let overflow = Event {
-            seq: st.next,
+            seq: new.next,
             at: now,
             local: local.to_string(),
-            kind: crate::events::EventKind::OutboxOverflow
-                .as_str()
-                .to_string(),
+            kind: EventKind::OutboxOverflow.as_str().to_string(),
             payload: serde_json::json!({
-                "dropped": dropped,
-                "first_seq": first,
+                "dropped": covered,
+                "dropped_total": new.dropped_total,
+                "first_seq": first_seq,
                 "last_seq": last,
-                "max_events": self.limits.max_events,
-                "max_bytes": self.limits.max_bytes,
-                "max_age_seconds": self.limits.max_age.num_seconds(),
+                "max_events": l.max_events,
+                "max_bytes": l.max_bytes,
+                "max_age_seconds": l.max_age.num_seconds(),
             }),
         };
-        let v = serde_json::to_vec(&overflow)?;
-        count += 1;
-        bytes += v.len() as u64;
-        batch.insert(&st.next.to_be_bytes(), v);
-        batch.insert(HIGH_WATER, &(st.next + 1).to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        st.next += 1;
-        st.count = count;
-        st.bytes = bytes;
-        tracing::warn!(dropped, first_seq = ?first, last_seq = last, "event log over its bounds: dropped the oldest non-security events");
-        Ok(dropped)
+        let v = size::encode(&overflow)?;
+        new.count += 1;
+        new.bytes += v.len() as u64;
+        new.overflow = Some(new.next);
+        batch.insert(&new.next.to_be_bytes(), v);
+        new.next += 1;
+        batch.insert(HIGH_WATER, &new.next.to_be_bytes());
+        batch.insert(DROPPED_TOTAL, &new.dropped_total.to_be_bytes());
+        trees.events.apply_batch(batch)?;
+        *st = new;
+        tracing::warn!(
+            dropped,
+            first_seq = ?first,
+            last_seq = last,
+            "event log over its bounds: dropped the oldest non-security events"
+        );
+        Ok((dropped, reads))
     }
 
     /// Removes events the broker has acknowledged. Not flushed: an acknowledgement lost in a
     /// crash only means the event is sent again (the cloud drops duplicates by id).
     pub fn remove_delivered(&self, seqs: &[u64]) -> anyhow::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let trees = self.trees();
+        let mut st = self.lock();
         for s in seqs {
-            if let Some(v) = self.tree.remove(s.to_be_bytes())? {
+            if let Some(v) = trees.events.remove(s.to_be_bytes())? {
                 st.count = st.count.saturating_sub(1);
                 st.bytes = st.bytes.saturating_sub(v.len() as u64);
+                if !is_security_record(&v) {
+                    st.droppable = st.droppable.saturating_sub(1);
+                    st.droppable_bytes = st.droppable_bytes.saturating_sub(v.len() as u64);
+                }
+                if st.overflow == Some(*s) {
+                    st.overflow = None;
+                }
             }
         }
         Ok(())
     }
 
-    /// Woken after every append (the cloud link waits on it).
+    /// Woken after every flush that made records visible (the cloud link waits on it).
     pub fn appended(&self) -> Arc<tokio::sync::Notify> {
         self.appended.clone()
     }
 
     /// Bytes of event records held.
     pub fn bytes(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).bytes
+        self.lock().bytes
     }
 
-    /// Flushes the log to disk.
+    /// Flushes the log to disk (and makes what it holds visible).
     pub fn flush(&self) -> anyhow::Result<()> {
-        self.tree.flush()?;
+        self.flush_pending()?;
         Ok(())
     }
 
-    /// Up to `limit` stored records with `seq >= cursor`, in order, as their JSON bytes (an
+    /// Records read by trims since the log was opened: what trimming has cost.
+    pub fn trim_reads(&self) -> u64 {
+        self.trim_reads.load(Ordering::Relaxed)
+    }
+
+    /// The watermark: records numbered below it are on disk and visible.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Up to `limit` visible records with `seq >= cursor`, in order, as their JSON bytes (an
     /// [`Event`] object). The cloud link sends them without parsing them.
     pub fn read_raw_from(
         &self,
         cursor: u64,
         limit: usize,
     ) -> anyhow::Result<Vec<(u64, sled::IVec)>> {
+        let end = self.durable_seq();
         let mut out = Vec::with_capacity(limit.min(1024));
-        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
+        if cursor >= end {
+            return Ok(out);
+        }
+        let range = self
+            .trees()
+            .events
+            .range(cursor.to_be_bytes()..end.to_be_bytes());
+        for kv in range.take(limit) {
             let (k, v) = kv?;
             out.push((seq_of(&k)?, v));
         }
@@ -293,30 +648,33 @@ impl EventLog {
 
     /// The next sequence number to be assigned.
     pub fn next_seq(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).next
+        self.lock().next
     }
 
-    /// Up to `limit` events with `seq >= cursor`, in order.
+    /// Up to `limit` visible events with `seq >= cursor`, in order.
     pub fn read_from(&self, cursor: u64, limit: usize) -> anyhow::Result<Vec<Event>> {
-        let mut out = Vec::new();
-        for kv in self.tree.range(cursor.to_be_bytes()..).take(limit) {
-            let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v).context("event record is corrupt")?);
-        }
-        Ok(out)
+        self.read_raw_from(cursor, limit)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).context("event record is corrupt"))
+            .collect()
     }
 
+    /// Records held (visible or not yet).
     pub fn len(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).count
+        self.lock().count
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// (first, last) sequence numbers held.
+    /// (first, last) sequence numbers visible.
     pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
-        let mut events = self.tree.range(0u64.to_be_bytes()..);
+        let end = self.durable_seq();
+        let mut events = self
+            .trees()
+            .events
+            .range(0u64.to_be_bytes()..end.to_be_bytes());
         let first = events
             .next()
             .and_then(|kv| kv.ok())
@@ -328,3 +686,6 @@ impl EventLog {
         (first, last.or(first))
     }
 }
+
+#[cfg(test)]
+mod tests;

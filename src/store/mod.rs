@@ -46,7 +46,9 @@ mod events;
 mod lived;
 
 pub use commands::{CommandLog, SeenCommand};
-pub use events::{Event, EventLog, LogLimits, NewEvent};
+pub use events::{
+    AGE_TREE, EVENTS_TREE, Event, EventLog, LogLimits, MAX_RECORD_BYTES, MAX_STRING_BYTES, NewEvent,
+};
 pub use lived::LivedClock;
 
 /// Credentials per stored chunk.
@@ -60,12 +62,32 @@ const FORMAT: u32 = 1;
 
 /// Crash-test hook: when the environment variable `GATEHOUSE_CRASH_AT` names this point, the
 /// process aborts here (no destructor, no flush — what a power cut leaves on disk). It lets
-/// `tests/crash.rs` stop an import exactly inside the windows that matter (a new generation
-/// fully on disk but not current; current but the old one not yet removed) rather than hoping
-/// a timed SIGKILL lands there. Unset, it costs one environment lookup per generation written.
+/// `tests/crash.rs` and `tests/faults_kill.rs` stop the daemon exactly inside the windows that
+/// matter (a new generation fully on disk but not current; an event applied but not flushed)
+/// rather than hoping a timed SIGKILL lands there. `name@N` aborts at the N-th time the point is
+/// reached (1-based), so a test can pick a moment. The variable is read once per process; unset,
+/// a point costs one atomic load.
+///
+/// Points: `generation_written`, `generation_switched` (snapshot import); `event_applied`,
+/// `event_flushed` (event log append); `event_published`, `event_acked`, `event_deleted` (cloud
+/// link drain).
 pub(crate) fn crash_point(name: &str) {
-    if std::env::var_os("GATEHOUSE_CRASH_AT").is_some_and(|v| v == name) {
-        eprintln!("GATEHOUSE_CRASH_AT={name}: aborting");
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("GATEHOUSE_CRASH_AT").ok()?;
+        match v.split_once('@') {
+            Some((point, n)) => Some((point.to_string(), n.parse().ok()?)),
+            None => Some((v, 1)),
+        }
+    });
+    if let Some((point, n)) = at
+        && point == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n
+    {
+        eprintln!("GATEHOUSE_CRASH_AT={name}@{n}: aborting");
         std::process::abort();
     }
 }
@@ -258,7 +280,7 @@ impl Store {
                 }
             })?;
         let tree = db.open_tree("site")?;
-        let events = EventLog::open(db.open_tree("events")?, limits)?;
+        let events = EventLog::open(&db, limits)?;
         let state = db.open_tree("state")?;
         if state.get("epoch")?.is_none() {
             let mut e = [0u8; 8];

@@ -8,6 +8,7 @@
 //! on stderr.
 
 mod ble;
+mod outbox;
 mod rs485;
 mod uplink;
 
@@ -38,10 +39,11 @@ fn main() -> anyhow::Result<()> {
         Some("access") => access(),
         Some("access-open") => access_open(Path::new(&args[1])),
         Some("event-log") => event_log(),
+        Some("outbox") => outbox::run(),
         Some("uplink") => uplink::run(),
         Some("rs485") => rs485::run(),
         Some("ble") => ble::run(),
-        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485|ble"),
+        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble"),
     }
 }
 
