@@ -64,11 +64,7 @@ impl Model {
     fn trim_if_due(&mut self) {
         let target = MAX_EVENTS - MAX_EVENTS / 20;
         let count = self.held.len() as u64;
-        let droppable = self
-            .held
-            .values()
-            .filter(|k| **k == Kind::Ordinary)
-            .count() as u64;
+        let droppable = self.held.values().filter(|k| **k == Kind::Ordinary).count() as u64;
         if count <= MAX_EVENTS || droppable < (count - target).min(MAX_EVENTS / 20).max(1) {
             return;
         }

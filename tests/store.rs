@@ -367,7 +367,10 @@ fn old_events_go_after_max_age_in_lived_time_but_security_events_stay() {
         .events()
         .append(&[ev(old, EventKind::AccessGranted)])
         .unwrap();
-    assert_eq!(store.events().trim(1_000 + 86_400_000, at(), "").unwrap(), 1);
+    assert_eq!(
+        store.events().trim(1_000 + 86_400_000, at(), "").unwrap(),
+        1
+    );
     let kinds: Vec<String> = store
         .events()
         .read_from(0, 10)

@@ -403,7 +403,9 @@ impl EventLog {
             };
             if last.is_none_or(|(_, n)| n < st.next) {
                 let key = last.map_or(lived_ms, |(l, _)| l.max(lived_ms));
-                trees.age.insert(key.to_be_bytes(), &st.next.to_be_bytes())?;
+                trees
+                    .age
+                    .insert(key.to_be_bytes(), &st.next.to_be_bytes())?;
             }
             let max_age_ms = u64::try_from(self.limits.max_age.num_milliseconds()).unwrap_or(0);
             let mut age_cut = 0;

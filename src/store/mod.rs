@@ -42,6 +42,7 @@ use crate::site::{
 use crate::sync::{self, SyncMessage};
 
 mod commands;
+pub mod commit;
 mod events;
 mod lived;
 
@@ -136,7 +137,10 @@ pub struct Store {
     key: CodeKey,
     site: RwLock<Site>,
     meta: Mutex<Option<Meta>>,
-    events: EventLog,
+    events: Arc<EventLog>,
+    /// The group commit of recorded events (started at the first [`Store::record`]; `None` if
+    /// its thread could not start): see [`commit`].
+    recorder: std::sync::OnceLock<Option<commit::Committer>>,
     /// Keys of unfinished generations removed by this open (a killed snapshot import).
     recovered_keys: usize,
     /// Gateway state: database epoch, session counter (tree `state`).
@@ -344,7 +348,8 @@ impl Store {
             db,
             tree,
             key,
-            events,
+            events: Arc::new(events),
+            recorder: std::sync::OnceLock::new(),
             recovered_keys: n_garbage,
             lived: LivedClock::open(state.clone())?,
             state,

@@ -73,11 +73,9 @@ fn cut_strings(v: &Value) -> Value {
     match v {
         Value::String(s) => Value::String(cut_str(s)),
         Value::Array(a) => Value::Array(a.iter().map(cut_strings).collect()),
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, v)| (k.clone(), cut_strings(v)))
-                .collect(),
-        ),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (k.clone(), cut_strings(v))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -129,7 +127,12 @@ mod tests {
         assert_eq!(back.payload["original_bytes"], original);
         assert_eq!(back.payload["version"], 3);
         assert!(back.payload.get("items").is_none());
-        assert!(back.payload["reason"].as_str().unwrap().contains("[cut, 600 bytes]"));
+        assert!(
+            back.payload["reason"]
+                .as_str()
+                .unwrap()
+                .contains("[cut, 600 bytes]")
+        );
         assert_eq!((back.seq, back.kind.as_str()), (7, "sync_refused"));
     }
 

@@ -50,7 +50,9 @@ fn a_record_is_not_visible_before_its_flush() {
     let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     let notified = log.appended();
-    let seqs = log.append_unflushed(&[ev(EventKind::AccessGranted)]).unwrap();
+    let seqs = log
+        .append_unflushed(&[ev(EventKind::AccessGranted)])
+        .unwrap();
     assert_eq!(seqs, [1]);
     assert!(log.has_pending());
     assert!(log.read_raw_from(0, 10).unwrap().is_empty());
@@ -139,7 +141,10 @@ fn a_delivered_overflow_record_is_not_folded_and_totals_stay_cumulative() {
     log.append(&vec![ev(EventKind::AccessGranted); 30]).unwrap();
     let second = overflow_records(&log);
     assert_eq!(second.len(), 1);
-    assert!(second[0].seq > first[0].seq, "a new number, never new contents");
+    assert!(
+        second[0].seq > first[0].seq,
+        "a new number, never new contents"
+    );
     assert_eq!(second[0].payload["dropped"], 30);
     assert_eq!(second[0].payload["dropped_total"], 41);
     // A further trim folds the held record: the count covers both, the total is cumulative.
@@ -148,7 +153,10 @@ fn a_delivered_overflow_record_is_not_folded_and_totals_stay_cumulative() {
     assert_eq!(third.len(), 1);
     assert_eq!(third[0].payload["dropped"], 35);
     assert_eq!(third[0].payload["dropped_total"], 46);
-    assert_eq!(third[0].payload["first_seq"], second[0].payload["first_seq"]);
+    assert_eq!(
+        third[0].payload["first_seq"],
+        second[0].payload["first_seq"]
+    );
 }
 
 #[test]
@@ -170,13 +178,25 @@ fn age_counts_lived_time_not_the_wall_clock() {
         ..ev(EventKind::AccessGranted)
     }])
     .unwrap();
-    assert_eq!(log.trim(120_000, at() - chrono::Duration::days(400), "").unwrap(), 0);
+    assert_eq!(
+        log.trim(120_000, at() - chrono::Duration::days(400), "")
+            .unwrap(),
+        0
+    );
     assert_eq!(log.len(), 3);
     // Lived time past the bound: the events appended before the first mark go (security
     // events stay); the one appended later is younger.
     assert_eq!(log.trim(60_000 + DAY, ahead, "").unwrap(), 1);
-    let kinds: Vec<String> = log.read_from(0, 10).unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, ["keypad_locked_out", "access_granted", "outbox_overflow"]);
+    let kinds: Vec<String> = log
+        .read_from(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["keypad_locked_out", "access_granted", "outbox_overflow"]
+    );
     assert_eq!(log.trim(120_000 + DAY, ahead, "").unwrap(), 1);
     assert_eq!(log.len(), 2);
 }
@@ -186,7 +206,8 @@ fn reattach_reads_the_state_back_from_the_new_database() {
     let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     log.append(&vec![ev(EventKind::AccessGranted); 3]).unwrap();
-    log.append_unflushed(&[ev(EventKind::AccessGranted)]).unwrap();
+    log.append_unflushed(&[ev(EventKind::AccessGranted)])
+        .unwrap();
     // Another database, as reopened after a disk-full recovery: 5 events and a high-water of 9.
     let (_d2, other) = open_db();
     {
@@ -209,7 +230,8 @@ fn an_append_reads_only_a_few_records_for_a_trim_and_the_background_trim_finishe
     let (_d, db) = open_db();
     let log = EventLog::open(&db, limits(1_000)).unwrap();
     log.append(&vec![ev(EventKind::AccessDenied); 500]).unwrap();
-    log.append(&vec![ev(EventKind::AccessGranted); 500]).unwrap();
+    log.append(&vec![ev(EventKind::AccessGranted); 500])
+        .unwrap();
     assert_eq!(log.trim_reads(), 0, "at the bound, not over it");
     // Over the bound: the append reads at most 64 + 2 records (all security events here).
     log.append(&[ev(EventKind::AccessGranted)]).unwrap();
@@ -220,7 +242,11 @@ fn an_append_reads_only_a_few_records_for_a_trim_and_the_background_trim_finishe
     assert_eq!(log.trim_pending(at(), "").unwrap(), 51);
     assert!(!log.over_bounds());
     assert_eq!(log.len(), 950 + 1);
-    assert_eq!(log.trim_reads(), 500 + 51 + 1, "each record read once, and where it stopped");
+    assert_eq!(
+        log.trim_reads(),
+        500 + 51 + 1,
+        "each record read once, and where it stopped"
+    );
     assert_eq!(overflow_records(&log).len(), 1);
     assert_eq!(log.trim_pending(at(), "").unwrap(), 0);
 }
