@@ -10,6 +10,7 @@
 mod ble;
 mod outbox;
 mod rs485;
+mod telemetry;
 mod uplink;
 
 use std::path::Path;
@@ -43,7 +44,8 @@ fn main() -> anyhow::Result<()> {
         Some("uplink") => uplink::run(),
         Some("rs485") => rs485::run(),
         Some("ble") => ble::run(),
-        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble"),
+        Some("telemetry") => telemetry::run(&args[1..]),
+        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry"),
     }
 }
 
