@@ -72,6 +72,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "period_achieved_ratio_slow": slow["period_achieved_ratio"],
             "bare_client_ratio_slow": slow["bare_client_ratio"],
             "poll_jitter_p99_ms_slow": slow["poll_jitter_p99_ms"],
+            "poll_jitter_p50_ms": fast["poll_jitter_p50_ms"],
+            "poll_jitter_p90_ms": fast["poll_jitter_p90_ms"],
+            "load_avg_1m": std::fs::read_to_string("/proc/loadavg").ok()
+                .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
             "flushes_per_s_slow": slow["flushes_per_s"],
         })
     );
@@ -242,16 +246,20 @@ fn phase() -> anyhow::Result<Value> {
     let gh_tx = (served1 - served0) as f64 / secs;
     let bare_tx = bare_client(&sensors.path)?;
     jitter.sort_by(f64::total_cmp);
-    let p99 = jitter
-        .get(((jitter.len() as f64 - 1.0) * 0.99).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        jitter
+            .get(((jitter.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
     Ok(json!({
         "readings_per_s": (readings as f64 / secs).round(),
         "period_achieved_ratio": r3(achieved as f64 / configured),
         "bare_client_ratio": r3(gh_tx / bare_tx),
-        "poll_jitter_p99_ms": r3(p99),
+        "poll_jitter_p99_ms": r3(pct(0.99)),
+        "poll_jitter_p90_ms": r3(pct(0.90)),
+        "poll_jitter_p50_ms": r3(pct(0.50)),
         "flushes_per_s": ((flushes1 - flushes0) as f64 / secs).round(),
         "tx_per_s": gh_tx.round(),
         "bare_tx_per_s": bare_tx.round(),
