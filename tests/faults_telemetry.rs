@@ -207,10 +207,16 @@ async fn kills_during_batches_lose_nothing_published_nor_any_decision() {
             .map(|e| (e.seq, event_value(e)))
             .collect();
         for (seq, v) in &got {
-            assert!(*seq < next, "delivered seq {seq} is not durable (next {next})");
+            assert!(
+                *seq < next,
+                "delivered seq {seq} is not durable (next {next})"
+            );
             if let Some(h) = held.get(seq) {
                 for k in ["kind", "at", "local", "payload"] {
-                    assert_eq!(h[k], v[k], "seq {seq}: the log and the cloud disagree on {k}");
+                    assert_eq!(
+                        h[k], v[k],
+                        "seq {seq}: the log and the cloud disagree on {k}"
+                    );
                 }
             }
         }
@@ -258,7 +264,11 @@ async fn sigterm_drains_the_outbox_and_delivers_gateway_stopped() {
     assert!(st.success(), "clean stop: {st:?}");
     let got = cloud
         .wait_for(
-            |m| delivered(m, &t).values().any(|v| v["kind"] == "gateway_stopped"),
+            |m| {
+                delivered(m, &t)
+                    .values()
+                    .any(|v| v["kind"] == "gateway_stopped")
+            },
             WAIT,
         )
         .await;

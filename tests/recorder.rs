@@ -37,7 +37,11 @@ fn events_from_several_threads_share_few_flushes() {
     let flushes = store.recorder_flushes();
     let n = THREADS * PER_THREAD;
     let evs = store.events().read_from(0, 100_000).unwrap();
-    assert_eq!(evs.len() as u64, n, "every recorded event is visible after the drain");
+    assert_eq!(
+        evs.len() as u64,
+        n,
+        "every recorded event is visible after the drain"
+    );
     // Contiguous numbers, and each thread's events in the order it recorded them.
     for w in evs.windows(2) {
         assert_eq!(w[1].seq, w[0].seq + 1);
@@ -106,6 +110,13 @@ fn dropping_the_store_flushes_what_was_queued() {
     }
     let store = Store::open(dir.path(), 1_000_000).unwrap();
     let evs = store.events().read_from(0, 100_000).unwrap();
-    assert_eq!(evs.len(), 1000, "the queue was drained and flushed when the store closed");
-    assert!(evs.iter().all(|e| !e.local.is_empty()), "stamped with local time");
+    assert_eq!(
+        evs.len(),
+        1000,
+        "the queue was drained and flushed when the store closed"
+    );
+    assert!(
+        evs.iter().all(|e| !e.local.is_empty()),
+        "stamped with local time"
+    );
 }
