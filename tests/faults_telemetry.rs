@@ -59,7 +59,7 @@ impl Sensors {
         let thread = std::thread::spawn(move || {
             let mut master = pty.master.try_clone_native().unwrap();
             master.set_timeout(Duration::from_millis(2)).unwrap();
-            let mut toggle = false;
+            let mut toggles = [false; 16];
             let mut buf = Vec::new();
             let mut chunk = [0u8; 256];
             while !st.load(Ordering::Relaxed) {
@@ -79,8 +79,10 @@ impl Sensors {
                     {
                         continue;
                     }
-                    toggle = !toggle;
-                    let v: u16 = if toggle { 100 } else { 0 };
+                    // Per sensor and register: each read differs from that register's last.
+                    let t = &mut toggles[usize::from(frame[0] & 3) * 4 + usize::from(frame[3] & 3)];
+                    *t = !*t;
+                    let v: u16 = if *t { 100 } else { 0 };
                     let [hi, lo] = v.to_be_bytes();
                     let out = if frame[1] == 0x04 {
                         modbus_frame(frame[0], 0x04, &[2, hi, lo])
@@ -148,7 +150,7 @@ fn daemon(cfg: &Path) -> Child {
         .env_remove("GATEHOUSE_CRASH_AT")
         .env_remove("GATEHOUSE_FLUSH_DELAY_MS")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
