@@ -15,7 +15,7 @@ use crate::access::{AccessEngine, Attempt};
 use crate::config::Config;
 use crate::events::EventKind;
 use crate::policy::{Direction, Presented, Request, Target};
-use crate::store::{NewEvent, Store};
+use crate::store::Store;
 
 /// Opens the store and brings it to a usable state (initial snapshot when empty).
 pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
@@ -39,17 +39,9 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(store))
 }
 
-/// Appends an event stamped now, in the facility's time zone.
+/// Appends an event stamped now, in the facility's time zone, flushed: [`Store::record_flushed`].
 pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> anyhow::Result<u64> {
-    let at = Utc::now();
-    let tz = store.site().tables.facility.tz;
-    let seqs = store.events().append(&[NewEvent {
-        at,
-        local: at.with_timezone(&tz).to_rfc3339(),
-        kind,
-        payload,
-    }])?;
-    Ok(seqs[0])
+    store.record_flushed(kind, payload)
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -101,6 +93,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     run_demo_attempts(&engine, &direct);
 
     let shutdown = CancellationToken::new();
+    // The cloud link stops last: it publishes what the others recorded (see the stop below).
+    let link_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Each task gets a child token and is tracked.
     let states = Arc::new(crate::devstate::DeviceStates::new());
@@ -128,7 +122,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 session,
                 Some(Arc::new(command_router(&cfg, cloud, units, relays))),
             )
-            .with_device_states(states.clone());
+            .with_device_states(states.clone())
+            .with_drain_timeout(cfg.drain_timeout);
             if ble.is_some()
                 && let Some(bridge) = crate::cloud::link::BleBridge::new(rpc.clone(), wakes_rx)
             {
@@ -140,7 +135,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 topics = %link.topics().base(),
                 "starting the cloud link"
             );
-            tracker.spawn(link.run(shutdown.child_token()));
+            tracker.spawn(link.run(link_stop.clone()));
         }
         None => tracing::warn!(
             "no [cloud] section: events are kept in the outbox until a cloud link is configured"
@@ -206,16 +201,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("running; waiting for SIGTERM or SIGINT");
     signals.wait().await;
     tracing::info!("shutting down");
+    // A clean stop drains: stop producing (BLE, buses, housekeeping), flush what the drivers
+    // recorded, record gateway_stopped, then let the cloud link publish everything held and wait
+    // for the broker's acknowledgements (up to the drain timeout) before its offline status.
     shutdown.cancel();
-    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            timeout_s = cfg.drain_timeout.as_secs(),
-            "tasks did not stop in time; flushing anyway"
-        );
-    }
     if let Some(r) = rs485 {
         let deadline = cfg.drain_timeout;
         let _ = tokio::task::spawn_blocking(move || r.stop(deadline)).await;
@@ -224,7 +213,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(b.join).await;
     }
     drop(sims);
-    record(&store, EventKind::GatewayStopped, json!({}))?;
+    {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.drain_recorded();
+            record(&store, EventKind::GatewayStopped, json!({}))
+        })
+        .await??;
+    }
+    link_stop.cancel();
+    // The link's drain, then its goodbye (offline status, disconnect: at most 2 s more).
+    if tokio::time::timeout(
+        cfg.drain_timeout + std::time::Duration::from_secs(3),
+        tracker.wait(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            timeout_s = cfg.drain_timeout.as_secs(),
+            "tasks did not stop in time; flushing anyway"
+        );
+    }
+    store.drain_recorded();
     store.flush().context("final flush")?;
     tracing::info!("stopped cleanly");
     Ok(())

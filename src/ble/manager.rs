@@ -179,21 +179,11 @@ impl<R: Radio> Manager<R> {
         *lock(&self.counters)
     }
 
-    /// Appends an event (flushed). On a runtime worker (a lock operation) the flush runs in
-    /// `block_in_place`, so the worker's other tasks (the cloud link) move elsewhere meanwhile.
+    /// Records an event through the store's group commit ([`Store::record`]): it does not wait
+    /// for the disk (only for room when the commit queue is full).
     fn record(&self, kind: EventKind, payload: Value) {
         lock(&self.counters).events += 1;
-        let write = || crate::daemon::record(&self.store, kind, payload);
-        let in_worker = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let r = if in_worker {
-            tokio::task::block_in_place(write)
-        } else {
-            write()
-        };
-        if let Err(e) = r {
-            tracing::error!(kind = kind.as_str(), "could not record an event: {e:#}");
-        }
+        self.store.record(kind, payload);
     }
 
     /// The site device with this MAC (upper case), from an index rebuilt when the site changes.
@@ -544,8 +534,7 @@ impl<R: Radio> Manager<R> {
                 RelayOp::Pulse { ms: relay.pulse_ms },
             );
             if let Execution::Failed(e) = r {
-                let _ = crate::daemon::record(
-                    &store,
+                store.record(
                     EventKind::DeviceError,
                     json!({"device": relay.device, "entry": entry, "error": e}),
                 );

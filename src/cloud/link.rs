@@ -213,6 +213,8 @@ pub struct CloudLink {
     unsent: Arc<std::sync::Mutex<Vec<Outcome>>>,
     /// `message_too_large` events, coalesced.
     too_large: std::sync::Mutex<TooLargeLog>,
+    /// How long a clean stop keeps publishing the outbox and waiting for acknowledgements.
+    drain: Duration,
 }
 
 enum SessionEnd {
@@ -277,7 +279,15 @@ impl CloudLink {
             ble: None,
             unsent: Arc::default(),
             too_large: Default::default(),
+            drain: Duration::from_secs(10),
         }
+    }
+
+    /// How long a clean stop drains the outbox (`shutdown.drain_timeout_secs`) before the
+    /// offline status and the disconnect.
+    pub fn with_drain_timeout(mut self, drain: Duration) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Publishes the devices' states retained on `devices/<id>/state`.
@@ -518,6 +528,7 @@ impl CloudLink {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
+                    self.drain_outbox(&client, &mut el, &mut out, connected_at).await;
                     self.goodbye(&client, &mut el).await;
                     return Ok(SessionEnd::Shutdown);
                 }
@@ -750,6 +761,67 @@ impl CloudLink {
             .map_err(|e| anyhow::anyhow!("publishing: {e}"))?;
         out.requested.push_back(None);
         Ok(())
+    }
+
+    /// A clean stop, connected: keeps publishing the outbox and taking PUBACKs (deleting what
+    /// was acknowledged) until every event in the log is acknowledged or `drain` has passed.
+    /// Nothing else is served meanwhile (the drivers are already stopped).
+    async fn drain_outbox(
+        &self,
+        client: &Client,
+        el: &mut Loop,
+        out: &mut Outbox,
+        connected_at: u64,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.drain;
+        let r: anyhow::Result<()> = async {
+            loop {
+                self.fill(client, out, connected_at)?;
+                let events_out = out
+                    .requested
+                    .iter()
+                    .chain(out.inflight.values())
+                    .any(Option::is_some);
+                if !events_out && self.store.events().read_raw_from(out.cursor, 1)?.is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, el.poll()).await {
+                    Err(_) => {
+                        tracing::warn!(
+                            left = self.store.events().len(),
+                            "drain timeout: events stay in the outbox for the next start"
+                        );
+                        break;
+                    }
+                    Ok(Err(e)) => anyhow::bail!("{e}"),
+                    Ok(Ok(Ev::Written(pkid))) => {
+                        if let Some(what) = out.requested.pop_front() {
+                            out.inflight.insert(pkid, what);
+                        }
+                    }
+                    Ok(Ok(Ev::PubAck(pkid))) => {
+                        if let Some(Some(seq)) = out.inflight.remove(&pkid) {
+                            out.acked.push(seq);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                }
+                if !out.acked.is_empty() {
+                    self.store.events().remove_delivered(&out.acked)?;
+                    out.acked.clear();
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if !out.acked.is_empty() {
+            let _ = self.store.events().remove_delivered(&out.acked);
+            out.acked.clear();
+        }
+        match r {
+            Ok(()) => tracing::info!(left = self.store.events().len(), "outbox drained"),
+            Err(e) => tracing::warn!("draining the outbox at stop: {e:#}"),
+        }
     }
 
     /// A clean goodbye: `offline` retained (the will is not sent on a clean disconnect).

@@ -102,11 +102,11 @@ impl Shared {
         self.stopping()
     }
 
-    /// Appends an event (flushed). A failure to write is logged: a device thread must go on.
+    /// Records an event through the store's group commit ([`Store::record`]): the bus thread
+    /// does not wait for the disk (decisions go through the [`AccessEngine`], flushed). A failure
+    /// to write is logged by the committer: a device thread must go on.
     pub fn record(&self, kind: EventKind, payload: serde_json::Value) {
-        if let Err(e) = crate::daemon::record(&self.store, kind, payload) {
-            tracing::error!(kind = kind.as_str(), "could not record an event: {e:#}");
-        }
+        self.store.record(kind, payload);
     }
 
     /// Sets a device's liveness; records `device_online`/`device_offline` on a change.

@@ -45,6 +45,7 @@ use crate::sync::{self, SyncMessage};
 
 mod codekey;
 mod commands;
+pub mod commit;
 mod events;
 mod handles;
 mod health;
@@ -146,6 +147,9 @@ impl ApplyError {
 pub struct Store {
     core: Arc<Core>,
     recovery: Option<health::Recovery>,
+    /// The group commit of recorded events (started at the first [`Store::record`]; `None` if
+    /// its thread could not start): see [`commit`].
+    recorder: std::sync::OnceLock<Option<commit::Committer>>,
 }
 
 impl Deref for Store {
@@ -157,6 +161,8 @@ impl Deref for Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // What was recorded is flushed first (the committer's thread drains its queue).
+        drop(self.recorder.take());
         if let Some(r) = self.recovery.take() {
             r.stop();
         }
@@ -324,6 +330,7 @@ impl Store {
         Ok(Store {
             recovery: Some(health::Recovery::start(core.clone())),
             core,
+            recorder: std::sync::OnceLock::new(),
         })
     }
 }

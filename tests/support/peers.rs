@@ -217,6 +217,8 @@ pub fn config(dir: &Path, body: &str) -> gatehouse::config::Config {
 
 /// The event log so far.
 pub fn logged(store: &gatehouse::store::Store) -> Vec<gatehouse::store::Event> {
+    // Device events go through the group commit: everything recorded so far, made durable.
+    store.drain_recorded();
     store.events().read_from(0, 1_000_000).unwrap()
 }
 

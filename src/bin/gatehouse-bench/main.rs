@@ -14,6 +14,7 @@
 mod ble;
 mod outbox;
 mod rs485;
+mod telemetry;
 mod uplink;
 
 use std::path::Path;
@@ -48,7 +49,8 @@ fn main() -> anyhow::Result<()> {
         Some("ble") => ble::run(),
         Some("outbox") => outbox::run(),
         Some("outbox-probe") => outbox::probe(&args[1..]),
-        _ => bail!("usage: gatehouse-bench access|event-log|uplink|rs485|ble|outbox"),
+        Some("telemetry") => telemetry::run(&args[1..]),
+        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry"),
     }
 }
 
