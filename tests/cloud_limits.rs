@@ -608,23 +608,7 @@ async fn over_long_and_too_large_commands_are_answered_with_an_id_the_cloud_can_
 // Reconnection after a long outage (the daemon as a child process, default reconnect settings).
 
 fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> std::path::PathBuf {
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"data\"\n\
-             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-             keep_alive_secs = 5\ncommand_public_key = \"{}\"\n",
-            b.port(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display(),
-            hex::encode(signer.verifying_key().to_bytes())
-        ),
-    )
-    .unwrap();
-    cfg
+    b.write_gateway_config(dir, "data", &signer.verifying_key(), "", "")
 }
 
 /// The text of a log line without its colours.

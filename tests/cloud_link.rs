@@ -323,23 +323,13 @@ async fn an_outage_compressed_in_time_drains_its_backlog_as_historical_with_orig
 }
 
 fn write_daemon_config(dir: &Path, b: &Broker, signer: &SigningKey) -> std::path::PathBuf {
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"data\"\n\
-             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-             keep_alive_secs = 5\nreconnect_min_ms = 200\ncommand_public_key = \"{}\"\n",
-            b.port(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display(),
-            hex::encode(signer.verifying_key().to_bytes())
-        ),
+    b.write_gateway_config(
+        dir,
+        "data",
+        &signer.verifying_key(),
+        "reconnect_min_ms = 200\n",
+        "",
     )
-    .unwrap();
-    cfg
 }
 
 fn daemon(cfg: &Path) -> Child {

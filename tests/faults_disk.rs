@@ -218,25 +218,13 @@ fn topics() -> Topics {
 }
 
 fn write_daemon_config(dir: &Path, data: &Path, b: &Broker, signer: &SigningKey) -> PathBuf {
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"{}\"\n\
-             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\n\
-             key_file = \"{}\"\nkeep_alive_secs = 5\nreconnect_min_ms = 200\n\
-             command_public_key = \"{}\"\n",
-            data.display(),
-            b.port(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display(),
-            hex::encode(signer.verifying_key().to_bytes())
-        ),
+    b.write_gateway_config(
+        dir,
+        &data.display().to_string(),
+        &signer.verifying_key(),
+        "reconnect_min_ms = 200\n",
+        "",
     )
-    .unwrap();
-    cfg
 }
 
 struct Daemon(Child);

@@ -52,25 +52,14 @@ impl Rng {
 }
 
 fn write_config(dir: &Path, b: &Broker) -> std::path::PathBuf {
-    let f = b.client("gw-1");
     let signer = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"data\"\n\
-             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\n\
-             key_file = \"{}\"\nkeep_alive_secs = 5\nreconnect_min_ms = 200\n\
-             command_public_key = \"{}\"\n",
-            b.port(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display(),
-            hex::encode(signer.verifying_key().to_bytes())
-        ),
+    b.write_gateway_config(
+        dir,
+        "data",
+        &signer.verifying_key(),
+        "reconnect_min_ms = 200\n",
+        "",
     )
-    .unwrap();
-    cfg
 }
 
 fn daemon(cfg: &Path, crash_at: Option<&str>, flush_delay_ms: Option<u64>) -> Child {

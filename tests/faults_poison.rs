@@ -51,25 +51,15 @@ fn scale() -> usize {
 }
 
 fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> std::path::PathBuf {
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"data\"\n\
-             [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\n\
-             key_file = \"{}\"\nkeep_alive_secs = 5\nreconnect_min_ms = 50\n\
-             reconnect_max_ms = 1000\nmax_message_bytes = {MAX_MESSAGE}\n\
-             command_public_key = \"{}\"\n[ble]\nadapter = \"sim\"\n[demo]\nsimulate_devices = true\n",
-            b.port(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display(),
-            hex::encode(signer.verifying_key().to_bytes())
+    b.write_gateway_config(
+        dir,
+        "data",
+        &signer.verifying_key(),
+        &format!(
+            "reconnect_min_ms = 50\nreconnect_max_ms = 1000\nmax_message_bytes = {MAX_MESSAGE}\n"
         ),
+        "[ble]\nadapter = \"sim\"\n[demo]\nsimulate_devices = true\n",
     )
-    .unwrap();
-    cfg
 }
 
 fn command(name: &str, id: &str, target: Option<CommandTarget>) -> Cmd {

@@ -29,25 +29,38 @@ impl Deref for HandlesGuard<'_> {
     }
 }
 
+/// How long an open waits for sled's file lock. sled releases it from a background thread a
+/// moment after the last handle of the previous open is dropped (a reopen in this process: the
+/// disk-full recovery, tests), so an open right after a close may find it still held.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Opens sled in `dir/db`.
 pub(super) fn open_db(dir: &Path) -> anyhow::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir.join("db"))
-        .cache_capacity(8 << 20)
-        .flush_every_ms(Some(500))
-        .open()
-        .map_err(|e| {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let r = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(500))
+            .open();
+        match r {
+            Ok(db) => return Ok(db),
             // sled reports a held lock as an I/O error whose text says so.
-            if e.to_string().contains("could not acquire lock") {
-                anyhow::anyhow!(
-                    "database `{}` is in use by another process (is the daemon running?)",
-                    dir.display()
-                )
-            } else {
-                anyhow::Error::new(e)
-                    .context(format!("opening database `{}`", dir.join("db").display()))
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    bail!(
+                        "database `{}` is in use by another process (is the daemon running?)",
+                        dir.display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-        })
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("opening database `{}`", dir.join("db").display())));
+            }
+        }
+    }
 }
 
 pub(super) fn read_meta(tree: &sled::Tree, dir: &Path) -> anyhow::Result<Option<Meta>> {

@@ -442,6 +442,37 @@ impl Broker {
     }
 
     /// The paths a client named `name` uses (generated on first use; `CN = name`).
+    /// Writes `dir/gatehouse.toml` for a daemon that connects to this broker with mutual TLS as
+    /// site `site-1`, gateway `gw-1`, data in `data_dir` (relative to `dir` or absolute),
+    /// keep-alive 5 s, commands verified with `command_key`. `cloud_extra` is appended to
+    /// `[cloud]` (e.g. `reconnect_min_ms = 200\n`), `extra` after it (more sections).
+    pub fn write_gateway_config(
+        &self,
+        dir: &Path,
+        data_dir: &str,
+        command_key: &ed25519_dalek::VerifyingKey,
+        cloud_extra: &str,
+        extra: &str,
+    ) -> PathBuf {
+        let f = self.client("gw-1");
+        let cfg = dir.join("gatehouse.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"{data_dir}\"\n\
+                 [cloud]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\n\
+                 key_file = \"{}\"\nkeep_alive_secs = 5\ncommand_public_key = \"{}\"\n{cloud_extra}{extra}",
+                self.port(),
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display(),
+                hex::encode(command_key.to_bytes())
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
     pub fn client(&self, name: &str) -> ClientFiles {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
