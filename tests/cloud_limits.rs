@@ -702,3 +702,68 @@ async fn a_long_broker_outage_is_followed_by_a_reconnection_within_the_wait_boun
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_for_another_site_or_gateway_is_refused_over_the_broker_and_its_id_stays_free() {
+    let b = broker_with(&[]);
+    let signer = SigningKey::from_bytes(&[1; 32]);
+    let t = topics();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 100_000).unwrap());
+    let link = start_link(
+        store.clone(),
+        cloud_config(&b, Protocol::V311, &signer),
+        &signer,
+    );
+    let results =
+        Subscriber::connect(&b, "cloud-results", &format!("{}/cmd/+/result", t.base())).await;
+    results.wait_subscribed(1, WAIT).await;
+    let events = Subscriber::connect(&b, "cloud-events", &t.events()).await;
+    events.wait_subscribed(1, WAIT).await;
+    wait_online(&b, &t).await;
+    let cloud = Subscriber::connect(&b, "cloud-pub", "none/#").await;
+    let send = |cmd: &Cmd| {
+        cloud
+            .client
+            .try_publish(
+                format!("{}/cmd/ping", t.base()),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                sign(cmd, &signer),
+            )
+            .unwrap();
+    };
+    // Captured at another site (or for another gateway of this site), replayed here: refused
+    // before anything is done, the id not claimed.
+    send(&Cmd {
+        site: "site-2".into(),
+        ..ping("aud-1")
+    });
+    send(&Cmd {
+        gateway: "gw-9".into(),
+        ..ping("aud-1")
+    });
+    let got = results.wait_for(|m| m.len() >= 2, WAIT).await;
+    for m in &got[..2] {
+        let r = json_of(m);
+        assert_eq!(
+            (&r["status"], &r["reason"]),
+            (&json!("refused"), &json!("wrong_gateway")),
+            "{r}"
+        );
+        assert_eq!(r["id"], "aud-1");
+    }
+    assert!(store.commands().get("aud-1").unwrap().is_none());
+    // The genuine command with the same id still runs.
+    send(&ping("aud-1"));
+    let got = results.wait_for(|m| m.len() >= 3, WAIT).await;
+    let r = json_of(&got[2]);
+    assert_eq!(r["status"], "done", "{r}");
+    let refused = recorded_kinds(&store, &events, "command_refused").await;
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    println!(
+        "limits: a signed ping for site-2 and for gw-9 refused wrong_gateway over the broker ({} command_refused), the id then ran here",
+        refused.len()
+    );
+    link.stop().await;
+}
