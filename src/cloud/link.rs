@@ -40,6 +40,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::commands::{self, Effect, Outcome};
+use crate::cloud::lanes::{CmdJob, dispatch_commands, keep_unsent, record_effects};
 use crate::cloud::limits::{self, TooLargeLog};
 use crate::cloud::messages::{EventMessage, SnapshotChunk, Status, SyncResult, Topics};
 use crate::cloud::mqtt::{self, Client, Ev, Loop, PollError};
@@ -72,110 +73,6 @@ impl BleBridge {
             wakes: tokio::sync::Mutex::new(wakes),
         })
     }
-}
-
-/// Lanes at most per session; commands for further targets share the `main` lane.
-const MAX_LANES: usize = 16;
-
-/// The lane of a job: its command's target, or the woken device.
-fn lane_of(job: &CmdJob, c: &Commands) -> String {
-    match job {
-        CmdJob::Wake(device) => format!("device:{device}"),
-        CmdJob::Message(name, bytes) => {
-            match commands::verify(bytes, name, &c.cfg, Utc::now()) {
-                Ok(cmd) => match cmd.target {
-                    Some(t) => match (t.unit, t.entry, t.device) {
-                        (Some(u), _, _) => format!("unit:{u}"),
-                        (_, Some(e), _) => format!("entry:{e}"),
-                        (_, _, Some(d)) => format!("device:{d}"),
-                        _ => "main".into(),
-                    },
-                    None => "main".into(),
-                },
-                // Refused before any effect: answered at once, in the main lane.
-                Err(_) => "main".into(),
-            }
-        }
-    }
-}
-
-/// Runs the command jobs of a session in lanes (see `session_once`).
-fn dispatch_commands(
-    jobs: std::sync::mpsc::Receiver<CmdJob>,
-    c: &Arc<Commands>,
-    store: &Arc<Store>,
-    tx: &mpsc::Sender<Vec<Outcome>>,
-    unsent: &Arc<std::sync::Mutex<Vec<Outcome>>>,
-) {
-    let mut lanes: HashMap<String, std::sync::mpsc::Sender<CmdJob>> = HashMap::new();
-    for job in jobs {
-        let mut key = lane_of(&job, c);
-        if !lanes.contains_key(&key) && lanes.len() >= MAX_LANES {
-            key = "main".into();
-        }
-        let lane = lanes.entry(key.clone()).or_insert_with(|| {
-            let (lane_tx, lane_rx) = std::sync::mpsc::channel::<CmdJob>();
-            let (c, store, tx, unsent) = (c.clone(), store.clone(), tx.clone(), unsent.clone());
-            let spawned = std::thread::Builder::new()
-                .name("cmd-lane".into())
-                .spawn(move || {
-                    for job in lane_rx {
-                        run_command_job(job, &c, &store, &tx, &unsent);
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!("could not start a command lane: {e}");
-            }
-            lane_tx
-        });
-        // A lane that could not start: run the job here.
-        if let Err(std::sync::mpsc::SendError(job)) = lane.send(job) {
-            lanes.remove(&key);
-            run_command_job(job, c, store, tx, unsent);
-        }
-    }
-}
-
-fn run_command_job(
-    job: CmdJob,
-    c: &Commands,
-    store: &Store,
-    tx: &mpsc::Sender<Vec<Outcome>>,
-    unsent: &std::sync::Mutex<Vec<Outcome>>,
-) {
-    let out = match job {
-        CmdJob::Message(name, payload) => vec![commands::handle(
-            &c.router,
-            store,
-            &payload,
-            &name,
-            Utc::now(),
-            &c.cfg,
-        )],
-        CmdJob::Wake(device) => commands::handle_wake(&c.router, store, &device, Utc::now()),
-    };
-    record_effects(store, &out);
-    if !out.is_empty()
-        && let Err(e) = tx.blocking_send(out)
-    {
-        // The session ended meanwhile: the next one publishes these.
-        keep_unsent(unsent, e.0);
-    }
-}
-
-fn keep_unsent(unsent: &std::sync::Mutex<Vec<Outcome>>, outcomes: Vec<Outcome>) {
-    unsent
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .extend(outcomes);
-}
-
-/// Work for the command lanes, in arrival order.
-enum CmdJob {
-    /// A message from `cmd/<name>`.
-    Message(String, Vec<u8>),
-    /// A sleeping device woke up: run what waits for it.
-    Wake(String),
 }
 
 /// Requests queued in rumqttc's channel at most; the outbox window is kept below it.
@@ -320,7 +217,9 @@ impl CloudLink {
             .unwrap_or_else(|e| e.into_inner())
             .note(std::time::Instant::now(), bytes, max, self.cfg.protocol);
         if let Some(payload) = due
-            && let Err(e) = crate::daemon::record(&self.store, EventKind::MessageTooLarge, payload)
+            && let Err(e) = self
+                .store
+                .record_flushed(EventKind::MessageTooLarge, payload)
         {
             tracing::error!("recording message_too_large: {e:#}");
         }
@@ -1004,36 +903,6 @@ fn add_chunk(
     Ok(Some((a.id, doc)))
 }
 
-/// Records what commands did: unlocks, override unlocks, install mode, refusals.
-fn record_effects(store: &Store, outcomes: &[Outcome]) {
-    for o in outcomes {
-        let mut events: Vec<(EventKind, serde_json::Value)> = Vec::new();
-        for e in &o.effects {
-            match e {
-                Effect::RemoteUnlock(u) => events.push((EventKind::RemoteUnlock, json!(u))),
-                Effect::OverrideUnlock { unlock, emergency } => {
-                    let mut v = json!(unlock);
-                    v["emergency"] = json!(emergency);
-                    events.push((EventKind::OverrideUnlock, v));
-                }
-                Effect::InstallMode { until } => events.push((
-                    EventKind::InstallModeRequested,
-                    json!({"command_id": o.result.id, "until": until, "active": until.is_some()}),
-                )),
-                Effect::Resync => {}
-            }
-        }
-        if !o.duplicate && matches!(o.result.status.as_str(), "refused" | "malformed") {
-            events.push((EventKind::CommandRefused, json!(o.result)));
-        }
-        for (kind, payload) in events {
-            if let Err(e) = crate::daemon::record(store, kind, payload) {
-                tracing::error!("recording a command outcome: {e:#}");
-            }
-        }
-    }
-}
-
 /// Parses and applies a snapshot or delta; records the outcome as an event; says what happened.
 /// `id` is the transfer id of a document assembled from `sync/snapshot` parts, `None` for one
 /// from `sync/delta`: the topic decides what is accepted (a snapshot only in parts, with its
@@ -1042,7 +911,7 @@ fn record_effects(store: &Store, outcomes: &[Outcome]) {
 /// million-credential snapshot is tens of MB of JSON).
 pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncResult {
     let record = |kind: EventKind, payload: serde_json::Value| {
-        if let Err(e) = crate::daemon::record(store, kind, payload) {
+        if let Err(e) = store.record_flushed(kind, payload) {
             tracing::error!("recording a sync outcome: {e:#}");
         }
     };
