@@ -216,12 +216,10 @@ impl CloudLink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .note(std::time::Instant::now(), bytes, max, self.cfg.protocol);
-        if let Some(payload) = due
-            && let Err(e) = self
-                .store
-                .record_flushed(EventKind::MessageTooLarge, payload)
-        {
-            tracing::error!("recording message_too_large: {e:#}");
+        // Through the group commit: this runs on the MQTT loop's task, which must not wait on
+        // the disk.
+        if let Some(payload) = due {
+            self.store.record(EventKind::MessageTooLarge, payload);
         }
     }
 
