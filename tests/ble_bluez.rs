@@ -42,45 +42,18 @@ impl Drop for Daemon {
 
 fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> PathBuf {
     let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo-snapshot.json");
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[site]
-id = "site-1"
-gateway_id = "gw-1"
-[storage]
-data_dir = "data"
-[access]
-initial_snapshot = "{snapshot}"
-[log]
-level = "debug"
-[cloud]
-host = "127.0.0.1"
-port = {port}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-keep_alive_secs = 5
-reconnect_min_ms = 200
-command_public_key = "{public}"
-[ble]
-adapter = "hci0"
-fob_entries = ["gate-1"]
-fob_min_rssi = -80
-online_unlock_timeout_ms = 2000
-"#,
-            snapshot = snapshot.display(),
-            port = b.port(),
-            ca = f.ca.display(),
-            cert = f.cert.display(),
-            key = f.key.display(),
-            public = hex::encode(signer.verifying_key().to_bytes()),
+    b.write_gateway_config(
+        dir,
+        "data",
+        &signer.verifying_key(),
+        "reconnect_min_ms = 200\n",
+        &format!(
+            "[access]\ninitial_snapshot = \"{}\"\n[log]\nlevel = \"debug\"\n[ble]\n\
+             adapter = \"hci0\"\nfob_entries = [\"gate-1\"]\nfob_min_rssi = -80\n\
+             online_unlock_timeout_ms = 2000\n",
+            snapshot.display()
         ),
     )
-    .unwrap();
-    cfg
 }
 
 fn json_of(m: &Received) -> Value {

@@ -349,39 +349,21 @@ impl Drop for Daemon {
 }
 
 fn write_config(dir: &Path, b: &Broker) -> PathBuf {
-    let f = b.client("gw-1");
-    let cfg = dir.join("gatehouse.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[site]
-id = "site-1"
-gateway_id = "gw-1"
-[storage]
-data_dir = "data"
-[access]
-initial_snapshot = "{snapshot}"
-[log]
-level = "debug"
-[cloud]
-host = "127.0.0.1"
-port = {port}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-keep_alive_secs = 5
-reconnect_min_ms = 200
-command_public_key = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c"
-"#,
-            snapshot = demo_snapshot().display(),
-            port = b.port(),
-            ca = f.ca.display(),
-            cert = f.cert.display(),
-            key = f.key.display(),
+    let key: [u8; 32] =
+        hex::decode("ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c")
+            .unwrap()
+            .try_into()
+            .unwrap();
+    b.write_gateway_config(
+        dir,
+        "data",
+        &ed25519_dalek::VerifyingKey::from_bytes(&key).unwrap(),
+        "reconnect_min_ms = 200\n",
+        &format!(
+            "[access]\ninitial_snapshot = \"{}\"\n[log]\nlevel = \"debug\"\n",
+            demo_snapshot().display()
         ),
     )
-    .unwrap();
-    cfg
 }
 
 #[tokio::test(flavor = "multi_thread")]
