@@ -44,6 +44,21 @@ enum Command {
     /// Access decisions.
     #[command(subcommand)]
     Access(AccessCommand),
+    /// Device profiles (embedded, and the files of the profiles directory).
+    #[command(subcommand)]
+    Profiles(ProfilesCommand),
+}
+
+#[derive(Subcommand)]
+enum ProfilesCommand {
+    /// Every profile: id, protocol, where it comes from, and whether a file replaces it.
+    List {
+        /// Read the profiles directory this config names (else the default directory).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check one profile file; exits 0 when it is valid, 1 (with file:line: key) when not.
+    Check { file: PathBuf },
 }
 
 #[derive(Args)]
@@ -166,6 +181,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(crate::daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Profiles(ProfilesCommand::List { config }) => {
+            let set = match config {
+                Some(c) => Config::load(&c)?.profiles,
+                None => std::sync::Arc::new(crate::profiles::Profiles::load(
+                    Path::new(crate::profiles::DEFAULT_DIR),
+                    false,
+                )?),
+            };
+            println!(
+                "# profiles directory: {}",
+                set.dir()
+                    .map_or("(none)".to_string(), |d| d.display().to_string())
+            );
+            for l in set.list() {
+                let source = match &l.source {
+                    crate::profiles::Source::Embedded => "embedded".to_string(),
+                    crate::profiles::Source::File(f) => f.display().to_string(),
+                };
+                let note = match (&l.source, l.overridden) {
+                    (_, true) => "overridden",
+                    (crate::profiles::Source::File(_), false)
+                        if set.list().iter().any(|o| o.id == l.id && o.overridden) =>
+                    {
+                        "overrides embedded"
+                    }
+                    _ => "",
+                };
+                println!("{}\t{}\t{}\t{}", l.id, l.protocol, source, note)
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profiles(ProfilesCommand::Check { file }) => {
+            match crate::profiles::parse_file(&file) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok ({} profile `{}`)",
+                        file.display(),
+                        p.protocol(),
+                        p.id()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("gatehouse: error: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             let notes =
@@ -265,8 +328,7 @@ pub fn import_file(store: &Store, path: &Path) -> anyhow::Result<Applied> {
     let msg = match sync::parse(&bytes) {
         Ok(m) => m,
         Err(e) => {
-            let _ = crate::daemon::record(
-                store,
+            let _ = store.record_flushed(
                 EventKind::SyncRefused,
                 json!({"reason": e.to_string(), "source": "file"}),
             );
@@ -275,16 +337,14 @@ pub fn import_file(store: &Store, path: &Path) -> anyhow::Result<Applied> {
     };
     match store.apply(&msg) {
         Ok(a) => {
-            crate::daemon::record(
-                store,
+            store.record_flushed(
                 EventKind::SyncApplied,
                 json!({"kind": a.kind, "version": a.version, "previous_version": a.previous_version, "source": "file"}),
             )?;
             Ok(a)
         }
         Err(e) => {
-            let _ = crate::daemon::record(
-                store,
+            let _ = store.record_flushed(
                 EventKind::SyncRefused,
                 json!({"version": msg.version(), "reason": e.to_string(), "source": "file"}),
             );

@@ -40,6 +40,18 @@ pub struct RawConfig {
     /// The BLE adapter (padlocks, unit controllers, fobs, BTHome sensors); absent: no BLE.
     #[serde(default)]
     pub ble: Option<crate::ble::config::RawBle>,
+    /// Where device profiles are read from, on top of the embedded ones.
+    #[serde(default)]
+    pub profiles: RawProfiles,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfiles {
+    /// Default `/etc/gatehouse/devices` (which may be missing); a directory named here must
+    /// exist.
+    #[serde(default)]
+    pub dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +268,8 @@ pub struct Config {
     pub simulate_devices: bool,
     pub buses: Vec<crate::rs485::config::BusConfig>,
     pub ble: Option<crate::ble::config::BleConfig>,
+    /// The device profiles: embedded, and the profiles directory's files on top.
+    pub profiles: std::sync::Arc<crate::profiles::Profiles>,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -473,13 +487,38 @@ impl Config {
                 format!("{} is out of range (expected 1 to 3650)", a.get_ref()),
             ));
         }
-        let buses =
-            crate::rs485::config::check(&raw.bus, &resolve, &err, raw.demo.simulate_devices)?;
+        let profiles = match &raw.profiles.dir {
+            Some(d) => {
+                crate::profiles::Profiles::load(&resolve(d.get_ref()), true).map_err(|e| {
+                    if e.key.is_none() && e.line == 0 {
+                        // The directory itself: point at the config's key.
+                        err(
+                            d.span(),
+                            "profiles.dir",
+                            format!("`{}`: {}", e.file.display(), e.message),
+                        )
+                    } else {
+                        e
+                    }
+                })?
+            }
+            None => {
+                crate::profiles::Profiles::load(Path::new(crate::profiles::DEFAULT_DIR), false)?
+            }
+        };
+        let buses = crate::rs485::config::check(
+            &raw.bus,
+            &resolve,
+            &err,
+            raw.demo.simulate_devices,
+            &profiles,
+        )?;
         let ble = match &raw.ble {
             Some(b) => Some(crate::ble::config::check(
                 b,
                 &err,
                 raw.demo.simulate_devices,
+                &profiles,
             )?),
             None => None,
         };
@@ -504,6 +543,7 @@ impl Config {
             simulate_devices: raw.demo.simulate_devices,
             buses,
             ble,
+            profiles: std::sync::Arc::new(profiles),
         })
     }
 }

@@ -39,11 +39,6 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(store))
 }
 
-/// Appends an event stamped now, in the facility's time zone, flushed: [`Store::record_flushed`].
-pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> anyhow::Result<u64> {
-    store.record_flushed(kind, payload)
-}
-
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     crate::preflight::check(&cfg)?;
     let mut signals = Signals::install()?;
@@ -64,8 +59,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         events = stats.events,
         "site database open"
     );
-    let seq = record(
-        &store,
+    let seq = store.record_flushed(
         EventKind::GatewayStarted,
         json!({"gatehouse": env!("CARGO_PKG_VERSION"), "site_version": stats.version}),
     )?;
@@ -125,9 +119,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_device_states(states.clone())
             .with_drain_timeout(cfg.drain_timeout);
             if ble.is_some()
-                && let Some(bridge) = crate::cloud::link::BleBridge::new(rpc.clone(), wakes_rx)
+                && let Some(requests) = rpc.take_requests()
             {
-                link = link.with_ble(Arc::new(bridge));
+                link = link.with_device_bridge(Arc::new(crate::cloud::link::DeviceBridge::new(
+                    rpc.clone(),
+                    requests,
+                    wakes_rx,
+                )));
             }
             tracing::info!(
                 session,
@@ -217,7 +215,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
             store.drain_recorded();
-            record(&store, EventKind::GatewayStopped, json!({}))
+            store.record_flushed(EventKind::GatewayStopped, json!({}))
         })
         .await??;
     }
@@ -301,8 +299,7 @@ async fn start_ble(
                         "BLE adapter unavailable ({e}): padlocks, fobs and BLE sensors are not \
                          served until the daemon is restarted with the adapter present"
                     );
-                    let _ = record(
-                        engine.store(),
+                    let _ = engine.store().record_flushed(
                         EventKind::DeviceError,
                         json!({"device": "ble-adapter", "error": e.to_string()}),
                     );

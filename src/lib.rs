@@ -13,6 +13,7 @@ pub mod events;
 pub mod fsperm;
 pub mod policy;
 pub mod preflight;
+pub mod profiles;
 pub mod redact;
 pub mod rs485;
 pub mod site;

@@ -49,6 +49,8 @@ pub struct BleConfig {
     pub fob_min_rssi: i16,
     pub fob_repeat: Duration,
     pub online_unlock_timeout: Duration,
+    /// The profile each device kind gets (built in, or replaced from the profiles directory).
+    pub profiles: super::profile::KindProfiles,
 }
 
 impl Default for BleConfig {
@@ -60,14 +62,23 @@ impl Default for BleConfig {
             fob_min_rssi: -80,
             fob_repeat: Duration::from_secs(10),
             online_unlock_timeout: Duration::from_secs(5),
+            profiles: Default::default(),
         }
     }
 }
 
 use crate::config::ErrFn;
 
-pub fn check(raw: &RawBle, err: &ErrFn, simulate_devices: bool) -> Result<BleConfig, ConfigError> {
-    let mut c = BleConfig::default();
+pub fn check(
+    raw: &RawBle,
+    err: &ErrFn,
+    simulate_devices: bool,
+    profiles: &crate::profiles::Profiles,
+) -> Result<BleConfig, ConfigError> {
+    let mut c = BleConfig {
+        profiles: profiles.ble_kinds(),
+        ..BleConfig::default()
+    };
     let range = |v: &Option<Spanned<u64>>, key: &str, default: u64, lo: u64, hi: u64| {
         crate::config::in_range(err, v, key, default, lo, hi)
     };

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::config::BleConfig;
 use super::noke::{self, AppResult, Notification, PACKET_LEN};
-use super::profile::{self, Profile};
+use super::profile::Profile;
 use super::transport::{BleError, Link, Radio, Seen};
 use super::{bthome, rpc::CloudRpc};
 
@@ -216,7 +216,7 @@ impl<R: Radio> Manager<R> {
             self.on_unknown(&mac, seen, now, wall);
             return;
         };
-        let prof = profile::for_kind(dev.kind);
+        let prof = self.cfg.profiles.get(dev.kind);
         let (was_online, woke, publish_seen) = {
             let mut live = lock(&self.live);
             let l = live.entry(dev.id.clone()).or_default();
@@ -552,10 +552,11 @@ impl<R: Radio> Manager<R> {
             // A device not heard since the gateway started counts as silent since then.
             for (id, dev) in &tables.devices {
                 if !live.contains_key(id) {
-                    let after = dev
-                        .offline_after_s
-                        .map(Duration::from_secs)
-                        .or(profile::for_kind(dev.kind).offline_after);
+                    let after = dev.offline_after_s.map(Duration::from_secs).or(self
+                        .cfg
+                        .profiles
+                        .get(dev.kind)
+                        .offline_after);
                     if after.is_some_and(|a| now.saturating_duration_since(self.started) > a) {
                         live.insert(
                             id.clone(),
@@ -572,10 +573,11 @@ impl<R: Radio> Manager<R> {
                 let Some(dev) = tables.devices.get(id) else {
                     continue;
                 };
-                let after = dev
-                    .offline_after_s
-                    .map(Duration::from_secs)
-                    .or(profile::for_kind(dev.kind).offline_after);
+                let after = dev.offline_after_s.map(Duration::from_secs).or(self
+                    .cfg
+                    .profiles
+                    .get(dev.kind)
+                    .offline_after);
                 if let (Some(after), Some(seen), Some(true)) = (after, l.last_seen, l.online)
                     && now.saturating_duration_since(seen) > after
                 {

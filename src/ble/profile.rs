@@ -29,7 +29,7 @@ pub const FILES: &[(&str, &str)] = &[
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawProfile {
+pub(crate) struct RawProfile {
     id: String,
     name: String,
     protocol: String,
@@ -74,39 +74,81 @@ pub struct Profile {
 }
 
 fn parse(file: &str, text: &str) -> Result<Profile, String> {
-    let raw: RawProfile = toml::from_str(text).map_err(|e| format!("devices/{file}: {e}"))?;
-    if format!("{}.toml", raw.id) != file {
-        return Err(format!(
-            "devices/{file}: id `{}` differs from the file name",
-            raw.id
-        ));
+    let stem = file.strip_suffix(".toml").unwrap_or(file);
+    match crate::profiles::parse_text(std::path::Path::new(file), stem, text) {
+        Ok(crate::profiles::Parsed::Ble(p)) => Ok(p),
+        Ok(crate::profiles::Parsed::Modbus(_)) => Err(format!("devices/{file}: not a BLE profile")),
+        Err(e) => Err(format!("devices/{e}")),
     }
-    let want = match raw.kind {
+}
+
+/// The protocol a device kind's profile must name.
+pub fn protocol_of(kind: DeviceKind) -> &'static str {
+    match kind {
         DeviceKind::Padlock | DeviceKind::Controller => "ble-lock",
         DeviceKind::Sensor => "bthome",
         DeviceKind::Fob => "ble-fob",
-    };
-    if raw.protocol != want {
-        return Err(format!(
-            "devices/{file}: protocol `{}` does not fit kind {:?} (expected `{want}`)",
-            raw.protocol, raw.kind
-        ));
     }
-    Ok(Profile {
-        id: raw.id,
-        name: raw.name,
-        kind: raw.kind,
-        hardware_codes: raw.hardware_codes,
-        sleeps: raw.sleeps,
-        awake_for: Duration::from_secs(raw.awake_for_s),
-        offline_after: (raw.offline_after_s > 0).then(|| Duration::from_secs(raw.offline_after_s)),
-        connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
-        session_valid: Duration::from_secs(raw.session_valid_s),
-        low_battery_mv: raw.low_battery_mv,
-        low_battery_percent: raw.low_battery_percent,
-        report_delta: raw.report_delta.unwrap_or(0.5),
-        report_every: Duration::from_secs(raw.report_every_s.unwrap_or(300)),
-    })
+}
+
+impl RawProfile {
+    /// Checks a parsed file into a profile: `(key, why)` of the first problem.
+    pub(crate) fn check(self) -> Result<Profile, (String, String)> {
+        let raw = self;
+        let want = protocol_of(raw.kind);
+        if raw.protocol != want {
+            return Err((
+                "protocol".into(),
+                format!(
+                    "`{}` does not fit kind {:?} (expected `{want}`)",
+                    raw.protocol, raw.kind
+                ),
+            ));
+        }
+        if raw.name.trim().is_empty() {
+            return Err(("name".into(), "is empty".into()));
+        }
+        if let Some(p) = raw.low_battery_percent
+            && p > 100
+        {
+            return Err(("low_battery_percent".into(), "must be 0 to 100".into()));
+        }
+        if let Some(d) = raw.report_delta
+            && !(d.is_finite() && d >= 0.0)
+        {
+            return Err((
+                "report_delta".into(),
+                "must be a number ≥ 0 (0: every reading is reported)".into(),
+            ));
+        }
+        Ok(Profile {
+            id: raw.id,
+            name: raw.name,
+            kind: raw.kind,
+            hardware_codes: raw.hardware_codes,
+            sleeps: raw.sleeps,
+            awake_for: Duration::from_secs(raw.awake_for_s),
+            offline_after: (raw.offline_after_s > 0)
+                .then(|| Duration::from_secs(raw.offline_after_s)),
+            connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
+            session_valid: Duration::from_secs(raw.session_valid_s),
+            low_battery_mv: raw.low_battery_mv,
+            low_battery_percent: raw.low_battery_percent,
+            report_delta: raw.report_delta.unwrap_or(0.5),
+            report_every: Duration::from_secs(raw.report_every_s.unwrap_or(300)),
+        })
+    }
+}
+
+/// The id of the built-in profile a site database device of `kind` gets (a file of the
+/// profiles directory with this id replaces it).
+pub fn id_for_kind(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Padlock => "noke-padlock",
+        DeviceKind::Controller => "noke-unit-controller",
+        DeviceKind::Sensor => "bthome-sensor",
+        DeviceKind::Fob => "ble-fob",
+    }
 }
 
 /// The embedded profiles by id. Panics only if a file in `devices/` is malformed, which the
@@ -126,13 +168,43 @@ pub fn builtin() -> &'static BTreeMap<String, Profile> {
 
 /// The profile of a site database device kind.
 pub fn for_kind(kind: DeviceKind) -> &'static Profile {
-    let id = match kind {
-        DeviceKind::Padlock => "noke-padlock",
-        DeviceKind::Controller => "noke-unit-controller",
-        DeviceKind::Sensor => "bthome-sensor",
-        DeviceKind::Fob => "ble-fob",
-    };
-    &builtin()[id]
+    &builtin()[id_for_kind(kind)]
+}
+
+/// The profile each device kind gets: the built-in ones, or the files of the profiles
+/// directory that replace them (`crate::profiles::Profiles::ble_kinds`).
+#[derive(Debug, Clone)]
+pub struct KindProfiles(std::sync::Arc<[Profile; 4]>);
+
+impl KindProfiles {
+    pub(crate) fn new(get: impl Fn(&str) -> Profile) -> KindProfiles {
+        KindProfiles(std::sync::Arc::new(
+            [
+                DeviceKind::Padlock,
+                DeviceKind::Controller,
+                DeviceKind::Sensor,
+                DeviceKind::Fob,
+            ]
+            .map(|k| get(id_for_kind(k))),
+        ))
+    }
+
+    /// The profile of a site database device kind.
+    pub fn get(&self, kind: DeviceKind) -> &Profile {
+        &self.0[match kind {
+            DeviceKind::Padlock => 0,
+            DeviceKind::Controller => 1,
+            DeviceKind::Sensor => 2,
+            DeviceKind::Fob => 3,
+        }]
+    }
+}
+
+impl Default for KindProfiles {
+    /// The built-in profiles.
+    fn default() -> Self {
+        KindProfiles::new(|id| builtin()[id].clone())
+    }
 }
 
 /// The profile whose hardware codes include `code` (discovery of devices not yet in the site

@@ -200,3 +200,14 @@ impl CloudRpc {
         let _ = tx.send(answer);
     }
 }
+
+/// The cloud link carries the requests without knowing they are BLE.
+impl crate::cloud::link::DeviceRpc for CloudRpc {
+    fn attach(&self, link: std::sync::Arc<crate::cloud::link::LinkState>) {
+        self.set_link(link);
+    }
+
+    fn on_response(&self, payload: &[u8]) {
+        CloudRpc::on_response(self, payload);
+    }
+}

@@ -55,23 +55,38 @@ pub struct Commands {
     pub cfg: commands::CommandConfig,
 }
 
-/// What the BLE module exchanges through the link: unlock requests out, responses in, and
-/// the sleeping devices that woke up (their queued commands run on the command thread).
-pub struct BleBridge {
-    pub rpc: Arc<crate::ble::rpc::CloudRpc>,
+/// The device side of device requests the link carries (today the BLE module's online lock
+/// operations; `ble/unlock_request` and `ble/unlock_response` on the wire, docs/mqtt-api.md).
+/// The link publishes the requests as they are, hands responses back unread, and never
+/// knows what kind of device asked.
+pub trait DeviceRpc: Send + Sync {
+    /// The link that serves the requests, so that they fail fast while it is down.
+    fn attach(&self, link: Arc<LinkState>);
+    /// A message that arrived on the response topic.
+    fn on_response(&self, payload: &[u8]);
+}
+
+/// What a device module exchanges through the link: requests out, responses in (through
+/// [`DeviceRpc`]), and the sleeping devices that woke up (their queued commands run on the
+/// command thread).
+pub struct DeviceBridge {
+    rpc: Arc<dyn DeviceRpc>,
     requests: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
     wakes: tokio::sync::Mutex<mpsc::Receiver<String>>,
 }
 
-impl BleBridge {
-    /// `None` when the rpc's requests were already taken by someone else.
-    pub fn new(rpc: Arc<crate::ble::rpc::CloudRpc>, wakes: mpsc::Receiver<String>) -> Option<Self> {
-        let requests = rpc.take_requests()?;
-        Some(BleBridge {
+impl DeviceBridge {
+    /// `requests`: the payloads to publish; `wakes`: ids of devices that woke up.
+    pub fn new(
+        rpc: Arc<dyn DeviceRpc>,
+        requests: mpsc::Receiver<Vec<u8>>,
+        wakes: mpsc::Receiver<String>,
+    ) -> Self {
+        DeviceBridge {
             rpc,
             requests: tokio::sync::Mutex::new(requests),
             wakes: tokio::sync::Mutex::new(wakes),
-        })
+        }
     }
 }
 
@@ -104,7 +119,7 @@ pub struct CloudLink {
     commands: Option<Arc<Commands>>,
     pub state: Arc<LinkState>,
     devices: Option<Arc<crate::devstate::DeviceStates>>,
-    ble: Option<Arc<BleBridge>>,
+    bridge: Option<Arc<DeviceBridge>>,
     /// Final command results reached while no session could publish them (a sleeping lock's
     /// unlock finished as the connection dropped): published first on the next session.
     unsent: Arc<std::sync::Mutex<Vec<Outcome>>>,
@@ -173,7 +188,7 @@ impl CloudLink {
             commands,
             state: Arc::new(LinkState::default()),
             devices: None,
-            ble: None,
+            bridge: None,
             unsent: Arc::default(),
             too_large: Default::default(),
             drain: Duration::from_secs(10),
@@ -193,10 +208,10 @@ impl CloudLink {
         self
     }
 
-    /// Serves the BLE module's online lock operations and wake-ups.
-    pub fn with_ble(mut self, bridge: Arc<BleBridge>) -> Self {
-        bridge.rpc.set_link(self.state.clone());
-        self.ble = Some(bridge);
+    /// Carries a device module's requests and wake-ups.
+    pub fn with_device_bridge(mut self, bridge: Arc<DeviceBridge>) -> Self {
+        bridge.rpc.attach(self.state.clone());
+        self.bridge = Some(bridge);
         self
     }
 
@@ -346,7 +361,7 @@ impl CloudLink {
         if self.commands.is_some() {
             filters.push(self.topics.commands_filter());
         }
-        if self.ble.is_some() {
+        if self.bridge.is_some() {
             filters.push(self.topics.ble_unlock_response());
         }
         for t in filters {
@@ -393,12 +408,13 @@ impl CloudLink {
                 .spawn(move || dispatch_commands(cmd_job_rx, &c, &store, &tx, &unsent))
                 .context("starting the command thread")?;
         }
-        // The BLE bridge's channels and the device states belong to this session while it lasts.
-        let mut ble_requests = match &self.ble {
+        // The device bridge's channels and the device states belong to this session while it
+        // lasts.
+        let mut dev_requests = match &self.bridge {
             Some(b) => Some(b.requests.lock().await),
             None => None,
         };
-        let mut ble_wakes = match &self.ble {
+        let mut dev_wakes = match &self.bridge {
             Some(b) => Some(b.wakes.lock().await),
             None => None,
         };
@@ -470,7 +486,7 @@ impl CloudLink {
                     }
                 }
                 Some(req) = async {
-                    match ble_requests.as_mut() {
+                    match dev_requests.as_mut() {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
@@ -479,16 +495,16 @@ impl CloudLink {
                     // falls back to the offline unlock.
                     let topic = self.topics.ble_unlock_request();
                     if client.packet_size(topic.len(), req.len()) > out.max_packet {
-                        tracing::warn!("BLE unlock request too large: not sent");
+                        tracing::warn!("device request too large: not sent");
                     } else {
                         match client.try_publish(topic, false, req) {
                             Ok(()) => out.requested.push_back(None),
-                            Err(e) => tracing::warn!("BLE unlock request not sent: {e}"),
+                            Err(e) => tracing::warn!("device request not sent: {e}"),
                         }
                     }
                 }
                 Some(device) = async {
-                    match ble_wakes.as_mut() {
+                    match dev_wakes.as_mut() {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
@@ -761,7 +777,7 @@ impl CloudLink {
                 None => tracing::debug!(topic, "command ignored: no command router"),
             }
         } else if topic == self.topics.ble_unlock_response() {
-            if let Some(b) = &self.ble {
+            if let Some(b) = &self.bridge {
                 b.rpc.on_response(&payload);
             }
         } else if topic == self.topics.sync_delta() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::profile::{self, Parity, Profile};
+use super::profile::{Parity, Profile};
 use crate::config::ConfigError;
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +173,7 @@ pub fn check(
     resolve: &dyn Fn(&str) -> PathBuf,
     err: &ErrFn,
     simulate: bool,
+    profiles: &crate::profiles::Profiles,
 ) -> Result<Vec<BusConfig>, ConfigError> {
     let mut ids = HashSet::new();
     let mut ports = HashSet::new();
@@ -376,9 +377,8 @@ pub fn check(
                 for (di, d) in b.device.iter().enumerate() {
                     let dk = |k: &str| format!("bus[{bi}].device[{di}].{k}");
                     let did = unique(&d.id, &dk("id"))?;
-                    let Some(profile) = profile::builtin().get(d.profile.get_ref()) else {
-                        let known: Vec<&str> =
-                            profile::builtin().keys().map(String::as_str).collect();
+                    let Some(profile) = profiles.modbus(d.profile.get_ref()) else {
+                        let known: Vec<&str> = profiles.modbus_ids().collect();
                         return Err(err(
                             d.profile.span(),
                             &dk("profile"),

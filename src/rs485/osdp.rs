@@ -1,8 +1,13 @@
 //! An OSDP bus: a LibOSDP control panel (the reference C implementation, through the `libosdp`
 //! crate) driving the bus's readers and keypads.
 //!
-//! The thread owns the port and the control panel, and calls `refresh()` every millisecond:
-//! LibOSDP polls each reader every 50 ms (its fixed poll interval) and runs the secure channel.
+//! The thread owns the port and the control panel, and calls `refresh()` whenever LibOSDP has
+//! something to do, sleeping otherwise: LibOSDP polls each reader once more than 50 ms have
+//! passed since its last command or reply (`OSDP_PD_POLL_TIMEOUT_MS`; a command queued for a
+//! reader goes out at the next refresh, before the poll), reads a reply when its bytes are
+//! there and gives up on one after 200 ms. So the thread wakes when the port has bytes to read
+//! (`Waiter`, epoll on a second handle of the port), when a job (LED, buzzer, output) arrives,
+//! and 51 ms after the last byte the port sent or received (at most 50 ms after the last wake).
 //! Reader events (keys, cards, status) come back through a callback into a queue and are handled
 //! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
 //!
@@ -41,9 +46,15 @@ use crate::access::Attempt;
 use crate::cloud::commands::RelayOp;
 use crate::events::EventKind;
 use crate::policy::{Presented, Reason, Request, Target};
+use serialport::SerialPort as _;
 
-/// How often the control panel is refreshed.
-const TICK: Duration = Duration::from_millis(1);
+/// LibOSDP polls a reader when more than `OSDP_PD_POLL_TIMEOUT_MS` (50 ms) have passed since
+/// its last command or reply: the bus thread refreshes the control panel that long after the
+/// last byte went out or came in (plus a millisecond, the comparison being strict).
+const POLL_DUE: Duration = Duration::from_millis(51);
+/// The longest sleep: LibOSDP's other timers (reply timeout 200 ms, retry waits 800 ms and
+/// more) and the keypad's inter-digit timeout are all longer.
+const MAX_IDLE: Duration = Duration::from_millis(50);
 /// A secure channel up this long without a drop runs on the reader's own key (see the header).
 const PAIRED_AFTER: Duration = Duration::from_secs(1);
 /// A reader not usable this long after a session starts is reported offline.
@@ -63,6 +74,8 @@ pub(crate) struct SerialChannel {
     /// though the `libosdp` crate never frees the channel object itself.
     port: Option<Box<dyn tokio_serial::SerialPort>>,
     broken: Arc<Mutex<Option<String>>>,
+    /// When a byte last went out or came in (the bus thread's next poll is due from it).
+    activity: Arc<Mutex<Option<Instant>>>,
     id: i32,
 }
 
@@ -71,8 +84,13 @@ impl SerialChannel {
         SerialChannel {
             port: Some(port),
             broken: Arc::default(),
+            activity: Arc::default(),
             id: 0,
         }
+    }
+
+    fn active(&self) {
+        *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     fn fail(&self, what: &str, e: &std::io::Error) -> ChannelError {
@@ -103,7 +121,12 @@ impl Channel for SerialChannel {
             return Err(ChannelError::TransportError);
         };
         match port.read(buf) {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                if n > 0 {
+                    self.active();
+                }
+                Ok(n)
+            }
             Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
             Err(e) => Err(self.fail("read", &e)),
         }
@@ -114,7 +137,12 @@ impl Channel for SerialChannel {
             return Err(ChannelError::TransportError);
         };
         match port.write(buf) {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                if n > 0 {
+                    self.active();
+                }
+                Ok(n)
+            }
             Err(e) if idle(&e) => Err(ChannelError::WouldBlock),
             Err(e) => Err(self.fail("write", &e)),
         }
@@ -177,20 +205,21 @@ pub fn run(
         watch: PortWatch::new(bus),
     };
     while !shared.stopping() {
-        let port = match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open() {
-            Ok(p) => {
-                // Whatever sat in the input buffer belongs to an earlier conversation.
-                let _ = p.clear(tokio_serial::ClearBuffer::Input);
-                p
-            }
-            Err(e) => {
-                fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
-                if st.watch.down(shared, &e.to_string()) {
-                    break;
+        let port =
+            match port_builder(&bus.port, bus.baud, Parity::None, Duration::ZERO).open_native() {
+                Ok(p) => {
+                    // Whatever sat in the input buffer belongs to an earlier conversation.
+                    let _ = p.clear(tokio_serial::ClearBuffer::Input);
+                    p
                 }
-                continue;
-            }
-        };
+                Err(e) => {
+                    fail_jobs(shared, &mut rx, &format!("bus `{}` is down", bus.id));
+                    if st.watch.down(shared, &e.to_string()) {
+                        break;
+                    }
+                    continue;
+                }
+            };
         match session(bus, readers, shared, port, &mut rx, &mut st) {
             End::Stopping => break,
             End::Retry => st.retry_after = (st.retry_after * 2).min(RETRY_MAX),
@@ -352,7 +381,7 @@ fn session(
     bus: &BusConfig,
     cfgs: &[ReaderConfig],
     shared: &Arc<Shared>,
-    port: Box<dyn tokio_serial::SerialPort>,
+    port: serialport::TTYPort,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
     state: &mut BusState,
 ) -> End {
@@ -362,7 +391,13 @@ fn session(
         watch,
     } = state;
     let retry_after = *retry_after;
-    let chan = SerialChannel::new(port);
+    // A second handle on the port, only to wait until it has bytes to read.
+    let readable = match port.try_clone_native() {
+        Ok(p) => p,
+        Err(e) => return End::Broken(format!("cannot watch the port: {e}")),
+    };
+    let chan = SerialChannel::new(Box::new(port));
+    let activity = chan.activity.clone();
     let broken = chan.broken.clone();
     let Described {
         infos,
@@ -409,6 +444,11 @@ fn session(
         let _ = etx.send((pd, ev));
         0
     });
+    // Declared after the control panel, so dropped (and its handle closed) before it.
+    let mut waiter = match Waiter::new(readable) {
+        Ok(w) => w,
+        Err(e) => return End::Broken(format!("cannot watch the port: {e}")),
+    };
     loop {
         if shared.stopping() {
             return End::Stopping;
@@ -488,7 +528,70 @@ fn session(
             tracing::info!(bus = %bus.id, "a reader is still offline: restarting the control panel");
             return End::Retry;
         }
-        std::thread::sleep(TICK);
+        // Sleep until LibOSDP has something to do: a reply's bytes, a command to send, or
+        // the next poll (see the header).
+        let last_io = *activity.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // A poll due earlier was sent by the refresh just made (or waits for the channel,
+        // and goes out when the reply in progress has come in).
+        let until = last_io
+            .map(|t| t + POLL_DUE)
+            .filter(|&due| due > now)
+            .map_or(now + MAX_IDLE, |due| due.min(now + MAX_IDLE));
+        if let Some(job) = waiter.wait(rx, until) {
+            output(&mut cp, &readers, shared, job);
+        }
+    }
+}
+
+/// Waits for the first of: bytes to read on the port, a job, a deadline. One per session,
+/// on the bus thread (a current-thread runtime of its own: the daemon's runtime is never
+/// blocked by it, and it by nothing).
+struct Waiter {
+    rt: tokio::runtime::Runtime,
+    fd: tokio::io::unix::AsyncFd<serialport::TTYPort>,
+}
+
+impl Waiter {
+    fn new(port: serialport::TTYPort) -> std::io::Result<Waiter> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let fd = {
+            let _g = rt.enter();
+            // Deprecated in tokio for I/O safety: a borrowed descriptor could be closed while
+            // registered. This one is owned by the `AsyncFd` (a handle of our own, closed only
+            // after it is deregistered), which is what `AsyncFd::register` asks; that
+            // replacement is an `unsafe fn`, and the crate forbids `unsafe` (tokio-serial
+            // registers its ports the same way).
+            #[allow(deprecated)]
+            tokio::io::unix::AsyncFd::with_interest(port, tokio::io::Interest::READABLE)?
+        };
+        Ok(Waiter { rt, fd })
+    }
+
+    /// Returns a job if one came. Readiness is edge-triggered: it is cleared here, before
+    /// LibOSDP reads, so bytes that arrive after its read wake the next wait.
+    fn wait(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+        until: Instant,
+    ) -> Option<Job> {
+        let fd = &self.fd;
+        self.rt.block_on(async {
+            tokio::select! {
+                biased;
+                job = rx.recv() => job,
+                g = fd.readable() => {
+                    if let Ok(mut g) = g {
+                        g.clear_ready();
+                    }
+                    None
+                }
+                () = tokio::time::sleep_until(until.into()) => None,
+            }
+        })
     }
 }
 

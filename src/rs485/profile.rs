@@ -1,4 +1,5 @@
-//! Modbus device profiles: `devices/*.toml`, embedded at build time. See `devices/README.md`.
+//! Modbus device profiles: `devices/*.toml`, embedded at build time, and files of the profiles
+//! directory (`crate::profiles`, which parses and checks both). See `devices/README.md`.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -98,43 +99,98 @@ pub struct Identity {
 }
 
 impl Profile {
-    /// Parses and checks one profile.
+    /// Parses and checks one profile (`file` is its file name: the id must match it). The
+    /// error names the file and, where it can, the line and the key
+    /// (`crate::profiles::parse_file` is the same check with the line and key apart).
     pub fn parse(file: &str, text: &str) -> Result<Profile, String> {
-        let p: Profile = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
-        let bad = |m: String| Err(format!("{file}: {m}"));
-        if Some(p.id.as_str()) != file.strip_suffix(".toml") {
-            return bad(format!("id `{}` is not the file name", p.id));
+        let stem = file.strip_suffix(".toml").unwrap_or(file);
+        match crate::profiles::parse_text(std::path::Path::new(file), stem, text) {
+            Ok(crate::profiles::Parsed::Modbus(p)) => Ok(p),
+            Ok(crate::profiles::Parsed::Ble(_)) => Err(format!("{file}: not a Modbus profile")),
+            Err(e) => Err(e.to_string()),
         }
-        if p.protocol != "modbus" {
-            return bad(format!("protocol `{}` (expected modbus)", p.protocol));
+    }
+
+    /// The checks beyond the file's shape: `(key, why)` of the first problem.
+    pub(crate) fn check(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if self.protocol != "modbus" {
+            return bad(
+                "protocol",
+                &format!(
+                    "`{}` is not a protocol of a Modbus profile (expected modbus)",
+                    self.protocol
+                ),
+            );
         }
-        if !(1..=247).contains(&p.default_address) {
-            return bad("default_address must be 1 to 247".into());
+        if self.name.trim().is_empty() {
+            return bad("name", "is empty");
         }
-        if p.poll_interval_ms < 10 || p.offline_after_failures == 0 {
-            return bad("poll_interval_ms must be ≥ 10 and offline_after_failures ≥ 1".into());
+        if !(1200..=921_600).contains(&self.baud) {
+            return bad(
+                "baud",
+                &format!("{} is out of range (1200 to 921600)", self.baud),
+            );
         }
-        if let Some(r) = &p.relays {
+        if !(1..=247).contains(&self.default_address) {
+            return bad("default_address", "must be 1 to 247");
+        }
+        if !(10..=3_600_000).contains(&self.poll_interval_ms) {
+            return bad("poll_interval_ms", "must be 10 to 3600000");
+        }
+        if !(1..=1000).contains(&self.offline_after_failures) {
+            return bad("offline_after_failures", "must be 1 to 1000");
+        }
+        if let Some(r) = &self.relays {
             if r.count == 0 || r.count > 64 {
-                return bad("relays.count must be 1 to 64".into());
+                return bad("relays.count", "must be 1 to 64");
             }
-            if let Some(b) = r.pulse
-                && (b.unit_ms == 0 || b.max_units == 0)
-            {
-                return bad("relays.pulse needs unit_ms and max_units above 0".into());
+            if u32::from(r.coil_base) + u32::from(r.count) > 0x1_0000 {
+                return bad("relays.coil_base", "the coils run past 0xFFFF");
+            }
+            if let Some(b) = r.pulse {
+                if b.unit_ms == 0 {
+                    return bad("relays.pulse.unit_ms", "must be above 0");
+                }
+                if b.max_units == 0 {
+                    return bad("relays.pulse.max_units", "must be above 0");
+                }
+                if u32::from(b.register_base) + u32::from(r.count) > 0x1_0000 {
+                    return bad(
+                        "relays.pulse.register_base",
+                        "the registers run past 0xFFFF",
+                    );
+                }
             }
         }
-        if let Some(i) = &p.inputs
-            && (i.count == 0 || i.count > 64)
-        {
-            return bad("inputs.count must be 1 to 64".into());
-        }
-        for r in &p.readings {
-            if !(r.scale.is_finite() && r.scale > 0.0 && r.report_delta >= 0.0) {
-                return bad(format!("reading `{}`: scale and report_delta", r.name));
+        if let Some(i) = &self.inputs {
+            if i.count == 0 || i.count > 64 {
+                return bad("inputs.count", "must be 1 to 64");
+            }
+            if u32::from(i.base) + u32::from(i.count) > 0x1_0000 {
+                return bad("inputs.base", "the inputs run past 0xFFFF");
             }
         }
-        Ok(p)
+        let mut names = std::collections::HashSet::new();
+        for (n, r) in self.readings.iter().enumerate() {
+            let k = |f: &str| format!("readings[{n}].{f}");
+            if !crate::config::valid_id(&r.name) || !names.insert(r.name.as_str()) {
+                return bad(
+                    &k("name"),
+                    "must be 1 to 64 of A-Z a-z 0-9 - _ . and unique in the profile",
+                );
+            }
+            if !(r.scale.is_finite() && r.scale > 0.0) {
+                return bad(&k("scale"), "must be a number above 0");
+            }
+            if !(r.report_delta.is_finite() && r.report_delta >= 0.0) {
+                return bad(
+                    &k("report_delta"),
+                    "must be a number ≥ 0 (0: every poll is reported)",
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The pulse length in board units for `ms`, rounded up, if the board times pulses and the

@@ -135,7 +135,7 @@ impl<R: Radio> Manager<R> {
         if !matches!(dev.kind, DeviceKind::Padlock | DeviceKind::Controller) {
             return Online::Unknown;
         }
-        let prof = profile::for_kind(dev.kind);
+        let prof = self.cfg.profiles.get(dev.kind);
         let (last, reported_offline) = lock(&self.live)
             .get(device)
             .map_or((None, false), |l| (l.last_seen, l.online == Some(false)));
@@ -212,7 +212,7 @@ impl<R: Radio> Manager<R> {
             ))));
             return;
         };
-        let prof = profile::for_kind(dev.kind);
+        let prof = self.cfg.profiles.get(dev.kind);
         let serial = lock(&self.serial)
             .entry(id.to_string())
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
@@ -314,7 +314,7 @@ impl<R: Radio> Manager<R> {
         action: UnitAction,
         offline_only: bool,
     ) -> Execution {
-        let sleeps = profile::for_kind(dev.kind).sleeps;
+        let sleeps = self.cfg.profiles.get(dev.kind).sleeps;
         let what = match action {
             UnitAction::Unlock => "unlocked",
             UnitAction::Lock => "locked",
@@ -573,7 +573,7 @@ impl<R: Radio> Manager<R> {
     ) -> Result<Packets, String> {
         // The cloud's wait ends early enough for the session to be still valid for the offline
         // unlock (a wake-to-answer lock's session lasts ~15 s).
-        let valid = profile::for_kind(dev.kind).session_valid;
+        let valid = self.cfg.profiles.get(dev.kind).session_valid;
         let left = valid
             .saturating_sub(read_at.elapsed())
             .saturating_sub(Duration::from_secs(1));
