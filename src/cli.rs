@@ -194,21 +194,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 set.dir()
                     .map_or("(none)".to_string(), |d| d.display().to_string())
             );
-            for l in set.list() {
-                let source = match &l.source {
-                    crate::profiles::Source::Embedded => "embedded".to_string(),
-                    crate::profiles::Source::File(f) => f.display().to_string(),
-                };
-                let note = match (&l.source, l.overridden) {
-                    (_, true) => "overridden",
-                    (crate::profiles::Source::File(_), false)
-                        if set.list().iter().any(|o| o.id == l.id && o.overridden) =>
-                    {
-                        "overrides embedded"
+            let list = set.list();
+            let replaced: std::collections::HashSet<&str> = list
+                .iter()
+                .filter(|l| l.overridden)
+                .map(|l| l.id.as_str())
+                .collect();
+            for l in &list {
+                let (source, note) = match &l.source {
+                    crate::profiles::Source::Embedded if l.overridden => {
+                        ("embedded".to_string(), "overridden")
                     }
-                    _ => "",
+                    crate::profiles::Source::Embedded => ("embedded".to_string(), ""),
+                    crate::profiles::Source::File(f) if replaced.contains(l.id.as_str()) => {
+                        (f.display().to_string(), "overrides embedded")
+                    }
+                    crate::profiles::Source::File(f) => (f.display().to_string(), ""),
                 };
-                println!("{}\t{}\t{}\t{}", l.id, l.protocol, source, note)
+                println!("{}\t{}\t{source}\t{note}", l.id, l.protocol);
             }
             Ok(ExitCode::SUCCESS)
         }
