@@ -275,7 +275,7 @@ async fn run_async(
             break;
         }
     }
-    fail_jobs(shared, &mut rx, "gatehouse is stopping");
+    fail_jobs(shared, &mut rx, shared.stop_reason());
 }
 
 fn input_count(d: &DeviceConfig) -> usize {
