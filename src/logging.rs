@@ -14,14 +14,17 @@
 //! The level is `[log] level` for gatehouse's own modules (`warn` for the libraries) unless
 //! `RUST_LOG` is set, which then wins (at start and at every reload).
 //!
-//! The subscriber is a registry with one reloadable layer (the formatter with its filter), so a
-//! reload ([`Logging::apply`]) swaps level and format in place. What gets logged never carries a
+//! The subscriber is a registry with two reloadable layers, the filter (global) and the
+//! formatter, so a reload ([`Logging::apply`]) swaps level and format in place. (A per-layer
+//! filter cannot be swapped in with its layer: tracing-subscriber registers such filters only
+//! when the subscriber is built.) What gets logged never carries a
 //! secret: call sites log identifiers and redacted refusals (`crate::redact`), never codes or
 //! keys, whatever the format.
 
 use std::io::IsTerminal as _;
 use std::sync::Mutex;
 
+use tracing_subscriber::layer::Layered;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
@@ -120,11 +123,13 @@ pub fn output_here(format: LogFormat) -> Output {
     )
 }
 
-type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
+type Base = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type Boxed = Box<dyn Layer<Base> + Send + Sync>;
 
 /// The installed subscriber's handle: level and format changed live.
 pub struct Logging {
-    handle: reload::Handle<Boxed, Registry>,
+    filter: reload::Handle<EnvFilter, Registry>,
+    format: reload::Handle<Boxed, Base>,
     current: Mutex<(String, LogFormat)>,
 }
 
@@ -134,9 +139,9 @@ fn filter(level: &str) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new(format!("gatehouse={level},warn")))
 }
 
-/// The formatting layer for `format` at `level`, and a note when the journal was asked for but
+/// The formatting layer for `format`, and a note when the journal was asked for but
 /// cannot be reached (then text is used).
-fn build(level: &str, format: LogFormat) -> (Boxed, Output, Option<String>) {
+fn build(format: LogFormat) -> (Boxed, Output, Option<String>) {
     let mut out = output_here(format);
     let mut note = None;
     if out == Output::Journald {
@@ -146,7 +151,7 @@ fn build(level: &str, format: LogFormat) -> (Boxed, Output, Option<String>) {
                 let j = j
                     .with_field_prefix(None)
                     .with_syslog_identifier("gatehouse".into());
-                return (Box::new(j.with_filter(filter(level))), out, None);
+                return (Box::new(j), out, None);
             }
             Err(e) => {
                 note = Some(format!(
@@ -163,15 +168,13 @@ fn build(level: &str, format: LogFormat) -> (Boxed, Output, Option<String>) {
         Box::new(
             tracing_subscriber::fmt::layer()
                 .json()
-                .with_writer(std::io::stderr)
-                .with_filter(filter(level)),
+                .with_writer(std::io::stderr),
         )
     } else {
         Box::new(
             tracing_subscriber::fmt::layer()
                 .with_ansi(out == Output::Text { ansi: true })
-                .with_writer(std::io::stderr)
-                .with_filter(filter(level)),
+                .with_writer(std::io::stderr),
         )
     };
     (layer, out, note)
@@ -180,14 +183,20 @@ fn build(level: &str, format: LogFormat) -> (Boxed, Output, Option<String>) {
 impl Logging {
     /// Installs the process's subscriber. `None` if one is installed already (tests).
     pub fn init(level: &str, format: LogFormat) -> Option<Logging> {
-        let (layer, _, note) = build(level, format);
-        let (layer, handle) = reload::Layer::new(layer);
-        tracing_subscriber::registry().with(layer).try_init().ok()?;
+        let (layer, _, note) = build(format);
+        let (filter, filter_handle) = reload::Layer::new(filter(level));
+        let (layer, format_handle) = reload::Layer::new(layer);
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init()
+            .ok()?;
         if let Some(n) = note {
             tracing::warn!("{n}");
         }
         Some(Logging {
-            handle,
+            filter: filter_handle,
+            format: format_handle,
             current: Mutex::new((level.to_string(), format)),
         })
     }
@@ -206,10 +215,20 @@ impl Logging {
         if changed.is_empty() {
             return Ok(changed);
         }
-        let (layer, out, note) = build(level, format);
-        self.handle
-            .reload(layer)
-            .map_err(|e| anyhow::anyhow!("changing the log settings: {e}"))?;
+        let mut out = None;
+        let mut note = None;
+        if cur.1 != format {
+            let (layer, o, n) = build(format);
+            self.format
+                .reload(layer)
+                .map_err(|e| anyhow::anyhow!("changing the log format: {e}"))?;
+            (out, note) = (Some(o), n);
+        }
+        if cur.0 != level {
+            self.filter
+                .reload(filter(level))
+                .map_err(|e| anyhow::anyhow!("changing the log level: {e}"))?;
+        }
         *cur = (level.to_string(), format);
         drop(cur);
         if let Some(n) = note {

@@ -299,7 +299,7 @@ impl CloudLink {
             let mut healthy = connected;
             match end {
                 Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::Lost(why)) => tracing::warn!("cloud connection lost: {why}"),
+                Ok(SessionEnd::Lost(why)) => tracing::warn!(reason = %why, "cloud connection lost"),
                 Ok(SessionEnd::TooLarge { bytes, max }) => {
                     healthy = false;
                     self.message_too_large(bytes, max);
@@ -928,7 +928,7 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             EventKind::SyncRefused,
             json!({"kind": kind, "reason": reason, "source": "mqtt"}),
         );
-        tracing::warn!(kind, "sync refused: {reason}");
+        tracing::warn!(kind, reason = %reason, "sync refused");
         return SyncResult {
             status: "refused".into(),
             kind: Some(kind.into()),

@@ -608,7 +608,7 @@ impl PortWatch {
     /// True when the daemon is stopping.
     pub(crate) fn down(&mut self, shared: &Shared, error: &str) -> bool {
         if self.down_since.is_none() {
-            tracing::warn!(bus = %self.bus, port = %self.port, "serial port unavailable: {error}");
+            tracing::warn!(bus = %self.bus, port = %self.port, error, "serial port unavailable");
             shared.record(
                 EventKind::BusDisconnected,
                 json!({"bus": self.bus, "port": self.port, "error": error}),

@@ -804,7 +804,7 @@ impl Bus<'_> {
                     if let Some(e) = entry
                         && let Err(err) = self.shared.release_entry(e, "exit_request")
                     {
-                        tracing::warn!(entry = e, "exit button: {err}");
+                        tracing::warn!(entry = e, error = %err, "exit button failed");
                     }
                 }
                 (InputRole::ManualRelease, true) if !first => {
