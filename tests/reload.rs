@@ -3,8 +3,11 @@
 //! bus polling throughout; an invalid file refused with nothing changed and decisions going on
 //! (in process, through `Reloader`). Then the daemon itself (`gatehouse run`): SIGHUP changes
 //! the log level and format live, an invalid file is refused without quoting it, a piped log
-//! has no ANSI escape, JSON log lines parse and carry fields.
+//! has no ANSI escape, JSON log lines parse and carry fields; a `[cloud]` change reconnects the
+//! link to a real mosquitto with a new session.
 
+#[path = "support/broker.rs"]
+mod broker;
 mod common;
 #[path = "support/peers.rs"]
 mod peers;
@@ -418,4 +421,81 @@ fn sighup_changes_log_level_and_format_and_refuses_a_bad_file() {
         kinds[2].1["changed"],
         serde_json::json!(["log.level", "log.format"])
     );
+}
+
+/// Kills the daemon if a test fails before stopping it.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cloud_change_reconnects_the_link_with_a_new_session() {
+    use crate::broker::{Broker, Subscriber};
+    let b = Broker::start();
+    let t = gatehouse::cloud::messages::Topics::new("gatehouse", "site-1", "gw-1");
+    let sub = Subscriber::connect(&b, "cloud", &format!("{}/#", t.base())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let extra = format!(
+        "[access]\ninitial_snapshot = \"{}\"\n",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/demo-snapshot.json")
+            .display()
+    );
+    let cfg = b.write_gateway_config(dir.path(), "data", &key, "reconnect_min_ms = 200\n", &extra);
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let daemon = Daemon(
+        Command::new(common::gatehouse_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let status = t.status();
+    let online = |m: &crate::broker::Received| m.topic == status && m.json()["online"] == true;
+    let first = sub.wait_for(|m| m.iter().any(online), WAIT).await;
+    let session = first.iter().find(|m| online(m)).unwrap().json()["session"]
+        .as_u64()
+        .unwrap();
+
+    // Another reconnection setting: the link stops (offline status, same session) and a new
+    // one connects with a new session; the reload is recorded and published.
+    b.write_gateway_config(dir.path(), "data", &key, "reconnect_min_ms = 300\n", &extra);
+    hup(daemon.0.id());
+    let events = t.events();
+    let msgs = sub
+        .wait_for(
+            |m| {
+                m.iter().any(|m| {
+                    m.topic == events
+                        && m.json()["kind"] == "config_reloaded"
+                        && m.json()["payload"]["changed"] == serde_json::json!(["cloud"])
+                })
+            },
+            WAIT,
+        )
+        .await;
+    let statuses: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.topic == status)
+        .map(|m| m.json())
+        .collect();
+    let offline = statuses
+        .iter()
+        .position(|s| s["online"] == false && s["session"] == session)
+        .unwrap_or_else(|| panic!("the old link said goodbye: {statuses:?}"));
+    assert!(
+        statuses[offline..]
+            .iter()
+            .any(|s| s["online"] == true && s["session"].as_u64().unwrap() > session),
+        "a new session came online: {statuses:?}"
+    );
+    drop(daemon);
 }
