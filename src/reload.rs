@@ -256,8 +256,23 @@ impl Reloader {
                 Err(e) => tracing::warn!("{e:#}"),
             }
         }
+        // Simulated (demo) buses run on PTYs made at start: they keep running as they are; a
+        // change to one waits for a restart.
+        let mut want = Vec::new();
+        let mut demo_bus_changed = false;
+        for bus in &new.buses {
+            if !bus.simulated() {
+                want.push(bus.clone());
+                continue;
+            }
+            let before = old.buses.iter().find(|b| b.id == bus.id);
+            demo_bus_changed |= before.is_none_or(|b| differs(b, bus));
+            if let Some(running) = self.rs485.bus_config(&bus.id) {
+                want.push(running);
+            }
+        }
         let buses = {
-            let (rs, want) = (self.rs485.clone(), new.buses.clone());
+            let rs = self.rs485.clone();
             let deadline = new.drain_timeout.min(Duration::from_secs(10));
             match tokio::task::spawn_blocking(move || rs.apply(&want, deadline)).await {
                 Ok(Ok(b)) => b,
@@ -285,7 +300,10 @@ impl Reloader {
                 Err(e) => tracing::error!("{e:#}"),
             }
         }
-        let restart = restart_needed(old, &new);
+        let mut restart = restart_needed(old, &new);
+        if demo_bus_changed && !restart.iter().any(|r| r == "demo") {
+            restart.push("demo".to_string());
+        }
         for r in &restart {
             tracing::warn!(setting = %r, "changed in the file: applied at the next restart");
         }

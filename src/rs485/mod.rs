@@ -433,6 +433,14 @@ impl Rs485 {
         Ok(changes)
     }
 
+    /// The section a running bus runs with (for a demo bus: its port is the simulator's PTY).
+    pub fn bus_config(&self, id: &str) -> Option<BusConfig> {
+        self.running()
+            .iter()
+            .find(|r| r.cfg.id == id)
+            .map(|r| r.cfg.clone())
+    }
+
     /// The ids of the running buses.
     pub fn bus_ids(&self) -> Vec<String> {
         self.running().iter().map(|r| r.cfg.id.clone()).collect()
