@@ -160,25 +160,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs of the one-shot commands: text on stderr (colour on a terminal only).
 pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("gatehouse={level},warn")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = crate::logging::Logging::init(level, crate::logging::LogFormat::Text);
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            init_tracing(&cfg.log_level);
+            let logging = crate::logging::Logging::init(&cfg.log_level, cfg.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(crate::daemon::run(cfg))?;
+            rt.block_on(crate::daemon::run(cfg, logging))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles(ProfilesCommand::List { config }) => {

@@ -188,6 +188,9 @@ pub struct RawAccess {
 pub struct RawLog {
     #[serde(default = "default_level")]
     pub level: Spanned<String>,
+    /// `auto` (default), `text`, `json` or `journald` (docs/operations.md, *Logs*).
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
 }
 
 fn default_level() -> Spanned<String> {
@@ -198,6 +201,7 @@ impl Default for RawLog {
     fn default() -> Self {
         RawLog {
             level: default_level(),
+            format: None,
         }
     }
 }
@@ -261,6 +265,7 @@ pub struct Config {
     pub digital_key_public: Option<VerifyingKey>,
     pub initial_snapshot: Option<PathBuf>,
     pub log_level: String,
+    pub log_format: crate::logging::LogFormat,
     pub drain_timeout: std::time::Duration,
     pub demo_attempts: Vec<DemoAttempt>,
     pub cloud: Option<CloudConfig>,
@@ -439,6 +444,20 @@ impl Config {
                 ),
             ));
         }
+        let log_format = match &raw.log.format {
+            None => crate::logging::LogFormat::default(),
+            Some(f) => crate::logging::LogFormat::parse(f.get_ref()).ok_or_else(|| {
+                err(
+                    f.span(),
+                    "log.format",
+                    format!(
+                        "`{}` is not a log format (expected {})",
+                        f.get_ref(),
+                        crate::logging::LogFormat::NAMES
+                    ),
+                )
+            })?,
+        };
         let drain = &raw.shutdown.drain_timeout_secs;
         if !(1..=300).contains(drain.get_ref()) {
             return Err(err(
@@ -536,6 +555,7 @@ impl Config {
             digital_key_public,
             initial_snapshot,
             log_level: level.get_ref().clone(),
+            log_format,
             drain_timeout: std::time::Duration::from_secs(*drain.get_ref()),
             demo_attempts,
             cloud,

@@ -39,7 +39,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(store))
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyhow::Result<()> {
     crate::preflight::check(&cfg)?;
     let mut signals = Signals::install()?;
     let store = {
@@ -71,11 +71,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let engine = Arc::new(AccessEngine::new(store.clone(), keys));
     // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
     let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
-    let rs485 = if buses.is_empty() {
-        None
-    } else {
-        Some(crate::rs485::Rs485::start(&buses, engine.clone())?)
-    };
+    // Always there (maybe with no bus): a reload can add buses.
+    let rs485 = Arc::new(crate::rs485::Rs485::start(&buses, engine.clone())?);
     let typed = sims.type_demo_codes(&cfg.demo_attempts);
     let direct: Vec<_> = cfg
         .demo_attempts
@@ -97,7 +94,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (units, relays) = devices(
         &cfg,
         &store,
-        rs485.as_ref().map(|r| r.relays()),
+        Some(rs485.relays()),
         ble.as_ref().map(|b| b.control.clone()),
     );
     let (wakes_tx, wakes_rx) = tokio::sync::mpsc::channel(crate::ble::WAKE_QUEUE);
@@ -105,40 +102,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         b.control.set_relays(relays.clone());
         b.control.set_wakes(wakes_tx);
     }
-    match &cfg.cloud {
-        Some(cloud) => {
-            let session = store.next_session()?;
-            let mut link = crate::cloud::link::CloudLink::new(
-                cloud.clone(),
-                &cfg.site_id,
-                &cfg.gateway_id,
-                store.clone(),
-                session,
-                Some(Arc::new(command_router(&cfg, cloud, units, relays))),
-            )
-            .with_device_states(states.clone())
-            .with_drain_timeout(cfg.drain_timeout);
-            if ble.is_some()
-                && let Some(requests) = rpc.take_requests()
-            {
-                link = link.with_device_bridge(Arc::new(crate::cloud::link::DeviceBridge::new(
-                    rpc.clone(),
-                    requests,
-                    wakes_rx,
-                )));
-            }
-            tracing::info!(
-                session,
-                broker = %format!("{}:{}", cloud.host, cloud.port),
-                topics = %link.topics().base(),
-                "starting the cloud link"
-            );
-            tracker.spawn(link.run(link_stop.clone()));
-        }
-        None => tracing::warn!(
-            "no [cloud] section: events are kept in the outbox until a cloud link is configured"
-        ),
-    }
+    let bridge = match rpc.take_requests() {
+        Some(requests) if ble.is_some() => Some(Arc::new(crate::cloud::link::DeviceBridge::new(
+            rpc.clone(),
+            requests,
+            wakes_rx,
+        ))),
+        _ => None,
+    };
+    let link = Arc::new(crate::cloud::supervisor::LinkSupervisor::new(
+        crate::cloud::supervisor::LinkParts {
+            site: cfg.site_id.clone(),
+            gateway: cfg.gateway_id.clone(),
+            store: store.clone(),
+            states: states.clone(),
+            units,
+            relays,
+            devices: bridge,
+            drain: cfg.drain_timeout,
+        },
+        link_stop.clone(),
+        tracker.clone(),
+    ));
+    link.start(cfg.cloud.as_ref()).await?;
+    let reloader = crate::reload::Reloader::new(
+        cfg.clone(),
+        store.clone(),
+        logging,
+        rs485.clone(),
+        link.clone(),
+    );
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
@@ -196,16 +189,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
     tracker.close();
-    tracing::info!("running; waiting for SIGTERM or SIGINT");
-    signals.wait().await;
+    tracing::info!("running; waiting for SIGTERM or SIGINT (SIGHUP: reload the configuration)");
+    while signals.wait().await == Signal::Reload {
+        reloader.reload().await;
+    }
     tracing::info!("shutting down");
     // A clean stop drains: stop producing (BLE, buses, housekeeping), flush what the drivers
     // recorded, record gateway_stopped, then let the cloud link publish everything held and wait
     // for the broker's acknowledgements (up to the drain timeout) before its offline status.
     shutdown.cancel();
-    if let Some(r) = rs485 {
+    {
         let deadline = cfg.drain_timeout;
-        let _ = tokio::task::spawn_blocking(move || r.stop(deadline)).await;
+        let _ = tokio::task::spawn_blocking(move || rs485.stop(deadline)).await;
     }
     if let Some(b) = ble {
         let _ = tokio::task::spawn_blocking(b.join).await;
@@ -364,27 +359,6 @@ fn devices(
     (units, relays)
 }
 
-/// The command router over the devices, with the checks' settings.
-fn command_router(
-    cfg: &crate::config::Config,
-    cloud: &crate::config::CloudConfig,
-    units: Arc<dyn crate::cloud::commands::UnitControllers>,
-    relays: Arc<dyn crate::cloud::commands::Relays>,
-) -> crate::cloud::link::Commands {
-    use crate::cloud::commands::{CommandConfig, Router};
-    crate::cloud::link::Commands {
-        router: Arc::new(Router::new(units, relays)),
-        cfg: CommandConfig {
-            public: cloud.command_public,
-            site: cfg.site_id.clone(),
-            gateway: cfg.gateway_id.clone(),
-            max_skew: chrono::Duration::from_std(cloud.command_max_skew)
-                .unwrap_or(chrono::Duration::seconds(30)),
-            max_bytes: cloud.max_message_bytes,
-        },
-    }
-}
-
 fn run_demo_attempts(engine: &AccessEngine, attempts: &[crate::config::DemoAttempt]) {
     for a in attempts {
         let credential = match (&a.code, &a.fob) {
@@ -423,11 +397,19 @@ fn run_demo_attempts(engine: &AccessEngine, attempts: &[crate::config::DemoAttem
     }
 }
 
-/// SIGTERM and SIGINT, caught from the moment this is made (a signal that arrives before the
-/// daemon waits for it is kept, not lost to the default action).
+/// What a signal asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// SIGTERM and SIGINT (stop), SIGHUP (reload), caught from the moment this is made (a signal
+/// that arrives before the daemon waits for it is kept, not lost to the default action).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -436,13 +418,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    async fn wait(&mut self) {
+    async fn wait(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
+            _ = self.term.recv() => { tracing::info!("SIGTERM received"); Signal::Stop }
+            _ = self.int.recv() => { tracing::info!("SIGINT received"); Signal::Stop }
+            _ = self.hup.recv() => { tracing::info!("SIGHUP received"); Signal::Reload }
         }
     }
 }

@@ -77,6 +77,11 @@ pub enum EventKind {
     StorageFailed,
     /// The database takes writes again (payload: since, down_ms).
     StorageRecovered,
+    /// A configuration reload (SIGHUP) was applied (payload: `changed`, `buses`,
+    /// `restart_needed`).
+    ConfigReloaded,
+    /// A configuration reload was refused; nothing changed (payload: `reason`, redacted).
+    ConfigReloadRefused,
 }
 
 impl EventKind {
@@ -117,6 +122,8 @@ impl EventKind {
             EventKind::MessageTooLarge => "message_too_large",
             EventKind::StorageFailed => "storage_failed",
             EventKind::StorageRecovered => "storage_recovered",
+            EventKind::ConfigReloaded => "config_reloaded",
+            EventKind::ConfigReloadRefused => "config_reload_refused",
         }
     }
 

@@ -49,6 +49,9 @@ use crate::events::EventKind;
 use crate::store::{Applied, ApplyError, Store};
 use crate::sync::{self, SyncMessage};
 
+/// Final command results waiting for the next session ([`CloudLink::with_unsent`]).
+pub type Unsent = Arc<std::sync::Mutex<Vec<Outcome>>>;
+
 /// What the link needs to serve commands: the router to the devices and the checks' settings.
 pub struct Commands {
     pub router: Arc<commands::Router>,
@@ -122,7 +125,7 @@ pub struct CloudLink {
     bridge: Option<Arc<DeviceBridge>>,
     /// Final command results reached while no session could publish them (a sleeping lock's
     /// unlock finished as the connection dropped): published first on the next session.
-    unsent: Arc<std::sync::Mutex<Vec<Outcome>>>,
+    unsent: Unsent,
     /// `message_too_large` events, coalesced.
     too_large: std::sync::Mutex<TooLargeLog>,
     /// How long a clean stop keeps publishing the outbox and waiting for acknowledgements.
@@ -199,6 +202,13 @@ impl CloudLink {
     /// offline status and the disconnect.
     pub fn with_drain_timeout(mut self, drain: Duration) -> Self {
         self.drain = drain;
+        self
+    }
+
+    /// Final command results still waiting for a session: shared with the link this one
+    /// replaces (a reload that restarts the link), so that none is dropped.
+    pub fn with_unsent(mut self, unsent: Unsent) -> Self {
+        self.unsent = unsent;
         self
     }
 
@@ -304,7 +314,7 @@ impl CloudLink {
             let mut healthy = connected;
             match end {
                 Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::Lost(why)) => tracing::warn!("cloud connection lost: {why}"),
+                Ok(SessionEnd::Lost(why)) => tracing::warn!(reason = %why, "cloud connection lost"),
                 Ok(SessionEnd::TooLarge { bytes, max }) => {
                     healthy = false;
                     self.message_too_large(bytes, max);
@@ -934,7 +944,7 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             EventKind::SyncRefused,
             json!({"kind": kind, "reason": reason, "source": "mqtt"}),
         );
-        tracing::warn!(kind, "sync refused: {reason}");
+        tracing::warn!(kind, reason = %reason, "sync refused");
         return SyncResult {
             status: "refused".into(),
             kind: Some(kind.into()),

@@ -6,4 +6,5 @@ pub mod limits;
 pub mod link;
 pub mod messages;
 pub mod mqtt;
+pub mod supervisor;
 pub mod tls;

@@ -63,31 +63,61 @@ pub struct Job {
 
 pub type JobSender = tokio::sync::mpsc::UnboundedSender<Job>;
 
-/// What bus threads share: the access engine, the store for events, relay routing, device
-/// liveness, entry releases, and the stop flag.
-pub struct Shared {
-    pub engine: Arc<AccessEngine>,
-    pub store: Arc<Store>,
+/// What every bus shares: relay routing, device liveness, entry releases.
+#[derive(Default)]
+struct Common {
     routes: Mutex<HashMap<String, JobSender>>,
     online: Mutex<HashMap<String, bool>>,
     released: Mutex<HashMap<String, Instant>>,
-    stop: AtomicBool,
 }
+
+/// What a bus thread sees: the access engine, the store for events, what all buses share, and
+/// two stop flags: the daemon's (every bus) and its own (a reload that removes or restarts it).
+pub struct Shared {
+    pub engine: Arc<AccessEngine>,
+    pub store: Arc<Store>,
+    common: Arc<Common>,
+    stop: Arc<AtomicBool>,
+    own_stop: AtomicBool,
+}
+
+/// Why a stopped bus answers the relay jobs it still held.
+const STOPPING: &str = "gatehouse is stopping";
+const RELOADED: &str = "the bus was removed or restarted by a configuration reload";
 
 impl Shared {
     pub fn new(engine: Arc<AccessEngine>) -> Arc<Self> {
         Arc::new(Shared {
             store: engine.store().clone(),
             engine,
-            routes: Mutex::new(HashMap::new()),
-            online: Mutex::new(HashMap::new()),
-            released: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
+            common: Arc::new(Common::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            own_stop: AtomicBool::new(false),
         })
     }
 
+    /// The view of one more bus: same routes, liveness and daemon stop; its own stop flag.
+    fn for_bus(&self) -> Arc<Self> {
+        Arc::new(Shared {
+            engine: self.engine.clone(),
+            store: self.store.clone(),
+            common: self.common.clone(),
+            stop: self.stop.clone(),
+            own_stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Why this bus stops (what its pending relay jobs are answered with).
+    pub fn stop_reason(&self) -> &'static str {
+        if self.stop.load(Ordering::Relaxed) {
+            STOPPING
+        } else {
+            RELOADED
+        }
+    }
+
     pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stop.load(Ordering::Relaxed) || self.own_stop.load(Ordering::Relaxed)
     }
 
     /// Sleeps up to `d`, returning early (true) when stopping.
@@ -112,7 +142,7 @@ impl Shared {
     /// Sets a device's liveness; records `device_online`/`device_offline` on a change.
     pub fn set_online(&self, device: &str, bus: &str, online: bool, detail: Option<String>) {
         let changed = {
-            let mut m = self.online.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = self.common.online.lock().unwrap_or_else(|e| e.into_inner());
             m.insert(device.to_string(), online) != Some(online)
         };
         if changed {
@@ -133,7 +163,8 @@ impl Shared {
     }
 
     pub fn is_online(&self, device: &str) -> Option<bool> {
-        self.online
+        self.common
+            .online
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(device)
@@ -142,7 +173,7 @@ impl Shared {
 
     /// Sends a relay job to the bus that has `device`. False if no bus has it or it stopped.
     pub fn send(&self, job: Job) -> bool {
-        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = self.common.routes.lock().unwrap_or_else(|e| e.into_inner());
         match routes.get(&job.device) {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
@@ -193,7 +224,8 @@ impl Shared {
     }
 
     fn note_release(&self, entry: &str, for_: Duration) {
-        self.released
+        self.common
+            .released
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(entry.to_string(), Instant::now() + for_);
@@ -201,7 +233,8 @@ impl Shared {
 
     /// Whether the entry was released recently enough for its door to open.
     pub fn recently_released(&self, entry: &str) -> bool {
-        self.released
+        self.common
+            .released
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(entry)
@@ -230,10 +263,38 @@ impl Shared {
     }
 }
 
-/// The running buses.
+/// The running buses. Buses can be started and stopped one by one while the others go on
+/// ([`Rs485::apply`], a configuration reload).
 pub struct Rs485 {
     shared: Arc<Shared>,
-    threads: Vec<(String, JoinHandle<()>)>,
+    buses: Mutex<Vec<Running>>,
+}
+
+/// One bus thread.
+struct Running {
+    cfg: BusConfig,
+    shared: Arc<Shared>,
+    tx: JobSender,
+    thread: JoinHandle<()>,
+}
+
+/// What [`Rs485::apply`] did, by bus id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BusChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub restarted: Vec<String>,
+}
+
+impl BusChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.restarted.is_empty()
+    }
+}
+
+/// Whether two bus sections differ in anything (port, protocol, settings, devices).
+fn same_bus(a: &BusConfig, b: &BusConfig) -> bool {
+    format!("{a:?}") == format!("{b:?}")
 }
 
 impl Rs485 {
@@ -243,32 +304,146 @@ impl Rs485 {
     }
 
     pub fn start_with(buses: &[BusConfig], shared: Arc<Shared>) -> anyhow::Result<Rs485> {
-        let mut threads = Vec::new();
+        let rs = Rs485 {
+            shared,
+            buses: Mutex::new(Vec::new()),
+        };
         for bus in buses {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            {
-                let mut routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
-                for d in bus.device_ids() {
-                    routes.insert(d.to_string(), tx.clone());
+            rs.start_bus(bus)?;
+        }
+        Ok(rs)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Vec<Running>> {
+        self.buses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts one bus: its thread, and routes for its devices.
+    fn start_bus(&self, bus: &BusConfig) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = self.shared.for_bus();
+        let (b, s) = (bus.clone(), shared.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("bus-{}", bus.id))
+            .spawn(move || match &b.kind {
+                BusKind::Osdp(_) => osdp::run(&b, &s, rx),
+                BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+            })?;
+        {
+            let mut routes = self
+                .shared
+                .common
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for d in bus.device_ids() {
+                routes.insert(d.to_string(), tx.clone());
+            }
+        }
+        tracing::info!(
+            bus = %bus.id,
+            port = %bus.port.display(),
+            protocol = match bus.kind { BusKind::Osdp(_) => "osdp", BusKind::Modbus { .. } => "modbus" },
+            devices = bus.device_ids().len(),
+            "bus started"
+        );
+        self.running().push(Running {
+            cfg: bus.clone(),
+            shared,
+            tx,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Stops one running bus: no more jobs routed to it, its thread told to stop (the jobs it
+    /// held are answered with a failure), waited for up to `deadline`, its devices marked
+    /// offline.
+    fn stop_bus(&self, r: Running, deadline: Duration) {
+        {
+            let mut routes = self
+                .shared
+                .common
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            routes.retain(|_, tx| !tx.same_channel(&r.tx));
+        }
+        r.shared.own_stop.store(true, Ordering::Relaxed);
+        drop(r.tx);
+        let end = Instant::now() + deadline;
+        while !r.thread.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if r.thread.is_finished() {
+            let _ = r.thread.join();
+        } else {
+            tracing::warn!(bus = %r.cfg.id, "bus thread did not stop in time");
+        }
+        for d in r.cfg.device_ids() {
+            self.shared
+                .set_online(d, &r.cfg.id, false, Some(RELOADED.to_string()));
+        }
+        self.shared
+            .common
+            .online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d, _| !r.cfg.device_ids().contains(&d.as_str()));
+        tracing::info!(bus = %r.cfg.id, "bus stopped");
+    }
+
+    /// Brings the running buses to `buses`: a bus whose id is gone is stopped, a new id is
+    /// started, a bus whose section changed is restarted; the others are not touched (their
+    /// threads go on polling). Stops come first, so that a device moved from one bus to
+    /// another is never routed to both.
+    pub fn apply(&self, buses: &[BusConfig], deadline: Duration) -> anyhow::Result<BusChanges> {
+        let mut changes = BusChanges::default();
+        let mut to_stop = Vec::new();
+        {
+            let mut running = self.running();
+            let mut keep = Vec::new();
+            for r in running.drain(..) {
+                match buses.iter().find(|b| b.id == r.cfg.id) {
+                    None => {
+                        changes.removed.push(r.cfg.id.clone());
+                        to_stop.push(r);
+                    }
+                    Some(b) if !same_bus(b, &r.cfg) => {
+                        changes.restarted.push(r.cfg.id.clone());
+                        to_stop.push(r);
+                    }
+                    Some(_) => keep.push(r),
                 }
             }
-            let (b, s) = (bus.clone(), shared.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("bus-{}", bus.id))
-                .spawn(move || match &b.kind {
-                    BusKind::Osdp(_) => osdp::run(&b, &s, rx),
-                    BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
-                })?;
-            tracing::info!(
-                bus = %bus.id,
-                port = %bus.port.display(),
-                protocol = match bus.kind { BusKind::Osdp(_) => "osdp", BusKind::Modbus { .. } => "modbus" },
-                devices = bus.device_ids().len(),
-                "bus started"
-            );
-            threads.push((bus.id.clone(), handle));
+            *running = keep;
         }
-        Ok(Rs485 { shared, threads })
+        for r in to_stop {
+            self.stop_bus(r, deadline);
+        }
+        for b in buses {
+            let running = self.running().iter().any(|r| r.cfg.id == b.id);
+            if !running {
+                if !changes.restarted.contains(&b.id) {
+                    changes.added.push(b.id.clone());
+                }
+                self.start_bus(b)?;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The section a running bus runs with (for a demo bus: its port is the simulator's PTY).
+    pub fn bus_config(&self, id: &str) -> Option<BusConfig> {
+        self.running()
+            .iter()
+            .find(|r| r.cfg.id == id)
+            .map(|r| r.cfg.clone())
+    }
+
+    /// The ids of the running buses.
+    pub fn bus_ids(&self) -> Vec<String> {
+        self.running().iter().map(|r| r.cfg.id.clone()).collect()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -284,23 +459,26 @@ impl Rs485 {
 
     /// Stops every bus (pending software-timed pulses are switched off) and waits up to
     /// `deadline` for the threads.
-    pub fn stop(self, deadline: Duration) {
+    pub fn stop(&self, deadline: Duration) {
         self.shared.stop.store(true, Ordering::Relaxed);
         // Wake threads waiting for jobs.
         self.shared
+            .common
             .routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        let running: Vec<Running> = self.running().drain(..).collect();
         let end = Instant::now() + deadline;
-        for (id, t) in self.threads {
-            while !t.is_finished() && Instant::now() < end {
+        for r in running {
+            drop(r.tx);
+            while !r.thread.is_finished() && Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if t.is_finished() {
-                let _ = t.join();
+            if r.thread.is_finished() {
+                let _ = r.thread.join();
             } else {
-                tracing::warn!(bus = %id, "bus thread did not stop in time");
+                tracing::warn!(bus = %r.cfg.id, "bus thread did not stop in time");
             }
         }
     }
@@ -315,6 +493,7 @@ impl Relays for BusRelays {
     fn online(&self, device: &str) -> Online {
         let known = self
             .shared
+            .common
             .routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -349,6 +528,11 @@ impl Relays for BusRelays {
                 Execution::Done(detail)
             }
             Ok(Err(e)) => Execution::Failed(e),
+            // The bus thread ended with the job unanswered (stopped by a reload or the daemon's
+            // stop between the job's routing and its run).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Execution::Failed(format!("device `{device}`: {}", self.shared.stop_reason()))
+            }
             Err(_) => Execution::Failed(format!(
                 "no answer from the bus within {} s",
                 RELAY_REPLY_TIMEOUT.as_secs()
@@ -432,7 +616,7 @@ impl PortWatch {
     /// True when the daemon is stopping.
     pub(crate) fn down(&mut self, shared: &Shared, error: &str) -> bool {
         if self.down_since.is_none() {
-            tracing::warn!(bus = %self.bus, port = %self.port, "serial port unavailable: {error}");
+            tracing::warn!(bus = %self.bus, port = %self.port, error, "serial port unavailable");
             shared.record(
                 EventKind::BusDisconnected,
                 json!({"bus": self.bus, "port": self.port, "error": error}),

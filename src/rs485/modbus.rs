@@ -275,7 +275,7 @@ async fn run_async(
             break;
         }
     }
-    fail_jobs(shared, &mut rx, "gatehouse is stopping");
+    fail_jobs(shared, &mut rx, shared.stop_reason());
 }
 
 fn input_count(d: &DeviceConfig) -> usize {
@@ -804,7 +804,7 @@ impl Bus<'_> {
                     if let Some(e) = entry
                         && let Err(err) = self.shared.release_entry(e, "exit_request")
                     {
-                        tracing::warn!(entry = e, "exit button: {err}");
+                        tracing::warn!(entry = e, error = %err, "exit button failed");
                     }
                 }
                 (InputRole::ManualRelease, true) if !first => {

@@ -243,7 +243,7 @@ pub fn run(
             st.retry_after = RETRY_MIN;
         }
     }
-    fail_jobs(shared, &mut rx, "gatehouse is stopping");
+    fail_jobs(shared, &mut rx, shared.stop_reason());
 }
 
 fn fail_jobs(shared: &Shared, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>, why: &str) {
