@@ -9,6 +9,16 @@
 //! input buffer is cleared, so a late answer to a timed-out request cannot be taken for the
 //! next one.
 //!
+//! Poll timing. Each device is polled on a fixed grid of its period; the devices' first slots are
+//! spread evenly over the period ([`first_slot`]) so that devices with the same period take turns
+//! instead of queueing behind each other, and a device back from backoff rejoins its own grid.
+//! The wait for a slot is in two steps ([`plan_wait`]): tokio's timer (1 ms ticks, deadlines
+//! rounded up, epoll waits in whole milliseconds) wakes the bus up to ~2 ms late, so it is used
+//! only until [`FINE_WAIT`] before the slot, and the rest is a plain high-resolution sleep of the
+//! bus thread (nothing else runs on its runtime). Events are recorded through the store's group
+//! commit ([`Shared::record`]), so no poll waits for the disk. Each poll's lateness (the write of
+//! its first request − its slot) is emitted as a `trace` event on [`POLL_START_TARGET`].
+//!
 //! The Waveshare board-timed pulse ("flash on": FC05 with the duration as the value) is not a
 //! valid FC05 for tokio-modbus (it only knows 0xFF00/0x0000 and rejects the echo), so that one
 //! request is framed here ([`wire::modbus_frame`]) on the same port.
@@ -34,11 +44,21 @@ use crate::events::EventKind;
 /// Longest wait between polls of an offline device.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The `tracing` target of the per-poll timing event (level `trace`): fields `bus`, `device` and
+/// `late_us`, the time from the poll's slot to the write of its first request, in microseconds.
+pub const POLL_START_TARGET: &str = "gatehouse::rs485::modbus::poll_start";
+
 /// The serial port shared between tokio-modbus's framed transport and the hand-framed requests.
 /// Only the bus thread uses it, one transaction at a time; the lock is never held across an
 /// await.
 #[derive(Clone)]
-struct SharedPort(Arc<Mutex<tokio_serial::SerialStream>>);
+struct SharedPort(Arc<Mutex<PortState>>);
+
+struct PortState {
+    stream: tokio_serial::SerialStream,
+    /// When a write first put bytes on the port since [`SharedPort::take_written`].
+    written: Option<Instant>,
+}
 
 impl std::fmt::Debug for SharedPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,8 +67,24 @@ impl std::fmt::Debug for SharedPort {
 }
 
 impl SharedPort {
+    fn new(stream: tokio_serial::SerialStream) -> Self {
+        SharedPort(Arc::new(Mutex::new(PortState {
+            stream,
+            written: None,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PortState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut tokio_serial::SerialStream) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&mut self.state().stream)
+    }
+
+    /// When the first write since the last call put bytes on the port (and forgets it).
+    fn take_written(&self) -> Option<Instant> {
+        self.state().written.take()
     }
 }
 
@@ -68,7 +104,12 @@ impl AsyncWrite for SharedPort {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.with(|p| Pin::new(p).poll_write(cx, buf))
+        let mut s = self.state();
+        let r = Pin::new(&mut s.stream).poll_write(cx, buf);
+        if s.written.is_none() && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            s.written = Some(Instant::now());
+        }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
@@ -155,6 +196,44 @@ fn next_slot(scheduled: Instant, now: Instant, period: Duration) -> (Instant, u6
     (next + period.saturating_mul(skip), missed)
 }
 
+/// The first poll slot of device `i` of `n` on a bus: the first slots are spread evenly over the
+/// device's period from `start`, so that devices with the same period take turns (four devices
+/// polled every 10 ms: one every 2.5 ms) rather than several falling due at once and all but
+/// one starting late.
+fn first_slot(start: Instant, i: usize, n: usize, period: Duration) -> Instant {
+    let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    let i = u32::try_from(i).unwrap_or(0) % n;
+    start + period / n * i
+}
+
+/// How long before a poll's slot the bus stops waiting on tokio's timer and sleeps the rest on
+/// the thread (see the module documentation): more than tokio's worst rounding (a 1 ms tick
+/// plus a whole-millisecond epoll timeout).
+const FINE_WAIT: Duration = Duration::from_millis(2);
+
+/// What the bus does when nothing is due.
+#[derive(Debug, PartialEq, Eq)]
+enum Wait {
+    /// Wait on the runtime (tokio's timer, and new jobs) until then.
+    Coarse(Instant),
+    /// A poll is due within [`FINE_WAIT`]: sleep the thread this long, then poll.
+    Fine(Duration),
+}
+
+/// The wait until `wake` (the earliest of the next poll slot and the next pulse end); `slot`:
+/// the next poll slot. Only a poll's start is timed finely: a coarse wait towards a slot ends
+/// [`FINE_WAIT`] early.
+fn plan_wait(now: Instant, wake: Instant, slot: Option<Instant>) -> Wait {
+    let to_wake = wake.saturating_duration_since(now);
+    if slot != Some(wake) {
+        Wait::Coarse(wake)
+    } else if to_wake <= FINE_WAIT {
+        Wait::Fine(to_wake)
+    } else {
+        Wait::Coarse(wake - FINE_WAIT)
+    }
+}
+
 /// A software-timed pulse to end.
 struct PendingOff {
     at: Instant,
@@ -219,8 +298,7 @@ async fn run_async(
         .enumerate()
         .map(|(i, d)| Dev {
             cfg: d,
-            // Spread the first polls so that devices do not all fire at once.
-            next_poll: now + Duration::from_millis(5 * i as u64),
+            next_poll: first_slot(now, i, devices.len(), d.poll_interval),
             failures: 0,
             online: None,
             last_error: None,
@@ -243,7 +321,7 @@ async fn run_async(
                 continue;
             }
         };
-        let port = SharedPort(Arc::new(Mutex::new(stream)));
+        let port = SharedPort::new(stream);
         let mut b = Bus {
             cfg: bus,
             timeout: *timeout,
@@ -343,23 +421,29 @@ impl Bus<'_> {
                     }
                 }
                 _ => {
-                    let wake = [due.map(|d| d.1), next_off]
+                    let slot = due.map(|d| d.1);
+                    let wake = [slot, next_off]
                         .into_iter()
                         .flatten()
                         .min()
                         .unwrap_or(now + Duration::from_millis(100))
                         .min(now + Duration::from_millis(100));
-                    tokio::select! {
-                        job = rx.recv() => match job {
-                            Some(job) => {
-                                if let Some(p) = self.job(job).await {
-                                    return Some(p);
+                    match plan_wait(now, wake, slot) {
+                        // A blocking sleep on purpose: this runtime runs only this bus, and a
+                        // job arriving meanwhile waits at most FINE_WAIT (then goes first).
+                        Wait::Fine(d) => std::thread::sleep(d),
+                        Wait::Coarse(until) => tokio::select! {
+                            job = rx.recv() => match job {
+                                Some(job) => {
+                                    if let Some(p) = self.job(job).await {
+                                        return Some(p);
+                                    }
                                 }
-                            }
-                            // Every sender is gone: the daemon is stopping.
-                            None => return None,
+                                // Every sender is gone: the daemon is stopping.
+                                None => return None,
+                            },
+                            _ = tokio::time::sleep_until(until.into()) => {}
                         },
-                        _ = tokio::time::sleep_until(wake.into()) => {}
                     }
                 }
             }
@@ -640,6 +724,8 @@ impl Bus<'_> {
     async fn poll(&mut self, i: usize) -> Option<String> {
         let cfg = self.devs[i].cfg;
         let profile = &cfg.profile;
+        let slot = self.devs[i].next_poll;
+        self.port.take_written();
         let mut result: Result<(), TxError> = Ok(());
         if !self.devs[i].identified
             && let Some(id) = &profile.identity
@@ -708,6 +794,16 @@ impl Bus<'_> {
                 result = Err(e);
             }
         }
+        if let Some(at) = self.port.take_written() {
+            let late = at.saturating_duration_since(slot);
+            tracing::trace!(
+                target: POLL_START_TARGET,
+                bus = self.cfg.id.as_str(),
+                device = cfg.id.as_str(),
+                late_us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX),
+                "poll started"
+            );
+        }
         self.outcome(i, &result, true);
         let d = &mut self.devs[i];
         let interval = cfg.poll_interval;
@@ -734,10 +830,11 @@ impl Bus<'_> {
                 }
             }
         } else {
-            // Backing off a failing device: from now, doubling.
+            // Backing off a failing device: from now, doubling, on the device's own grid (so
+            // that it does not fall on other devices' slots when it answers again).
             let wait =
                 (interval * 2u32.saturating_pow(extra.min(16))).min(MAX_BACKOFF.max(interval));
-            d.next_poll = now + wait;
+            d.next_poll = next_slot(d.next_poll, now + wait, interval).0;
         }
         if let Some(total) = late_for {
             self.device_error(
@@ -887,5 +984,77 @@ mod tests {
             assert_eq!(next, t0 + p * k);
             at = next;
         }
+    }
+
+    #[test]
+    fn first_slots_spread_evenly_over_the_period() {
+        let t0 = Instant::now();
+        let p = Duration::from_millis(10);
+        let slots: Vec<Instant> = (0..4).map(|i| first_slot(t0, i, 4, p)).collect();
+        assert_eq!(
+            slots,
+            [0, 2500, 5000, 7500].map(|us| t0 + Duration::from_micros(us))
+        );
+        // On the grid, no two of them ever fall due together.
+        let mut all: Vec<Instant> = slots
+            .iter()
+            .flat_map(|&s| (0..100u32).map(move |k| s + p * k))
+            .collect();
+        all.sort();
+        assert!(
+            all.windows(2)
+                .all(|w| w[1] - w[0] == Duration::from_micros(2500))
+        );
+        // Each device spreads over its own period; one device starts at once.
+        assert_eq!(
+            first_slot(t0, 1, 2, Duration::from_secs(1)),
+            t0 + Duration::from_millis(500)
+        );
+        assert_eq!(first_slot(t0, 0, 1, p), t0);
+        assert_eq!(first_slot(t0, 0, 0, p), t0);
+    }
+
+    #[test]
+    fn a_poll_start_is_waited_for_coarsely_then_finely() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Far from the slot: the runtime's timer until FINE_WAIT before it.
+        assert_eq!(
+            plan_wait(t0, t0 + ms(10), Some(t0 + ms(10))),
+            Wait::Coarse(t0 + ms(10) - FINE_WAIT)
+        );
+        // Within FINE_WAIT: the thread sleeps exactly the rest.
+        assert_eq!(
+            plan_wait(t0, t0 + FINE_WAIT, Some(t0 + FINE_WAIT)),
+            Wait::Fine(FINE_WAIT)
+        );
+        assert_eq!(
+            plan_wait(t0, t0 + ms(1), Some(t0 + ms(1))),
+            Wait::Fine(ms(1))
+        );
+        // A slot already reached: no wait.
+        assert_eq!(
+            plan_wait(t0 + ms(1), t0, Some(t0)),
+            Wait::Fine(Duration::ZERO)
+        );
+        // A pulse's end before the slot, or nothing to poll: coarse, and jobs are served.
+        assert_eq!(
+            plan_wait(t0, t0 + ms(1), Some(t0 + ms(5))),
+            Wait::Coarse(t0 + ms(1))
+        );
+        assert_eq!(
+            plan_wait(t0, t0 + ms(100), None),
+            Wait::Coarse(t0 + ms(100))
+        );
+    }
+
+    #[test]
+    fn a_backed_off_device_stays_on_its_grid() {
+        let t0 = Instant::now();
+        let p = Duration::from_millis(10);
+        let slot = t0 + Duration::from_micros(2500);
+        // Failed at 3 ms past its slot, backing off 40 ms: the first grid slot after 43 ms.
+        let (next, _) = next_slot(slot, slot + Duration::from_millis(43), p);
+        assert_eq!(next, slot + 5 * p);
     }
 }

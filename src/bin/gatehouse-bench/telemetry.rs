@@ -14,7 +14,13 @@
 //! - `readings_per_s`: `sensor_reading` events recorded (durable) per second;
 //! - `period_achieved_ratio`: polls achieved ÷ polls configured (4 sensors × 100 per second);
 //! - `bare_client_ratio`: gatehouse's Modbus transactions per second ÷ the bare client's;
-//! - `poll_jitter_p99_ms`: p99 of |interval between two polls of a sensor − 10 ms|;
+//! - `poll_jitter_p99_ms` (and `_p90_`, `_p50_`): p99 of the polls' lateness, per sensor: the
+//!   time from a poll's slot on the sensor's fixed schedule to the write of its first request,
+//!   as the bus code itself notes it (its `trace` event on
+//!   [`gatehouse::rs485::modbus::POLL_START_TARGET`], collected here by a `tracing` layer);
+//! - `peer_interval_jitter_p99_ms`: the older, indirect figure, p99 of |interval between two
+//!   reads of a sensor's first register as the simulated sensors receive them − 10 ms| (it also
+//!   counts the simulated sensors' thread waking up);
 //! - `flushes_per_s`: flushes of the event log by the group commit per second;
 //! - `*_slow`: the same with the 2 ms flush delay.
 
@@ -31,6 +37,7 @@ use serde_json::{Value, json};
 use gatehouse::access::AccessEngine;
 use gatehouse::config::Config;
 use gatehouse::rs485::Rs485;
+use gatehouse::rs485::modbus::POLL_START_TARGET;
 use gatehouse::rs485::sim::{Pty, request_len};
 use gatehouse::rs485::wire::{modbus_crc, modbus_frame};
 use gatehouse::store::Store;
@@ -74,6 +81,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "poll_jitter_p99_ms_slow": slow["poll_jitter_p99_ms"],
             "poll_jitter_p50_ms": fast["poll_jitter_p50_ms"],
             "poll_jitter_p90_ms": fast["poll_jitter_p90_ms"],
+            "poll_jitter_p50_ms_slow": slow["poll_jitter_p50_ms"],
+            "poll_jitter_p90_ms_slow": slow["poll_jitter_p90_ms"],
+            "peer_interval_jitter_p99_ms": fast["peer_interval_jitter_p99_ms"],
+            "peer_interval_jitter_p99_ms_slow": slow["peer_interval_jitter_p99_ms"],
+            "polls_timed": fast["polls_timed"],
+            "polls_timed_slow": slow["polls_timed"],
             "load_avg_1m": std::fs::read_to_string("/proc/loadavg").ok()
                 .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
             "flushes_per_s_slow": slow["flushes_per_s"],
@@ -178,7 +191,46 @@ fn serve(
     Ok(())
 }
 
+/// The bus code's poll-start events (see [`POLL_START_TARGET`]): when each arrived and its
+/// lateness in microseconds.
+#[derive(Clone, Default)]
+struct PollStarts(Arc<Mutex<Vec<(Instant, u64)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PollStarts {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct LateUs(Option<u64>);
+        impl tracing::field::Visit for LateUs {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "late_us" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        if event.metadata().target() != POLL_START_TARGET {
+            return;
+        }
+        let mut v = LateUs(None);
+        event.record(&mut v);
+        if let Some(us) = v.0 {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Instant::now(), us));
+        }
+    }
+}
+
 fn phase() -> anyhow::Result<Value> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let starts = PollStarts::default();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(starts.clone().with_filter(
+            tracing_subscriber::filter::filter_fn(|m| m.target() == POLL_START_TARGET),
+        )),
+    )
+    .context("installing the poll-start collector")?;
     let dir = tempfile::tempdir()?;
     let sensors = Sensors::start()?;
     let mut devices = String::new();
@@ -224,7 +276,7 @@ fn phase() -> anyhow::Result<Value> {
         .iter()
         .filter(|e| e.kind == "sensor_reading" && e.at >= w0 && e.at < w1)
         .count();
-    let (achieved, mut jitter) = {
+    let (achieved, mut peer_jitter) = {
         let polls = sensors.polls.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0usize;
         let mut jitter = Vec::new();
@@ -245,10 +297,18 @@ fn phase() -> anyhow::Result<Value> {
     let configured = f64::from(DEVICES) * secs / PERIOD.as_secs_f64();
     let gh_tx = (served1 - served0) as f64 / secs;
     let bare_tx = bare_client(&sensors.path)?;
-    jitter.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        jitter
-            .get(((jitter.len() as f64 - 1.0) * p).round() as usize)
+    let mut late: Vec<f64> = starts
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(at, _)| *at >= t0 && *at < t1)
+        .map(|(_, us)| *us as f64 / 1000.0)
+        .collect();
+    late.sort_by(f64::total_cmp);
+    peer_jitter.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or(f64::NAN)
     };
@@ -257,9 +317,11 @@ fn phase() -> anyhow::Result<Value> {
         "readings_per_s": (readings as f64 / secs).round(),
         "period_achieved_ratio": r3(achieved as f64 / configured),
         "bare_client_ratio": r3(gh_tx / bare_tx),
-        "poll_jitter_p99_ms": r3(pct(0.99)),
-        "poll_jitter_p90_ms": r3(pct(0.90)),
-        "poll_jitter_p50_ms": r3(pct(0.50)),
+        "poll_jitter_p99_ms": r3(pct(&late, 0.99)),
+        "poll_jitter_p90_ms": r3(pct(&late, 0.90)),
+        "poll_jitter_p50_ms": r3(pct(&late, 0.50)),
+        "polls_timed": late.len(),
+        "peer_interval_jitter_p99_ms": r3(pct(&peer_jitter, 0.99)),
         "flushes_per_s": ((flushes1 - flushes0) as f64 / secs).round(),
         "tx_per_s": gh_tx.round(),
         "bare_tx_per_s": bare_tx.round(),
