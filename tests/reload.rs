@@ -107,7 +107,7 @@ fn buses_are_added_restarted_and_removed_live_and_a_bad_file_changes_nothing() {
             states: Arc::new(gatehouse::devstate::DeviceStates::new()),
             units: Arc::new(NoDevices),
             relays: relays.clone(),
-            ble: None,
+            devices: None,
             drain: Duration::from_secs(1),
         },
         link_stop,
