@@ -5,13 +5,31 @@
 //! ```text
 //! tree `events`      ""              u64be  high-water: the next sequence number to assign
 //!                    "\0"            u64be  events dropped by trims since the database epoch
-//!                    <seq:u64be>     JSON [`Event`] (at most [`MAX_RECORD_BYTES`])
+//!                    "\0\0"          u64be  seq of the latest `outbox_overflow` record
+//!                    <seq:u64be>     JSON [`Event`] (at most [`MAX_RECORD_BYTES`]): a loose
+//!                                    record, in the open block (or written by an older version)
+//!                    "B" <block:u64be> the sealed records of seq block×128 .. block×128+127
+//!                    "S" <block:u64be> its summary: which are held, which are security events,
+//!                                    their sizes (see `events/blocks.rs`)
 //! tree `events_age`  <lived_ms:u64be> u64be  age mark: every event numbered below the value
 //!                                           was appended at or before this lived time
 //! ```
 //!
-//! Sequence numbers increase by one per event; the high-water key is written in the same batch
-//! as the records, so a number once flushed is never assigned again.
+//! Sequence numbers increase by one per event (and stay below 2^56); the high-water key is
+//! written in the same batch as the records, so a number once flushed is never assigned again.
+//!
+//! # Blocks, and memory
+//!
+//! sled keeps per-key structures in memory, so a million keys cost some 90 MiB whatever its
+//! cache. Records are therefore appended as loose keys and, once all 128 numbers of a block are
+//! assigned, *sealed* into one block key and one summary key, in one batch (a crash leaves the
+//! loose or the sealed form, both complete). A PUBACK rewrites only the summaries of the blocks
+//! it touches (a block goes with its last record); a trim drops records by summary and compacts
+//! the blocks it touched. The log keeps only counters in memory (`LogState`, O(1)); an open
+//! rebuilds them from the summaries and the open block's loose records, without reading the
+//! sealed records. A log written by an older version (one key per event) is sealed block by
+//! block at its first open (each block one batch, so an interrupted migration finishes at the
+//! next open).
 //!
 //! # Visible only when durable
 //!
@@ -38,7 +56,8 @@
 //! writes one `outbox_overflow` record and folds the previous one, if not yet delivered, into it
 //! (removing it): the log holds at most one undelivered overflow record from this version. A
 //! trim reads only what it drops plus the security events it passes, once (a cursor skips the
-//! security events at the front of the log), and when only security events are over a bound no
+//! security events at the front of the log; sealed records are read from their block's summary,
+//! and each block it dropped from is rewritten once), and when only security events are over a bound no
 //! trim runs until the droppable events reach 5 % of the bound. An append reads at most
 //! [`INLINE_TRIM_READS`] + 2 per event for a trim, so a decision never pays for a backlog; later
 //! appends, or [`EventLog::trim_pending`] (the daemon, every second, in chunks), go on from the
@@ -237,13 +256,25 @@ fn scan(trees: &Trees) -> anyhow::Result<LogState> {
     };
     let next = last.map_or(floor, |l| floor.max(l + 1));
     let mut overflow = None;
-    let (mut sealed, started) = (0u64, std::time::Instant::now());
-    while let Some(seq) = blocks::first_loose(t, 0, next / BLOCK * BLOCK)? {
-        overflow = overflow.max(blocks::seal(t, seq / BLOCK)?);
-        sealed += 1;
+    let (mut sealed, mut seal_from, started) = (0u64, next / BLOCK, std::time::Instant::now());
+    // Best effort: loose records are read as well as sealed ones, so a log whose sealing fails
+    // (a full disk, at a reopen after a storage failure) still opens; a later append seals.
+    let mut sealing = || -> anyhow::Result<()> {
+        while let Some(seq) = blocks::first_loose(t, 0, next / BLOCK * BLOCK)? {
+            seal_from = seal_from.min(seq / BLOCK);
+            overflow = overflow.max(blocks::seal(t, seq / BLOCK)?);
+            sealed += 1;
+        }
+        seal_from = next / BLOCK;
+        if sealed > 0 {
+            t.flush()?;
+        }
+        Ok(())
+    };
+    if let Err(e) = sealing() {
+        tracing::warn!("event log: sealing loose records into blocks: {e:#}");
     }
     if sealed > 0 {
-        t.flush()?;
         tracing::info!(
             blocks = sealed,
             seconds = started.elapsed().as_secs_f64(),
@@ -253,7 +284,7 @@ fn scan(trees: &Trees) -> anyhow::Result<LogState> {
     let mut st = LogState {
         next,
         dropped_total: t.get(DROPPED_TOTAL)?.and_then(|v| u64_of(&v)).unwrap_or(0),
-        seal_from: next / BLOCK,
+        seal_from,
         scan_from: next,
         ..LogState::default()
     };
