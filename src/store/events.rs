@@ -5,13 +5,31 @@
 //! ```text
 //! tree `events`      ""              u64be  high-water: the next sequence number to assign
 //!                    "\0"            u64be  events dropped by trims since the database epoch
-//!                    <seq:u64be>     JSON [`Event`] (at most [`MAX_RECORD_BYTES`])
+//!                    "\0\0"          u64be  seq of the latest `outbox_overflow` record
+//!                    <seq:u64be>     JSON [`Event`] (at most [`MAX_RECORD_BYTES`]): a loose
+//!                                    record, in the open block (or written by an older version)
+//!                    "B" <block:u64be> the sealed records of seq block×128 .. block×128+127
+//!                    "S" <block:u64be> its summary: which are held, which are security events,
+//!                                    their sizes (see `events/blocks.rs`)
 //! tree `events_age`  <lived_ms:u64be> u64be  age mark: every event numbered below the value
 //!                                           was appended at or before this lived time
 //! ```
 //!
-//! Sequence numbers increase by one per event; the high-water key is written in the same batch
-//! as the records, so a number once flushed is never assigned again.
+//! Sequence numbers increase by one per event (and stay below 2^56); the high-water key is
+//! written in the same batch as the records, so a number once flushed is never assigned again.
+//!
+//! # Blocks, and memory
+//!
+//! sled keeps per-key structures in memory, so a million keys cost some 90 MiB whatever its
+//! cache. Records are therefore appended as loose keys and, once all 128 numbers of a block are
+//! assigned, *sealed* into one block key and one summary key, in one batch (a crash leaves the
+//! loose or the sealed form, both complete). A PUBACK rewrites only the summaries of the blocks
+//! it touches (a block goes with its last record); a trim drops records by summary and compacts
+//! the blocks it touched. The log keeps only counters in memory (`LogState`, O(1)); an open
+//! rebuilds them from the summaries and the open block's loose records, without reading the
+//! sealed records. A log written by an older version (one key per event) is sealed block by
+//! block at its first open (each block one batch, so an interrupted migration finishes at the
+//! next open).
 //!
 //! # Visible only when durable
 //!
@@ -38,7 +56,8 @@
 //! writes one `outbox_overflow` record and folds the previous one, if not yet delivered, into it
 //! (removing it): the log holds at most one undelivered overflow record from this version. A
 //! trim reads only what it drops plus the security events it passes, once (a cursor skips the
-//! security events at the front of the log), and when only security events are over a bound no
+//! security events at the front of the log; sealed records are read from their block's summary,
+//! and each block it dropped from is rewritten once), and when only security events are over a bound no
 //! trim runs until the droppable events reach 5 % of the bound. An append reads at most
 //! [`INLINE_TRIM_READS`] + 2 per event for a trim, so a decision never pays for a backlog; later
 //! appends, or [`EventLog::trim_pending`] (the daemon, every second, in chunks), go on from the
@@ -55,7 +74,10 @@ use serde::{Deserialize, Serialize};
 use super::crash_point;
 use crate::events::{EventKind, is_security_kind};
 
+mod blocks;
 mod size;
+
+use blocks::{BLOCK, SEQ_LIMIT, seq_key};
 
 pub use size::{MAX_RECORD_BYTES, MAX_STRING_BYTES};
 
@@ -117,6 +139,8 @@ pub const AGE_TREE: &str = "events_age";
 const HIGH_WATER: &[u8] = b"";
 /// Key of the count of events dropped by trims (sorts before every event key too).
 const DROPPED_TOTAL: &[u8] = b"\0";
+/// Key of the sequence number of the latest `outbox_overflow` record (which may be gone since).
+const OVERFLOW: &[u8] = b"\0\0";
 
 /// Records a trim inside an append may read, plus two per event appended: a decision never pays
 /// for a backlog; what is left is trimmed by later appends or by [`EventLog::trim_pending`].
@@ -168,6 +192,8 @@ struct LogState {
     /// A trim for space stopped at its read limit before reaching 95 % of the bounds.
     trimming: bool,
     dropped_total: u64,
+    /// Every block numbered below this is sealed (has no loose record).
+    seal_from: u64,
 }
 
 /// The durable, bounded event log. It is also the cloud outbox: an event leaves it only when the
@@ -211,47 +237,90 @@ fn is_security_record(v: &[u8]) -> bool {
     record_kind(v).is_some_and(|k| is_security_kind(&k))
 }
 
-/// Reads the log's state from disk (at open, also after a disk-full recovery reopened sled).
+/// Reads the log's state from disk (at open, also after a disk-full recovery reopened sled),
+/// first sealing every complete block that still has loose records (a log written by an older
+/// version, one key per event, is migrated here once; each block is one atomic batch, so a crash
+/// half way leaves a log that opens and finishes the migration). Reads the block summaries and
+/// the loose records of the open block, not the sealed records.
 fn scan(trees: &Trees) -> anyhow::Result<LogState> {
     let t = &trees.events;
-    let next = match t.range(0u64.to_be_bytes()..).next_back() {
-        Some(kv) => seq_of(&kv?.0)? + 1,
-        None => 1,
-    };
     // Sequence numbers are never reused, even when the log was emptied by deliveries.
     let floor = t
         .get(HIGH_WATER)?
         .map(|v| seq_of(&v))
         .transpose()?
         .unwrap_or(1);
+    let last = match blocks::prev_block(t, u64::MAX)? {
+        Some(b) => blocks::records(t, b, 0, u64::MAX)?.last().map(|(s, _)| *s),
+        None => None,
+    };
+    let next = last.map_or(floor, |l| floor.max(l + 1));
+    let mut overflow = None;
+    let (mut sealed, mut seal_from, started) = (0u64, next / BLOCK, std::time::Instant::now());
+    // Best effort: loose records are read as well as sealed ones, so a log whose sealing fails
+    // (a full disk, at a reopen after a storage failure) still opens; a later append seals.
+    let mut sealing = || -> anyhow::Result<()> {
+        while let Some(seq) = blocks::first_loose(t, 0, next / BLOCK * BLOCK)? {
+            seal_from = seal_from.min(seq / BLOCK);
+            overflow = overflow.max(blocks::seal(t, seq / BLOCK)?);
+            sealed += 1;
+        }
+        seal_from = next / BLOCK;
+        if sealed > 0 {
+            t.flush()?;
+        }
+        Ok(())
+    };
+    if let Err(e) = sealing() {
+        tracing::warn!("event log: sealing loose records into blocks: {e:#}");
+    }
+    if sealed > 0 {
+        tracing::info!(
+            blocks = sealed,
+            seconds = started.elapsed().as_secs_f64(),
+            "event log: sealed loose records into blocks"
+        );
+    }
     let mut st = LogState {
-        next: next.max(floor),
+        next,
         dropped_total: t.get(DROPPED_TOTAL)?.and_then(|v| u64_of(&v)).unwrap_or(0),
+        seal_from,
+        scan_from: next,
         ..LogState::default()
     };
-    let mut leading_security = true;
-    for kv in t.range(0u64.to_be_bytes()..) {
-        let (k, v) = kv?;
-        let seq = seq_of(&k)?;
+    for s in blocks::summaries(t) {
+        let (b, s) = s?;
+        let droppable = s.present & !s.security;
+        st.count += u64::from(s.present.count_ones());
+        st.bytes += s.bytes(u128::MAX);
+        st.droppable += u64::from(droppable.count_ones());
+        st.droppable_bytes += s.bytes(droppable);
+        if droppable != 0 {
+            st.scan_from = st
+                .scan_from
+                .min(b * BLOCK + u64::from(droppable.trailing_zeros()));
+        }
+    }
+    for kv in blocks::loose(t) {
+        let (seq, v) = kv?;
         st.count += 1;
         st.bytes += v.len() as u64;
         let kind = record_kind(&v);
         if kind.as_deref().is_some_and(is_security_kind) {
             if kind.as_deref() == Some(EventKind::OutboxOverflow.as_str()) {
-                st.overflow = Some(seq);
+                overflow = overflow.max(Some(seq));
             }
         } else {
             st.droppable += 1;
             st.droppable_bytes += v.len() as u64;
-            leading_security = false;
-        }
-        if leading_security {
-            st.scan_from = seq + 1;
+            st.scan_from = st.scan_from.min(seq);
         }
     }
-    if leading_security {
-        st.scan_from = st.next;
-    }
+    let known = t.get(OVERFLOW)?.and_then(|v| u64_of(&v));
+    st.overflow = match overflow.max(known) {
+        Some(o) if blocks::holds(t, o)? => Some(o),
+        _ => None,
+    };
     Ok(st)
 }
 
@@ -303,6 +372,9 @@ impl EventLog {
         let mut batch = sled::Batch::default();
         let mut seqs = Vec::with_capacity(events.len());
         let mut new = st.clone();
+        if new.next + events.len() as u64 + 1 >= SEQ_LIMIT {
+            anyhow::bail!("the event log has used up its sequence numbers");
+        }
         for e in events {
             let ev = Event {
                 seq: new.next,
@@ -321,7 +393,7 @@ impl EventLog {
                 // Everything before it is a security event or gone: keep the cursor past it.
                 new.scan_from = new.next + 1;
             }
-            batch.insert(&new.next.to_be_bytes(), v);
+            batch.insert(&seq_key(new.next), v);
             seqs.push(new.next);
             new.next += 1;
         }
@@ -338,7 +410,33 @@ impl EventLog {
                 tracing::warn!("trimming the event log: {e:#}");
             }
         }
+        Self::seal_done(&trees, &mut st);
         Ok(seqs)
+    }
+
+    /// Seals the blocks whose every number has been assigned (see [`blocks`]). Their records
+    /// are in sled already, loose; a failure leaves them so, and a later call seals them.
+    fn seal_done(trees: &Trees, st: &mut LogState) {
+        let open = st.next / BLOCK;
+        while st.seal_from < open {
+            let lo = st.seal_from * BLOCK;
+            let sealed =
+                blocks::first_loose(&trees.events, lo, open * BLOCK).and_then(
+                    |first| match first {
+                        Some(seq) => {
+                            blocks::seal(&trees.events, seq / BLOCK).map(|_| seq / BLOCK + 1)
+                        }
+                        None => Ok(open),
+                    },
+                );
+            match sealed {
+                Ok(b) => st.seal_from = b,
+                Err(e) => {
+                    tracing::warn!("sealing a block of the event log: {e:#}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Flushes what was applied and makes it visible. Returns the watermark: every record
@@ -453,6 +551,7 @@ impl EventLog {
             let (d, reads) =
                 self.trim_locked(trees, &mut st, age_cut, now, local, CHUNK_TRIM_READS)?;
             dropped += d;
+            Self::seal_done(trees, &mut st);
             if reads < CHUNK_TRIM_READS {
                 break;
             }
@@ -490,42 +589,65 @@ impl EventLog {
         let mut batch = sled::Batch::default();
         // The previous overflow record, if still held, is folded into this trim's (and so does
         // not count towards the bounds).
+        let t = &trees.events;
+        // Records to remove from sealed blocks: (summary, bits), written once per block.
+        let mut sealed: std::collections::BTreeMap<u64, (blocks::Summary, u128)> =
+            Default::default();
         let folded = match st.overflow {
-            Some(old) => trees.events.get(old.to_be_bytes())?.map(|v| (old, v)),
+            Some(old) => {
+                let b = old / BLOCK;
+                let rec = blocks::records(t, b, old, old + 1)?.pop();
+                if let Some((_, v)) = &rec {
+                    match blocks::summary(t, b)? {
+                        Some(s) if s.holds(old) => {
+                            sealed.entry(b).or_insert((s, 0)).1 |= 1 << (old % BLOCK);
+                        }
+                        _ => batch.remove(&seq_key(old)),
+                    }
+                    new.count = new.count.saturating_sub(1);
+                    new.bytes = new.bytes.saturating_sub(v.len() as u64);
+                }
+                rec
+            }
             None => None,
         };
-        if let Some((_, v)) = &folded {
-            new.count = new.count.saturating_sub(1);
-            new.bytes = new.bytes.saturating_sub(v.len() as u64);
-        }
         let (mut dropped, mut first, mut last, mut reads) = (0u64, None, 0u64, 0u64);
-        for kv in trees.events.range(st.scan_from.to_be_bytes()..) {
-            if reads >= max_reads {
-                break;
+        let mut block = st.scan_from / BLOCK;
+        'blocks: while let Some(b) = blocks::next_block(t, block)? {
+            block = b + 1;
+            let (summary, metas) = blocks::metas(t, b, st.scan_from)?;
+            for m in metas {
+                if reads >= max_reads {
+                    break 'blocks;
+                }
+                reads += 1;
+                self.trim_reads.fetch_add(1, Ordering::Relaxed);
+                let seq = m.seq;
+                let shrinking = for_space
+                    && new.droppable > 0
+                    && (new.count > target_events || new.bytes > target_bytes);
+                if seq >= age_cut && !shrinking {
+                    break 'blocks;
+                }
+                // Everything before the cursor is now a security event or dropped.
+                new.scan_from = seq + 1;
+                if m.security {
+                    continue;
+                }
+                match (&summary, m.sealed) {
+                    (Some(s), true) => {
+                        sealed.entry(b).or_insert((s.clone(), 0)).1 |= 1 << (seq % BLOCK);
+                    }
+                    _ => batch.remove(&seq_key(seq)),
+                }
+                new.count = new.count.saturating_sub(1);
+                new.bytes = new.bytes.saturating_sub(m.len);
+                new.droppable = new.droppable.saturating_sub(1);
+                new.droppable_bytes = new.droppable_bytes.saturating_sub(m.len);
+                dropped += 1;
+                first.get_or_insert(seq);
+                last = seq;
             }
-            let (k, v) = kv?;
-            reads += 1;
-            self.trim_reads.fetch_add(1, Ordering::Relaxed);
-            let seq = seq_of(&k)?;
-            let shrinking = for_space
-                && new.droppable > 0
-                && (new.count > target_events || new.bytes > target_bytes);
-            if seq >= age_cut && !shrinking {
-                break;
-            }
-            // Everything before the cursor is now a security event or dropped.
-            new.scan_from = seq + 1;
-            if is_security_record(&v) {
-                continue;
-            }
-            batch.remove(k);
-            new.count = new.count.saturating_sub(1);
-            new.bytes = new.bytes.saturating_sub(v.len() as u64);
-            new.droppable = new.droppable.saturating_sub(1);
-            new.droppable_bytes = new.droppable_bytes.saturating_sub(v.len() as u64);
-            dropped += 1;
-            first.get_or_insert(seq);
-            last = seq;
         }
         // Stopped by the read limit with more to drop: the next append or tick goes on.
         new.trimming = for_space
@@ -538,12 +660,15 @@ impl EventLog {
             return Ok((0, reads));
         }
         let (mut covered, mut first_seq) = (dropped, first.unwrap_or(last));
-        if let Some((old, v)) = folded {
-            if let Ok(e) = serde_json::from_slice::<Event>(&v) {
-                covered += e.payload["dropped"].as_u64().unwrap_or(0);
-                first_seq = first_seq.min(e.payload["first_seq"].as_u64().unwrap_or(first_seq));
-            }
-            batch.remove(&old.to_be_bytes());
+        if let Some((_, v)) = folded
+            && let Ok(e) = serde_json::from_slice::<Event>(&v)
+        {
+            covered += e.payload["dropped"].as_u64().unwrap_or(0);
+            first_seq = first_seq.min(e.payload["first_seq"].as_u64().unwrap_or(first_seq));
+        }
+        // Compacted: a trim reclaims the space of what it drops.
+        for (b, (s, gone)) in &sealed {
+            blocks::remove_sealed(t, &mut batch, *b, s, *gone, true)?;
         }
         new.dropped_total += dropped;
         let overflow = Event {
@@ -568,7 +693,8 @@ impl EventLog {
         if new.scan_from == new.next {
             new.scan_from += 1;
         }
-        batch.insert(&new.next.to_be_bytes(), v);
+        batch.insert(OVERFLOW, &new.next.to_be_bytes());
+        batch.insert(&seq_key(new.next), v);
         new.next += 1;
         batch.insert(HIGH_WATER, &new.next.to_be_bytes());
         batch.insert(DROPPED_TOTAL, &new.dropped_total.to_be_bytes());
@@ -587,20 +713,60 @@ impl EventLog {
     /// crash only means the event is sent again (the cloud drops duplicates by id).
     pub fn remove_delivered(&self, seqs: &[u64]) -> anyhow::Result<()> {
         let trees = self.trees();
+        let t = &trees.events;
         let mut st = self.lock();
-        for s in seqs {
-            if let Some(v) = trees.events.remove(s.to_be_bytes())? {
+        // Sealed records: only their block's summary is rewritten, once per block.
+        let mut sealed: std::collections::BTreeMap<u64, (Option<blocks::Summary>, u128)> =
+            Default::default();
+        for &s in seqs {
+            let b = s / BLOCK;
+            let entry = match sealed.entry(b) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((blocks::summary(t, b)?, 0))
+                }
+            };
+            if let (Some(sum), gone) = entry {
+                if sum.holds(s) {
+                    *gone |= 1 << (s % BLOCK);
+                    continue;
+                }
+            }
+            if let Some(v) = t.remove(seq_key(s))? {
                 st.count = st.count.saturating_sub(1);
                 st.bytes = st.bytes.saturating_sub(v.len() as u64);
                 if !is_security_record(&v) {
                     st.droppable = st.droppable.saturating_sub(1);
                     st.droppable_bytes = st.droppable_bytes.saturating_sub(v.len() as u64);
                 }
-                if st.overflow == Some(*s) {
+                if st.overflow == Some(s) {
                     st.overflow = None;
                 }
             }
         }
+        let mut batch = sled::Batch::default();
+        let mut new = st.clone();
+        for (b, (sum, gone)) in &sealed {
+            let Some(sum) = sum.as_ref().filter(|_| *gone != 0) else {
+                continue;
+            };
+            blocks::remove_sealed(t, &mut batch, *b, sum, *gone, false)?;
+            let droppable = *gone & !sum.security;
+            new.count = new.count.saturating_sub(u64::from(gone.count_ones()));
+            new.bytes = new.bytes.saturating_sub(sum.bytes(*gone));
+            new.droppable = new
+                .droppable
+                .saturating_sub(u64::from(droppable.count_ones()));
+            new.droppable_bytes = new.droppable_bytes.saturating_sub(sum.bytes(droppable));
+            if new
+                .overflow
+                .is_some_and(|o| o / BLOCK == *b && gone & 1 << (o % BLOCK) != 0)
+            {
+                new.overflow = None;
+            }
+        }
+        t.apply_batch(batch)?;
+        *st = new;
         Ok(())
     }
 
@@ -617,8 +783,12 @@ impl EventLog {
         let trees = self.trees();
         let mut st = self.lock();
         if floor > st.next {
+            if floor >= SEQ_LIMIT {
+                anyhow::bail!("sequence number {floor} is beyond the event log's range");
+            }
             trees.events.insert(HIGH_WATER, &floor.to_be_bytes())?;
             st.next = floor;
+            Self::seal_done(&trees, &mut st);
         }
         Ok(())
     }
@@ -661,13 +831,18 @@ impl EventLog {
         if cursor >= end {
             return Ok(out);
         }
-        let range = self
-            .trees()
-            .events
-            .range(cursor.to_be_bytes()..end.to_be_bytes());
-        for kv in range.take(limit) {
-            let (k, v) = kv?;
-            out.push((seq_of(&k)?, v));
+        let t = &self.trees().events;
+        let mut block = cursor / BLOCK;
+        while out.len() < limit {
+            let Some(b) = blocks::next_block(t, block)? else {
+                break;
+            };
+            if b * BLOCK >= end {
+                break;
+            }
+            let recs = blocks::records(t, b, cursor, end)?;
+            out.extend(recs.into_iter().take(limit - out.len()));
+            block = b + 1;
         }
         Ok(out)
     }
@@ -696,20 +871,23 @@ impl EventLog {
 
     /// (first, last) sequence numbers visible.
     pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
-        let end = self.durable_seq();
-        let mut events = self
-            .trees()
-            .events
-            .range(0u64.to_be_bytes()..end.to_be_bytes());
-        let first = events
-            .next()
-            .and_then(|kv| kv.ok())
-            .and_then(|(k, _)| seq_of(&k).ok());
-        let last = events
-            .next_back()
-            .and_then(|kv| kv.ok())
-            .and_then(|(k, _)| seq_of(&k).ok());
-        (first, last.or(first))
+        let first = self
+            .read_raw_from(0, 1)
+            .ok()
+            .and_then(|r| r.first().map(|(s, _)| *s));
+        let Some(first) = first else {
+            return (None, None);
+        };
+        let (end, t) = (self.durable_seq(), &self.trees().events);
+        let mut block = (end - 1) / BLOCK;
+        while let Ok(Some(b)) = blocks::prev_block(t, block) {
+            if let Some((last, _)) = blocks::records(t, b, 0, end).ok().and_then(|mut r| r.pop()) {
+                return (Some(first), Some(last));
+            }
+            let Some(below) = b.checked_sub(1) else { break };
+            block = below;
+        }
+        (Some(first), Some(first))
     }
 }
 

@@ -4,6 +4,7 @@
 //!   with an empty log;
 //! - `decision_p99_ms_full`: the same with [`BACKLOG`] undelivered events held (every tenth a
 //!   security event), at the default bound, so that decisions push the log over it;
+//! - `open_s_backlog_1m`: the time to open the database holding that backlog (`Store::open`);
 //! - `rss_mb_backlog_1m`: VmRSS of the real daemon (`gatehouse run`, a child process) holding
 //!   that backlog, its cloud link unable to reach a broker;
 //! - `snapshot_replace_peak_mb`: VmHWM of the daemon, holding a site of 1,000,000 credentials,
@@ -59,6 +60,7 @@ pub fn run() -> anyhow::Result<()> {
     let backlog_dir = dir.path().join("backlog");
     let data = backlog_dir.join("data");
     let (mut p99_empty, mut p99_full, mut max_full, mut rss_backlog) = (None, None, None, None);
+    let mut open_backlog = None;
     if phase("decisions") || phase("rss") {
         let store = Arc::new(Store::open_with(&data, LogLimits::default())?);
         store.apply(&gatehouse::sync::parse(DEMO_SNAPSHOT.as_bytes())?)?;
@@ -102,6 +104,18 @@ pub fn run() -> anyhow::Result<()> {
             store.events().len()
         );
         store.flush()?;
+        // The time to open the database holding the backlog (the daemon's start-up).
+        drop(engine);
+        drop(store);
+        let t = Instant::now();
+        let reopened = Store::open_with(&data, LogLimits::default())?;
+        open_backlog = Some(t.elapsed().as_secs_f64());
+        eprintln!(
+            "reopened with {} events in {:.2} s",
+            reopened.events().len(),
+            t.elapsed().as_secs_f64()
+        );
+        drop(reopened);
         p99_empty = Some(pct(&empty, 0.99));
         p99_full = Some(pct(&full, 0.99));
         max_full = Some(pct(&full, 1.0));
@@ -131,7 +145,14 @@ pub fn run() -> anyhow::Result<()> {
     }
     drop(std::fs::remove_dir_all(&backlog_dir));
     if !phase("snapshot") && !phase("resume") {
-        print_figures(p99_empty, p99_full, max_full, rss_backlog, None, &[]);
+        print_figures(
+            p99_empty,
+            p99_full,
+            max_full,
+            (open_backlog, rss_backlog),
+            None,
+            &[],
+        );
         return Ok(());
     }
 
@@ -200,7 +221,7 @@ pub fn run() -> anyhow::Result<()> {
         p99_empty,
         p99_full,
         max_full,
-        rss_backlog,
+        (open_backlog, rss_backlog),
         replace_peak,
         &resume,
     );
@@ -211,7 +232,7 @@ fn print_figures(
     p99_empty: Option<f64>,
     p99_full: Option<f64>,
     max_full: Option<f64>,
-    rss_backlog: Option<f64>,
+    (open_backlog, rss_backlog): (Option<f64>, Option<f64>),
     replace_peak: Option<f64>,
     resume: &[f64],
 ) {
@@ -222,6 +243,7 @@ fn print_figures(
             "decision_p99_ms_empty": p99_empty.map(round3),
             "decision_p99_ms_full": p99_full.map(round3),
             "decision_max_ms_full": max_full.map(round3),
+            "open_s_backlog_1m": open_backlog.map(round3),
             "rss_mb_backlog_1m": rss_backlog.map(f64::round),
             "snapshot_replace_peak_mb": replace_peak.map(f64::round),
             "resume_after_broker_s_p99": (!resume.is_empty()).then(|| round3(pct(resume, 0.99))),
@@ -511,9 +533,11 @@ impl Cloud {
     }
 }
 
-/// `gatehouse-bench outbox-probe snap | log <dir> [cache_mb] | fill <dir> | fillraw <dir> <n>`:
-/// memory at each stage of replacing a million-credential site in one process, or of opening a
-/// database holding a backlog (for finding where the memory goes; prints to stderr).
+/// `gatehouse-bench outbox-probe snap | log <dir> [cache_mb] | fill <dir> | fillraw <dir> <n> |
+/// fillold <dir> <n> | open <dir>`: memory at each stage of replacing a million-credential site
+/// in one process, or of opening a database holding a backlog (for finding where the memory
+/// goes; prints to stderr). `fillold` writes `n` events as versions before event blocks did (one
+/// sled key per event); `open` opens a store (sealing such a log once) and says how long it took.
 /// `GH_SEG_KB` sets sled's segment size for `log` and `fillraw`.
 pub fn probe(args: &[String]) -> anyhow::Result<()> {
     let rss = |stage: &str| {
@@ -594,7 +618,65 @@ pub fn probe(args: &[String]) -> anyhow::Result<()> {
             db.flush()?;
             rss("filled raw");
         }
-        _ => bail!("usage: outbox-probe snap | log <dir> [cache_mb] | fill <dir>"),
+        Some("fillold") => {
+            let dir = Path::new(args.get(1).context("dir")?);
+            let n: u64 = args.get(2).context("n")?.parse()?;
+            let db = sled::Config::new().path(dir.join("db")).open()?;
+            let tree = db.open_tree("events")?;
+            let at = Utc::now();
+            let mut i = 1u64;
+            while i <= n {
+                let mut b = sled::Batch::default();
+                for seq in i..(i + 20_000).min(n + 1) {
+                    let security = seq % 10 == 0;
+                    let ev = gatehouse::store::Event {
+                        seq,
+                        at,
+                        local: at.to_rfc3339(),
+                        kind: if security {
+                            "access_denied"
+                        } else {
+                            "access_granted"
+                        }
+                        .into(),
+                        payload: json!({
+                            "reason": if security { "unknown_credential" } else { "tenant" },
+                            "credential": "code", "entry": "gate-1", "direction": "in",
+                            "units": [format!("U{}", seq % 100_000)],
+                            "user": format!("u{}", seq % 120_000), "device": "keypad-gate-1",
+                        }),
+                    };
+                    b.insert(&seq.to_be_bytes(), serde_json::to_vec(&ev)?);
+                }
+                i += 20_000;
+                b.insert(b"", &i.to_be_bytes());
+                tree.apply_batch(b)?;
+            }
+            db.flush()?;
+            rss("filled in the one-key-per-event layout");
+        }
+        Some("open") => {
+            let dir = Path::new(args.get(1).context("dir")?);
+            let t = Instant::now();
+            let store = Store::open_with(dir, LogLimits::default())?;
+            rss(&format!(
+                "opened {} events in {:.2} s",
+                store.events().len(),
+                t.elapsed().as_secs_f64()
+            ));
+            let t = Instant::now();
+            drop(store);
+            let store = Store::open_with(dir, LogLimits::default())?;
+            rss(&format!(
+                "opened again {} events in {:.2} s",
+                store.events().len(),
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        _ => bail!(
+            "usage: outbox-probe snap | log <dir> [cache_mb] | fill <dir> | fillraw <dir> <n> | \
+             fillold <dir> <n> | open <dir>"
+        ),
     }
     Ok(())
 }

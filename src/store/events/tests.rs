@@ -238,3 +238,223 @@ fn an_append_reads_only_a_few_records_for_a_trim_and_the_background_trim_finishe
     );
     assert_eq!(log.trim_pending(at(), "").unwrap(), 0);
 }
+
+/// The counters a reopen rebuilds from disk, to compare with those kept while running.
+fn counters(log: &EventLog) -> (u64, u64, u64, u64, u64, u64, Option<u64>, u64) {
+    let st = log.lock();
+    (
+        st.next,
+        st.count,
+        st.bytes,
+        st.droppable,
+        st.droppable_bytes,
+        st.scan_from,
+        st.overflow,
+        st.dropped_total,
+    )
+}
+
+fn mixed(n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|i| NewEvent {
+            payload: json!({"i": i}),
+            ..ev(if i % 10 == 0 {
+                EventKind::AccessDenied
+            } else {
+                EventKind::AccessGranted
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_log_is_a_few_keys_per_block_and_a_reopen_finds_the_same_state() {
+    let (_d, db) = open_db();
+    let log = EventLog::open(&db, limits(2_000)).unwrap();
+    log.append(&mixed(1_500)).unwrap();
+    for _ in 0..300 {
+        log.append(&mixed(1)).unwrap();
+    }
+    // Over the bound: a trim dropped (and compacted) the oldest ordinary events.
+    assert!(log.append(&mixed(400)).is_ok());
+    assert!(!overflow_records(&log).is_empty());
+    // Acknowledged: some whole blocks, some records inside blocks, some loose.
+    let held: Vec<u64> = log
+        .read_from(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let acked: Vec<u64> = held
+        .iter()
+        .copied()
+        .filter(|s| s % 3 == 0 || *s < 700)
+        .collect();
+    log.remove_delivered(&acked).unwrap();
+    log.flush().unwrap();
+    let running = counters(&log);
+    let left: Vec<Event> = log.read_from(0, usize::MAX).unwrap();
+    assert_eq!(left.len() as u64, log.len());
+    assert!(left.iter().all(|e| !acked.contains(&e.seq)));
+    assert_eq!(
+        log.bytes(),
+        left.iter()
+            .map(|e| serde_json::to_vec(e).unwrap().len() as u64)
+            .sum::<u64>()
+    );
+    // Sled holds a block and a summary per 128 numbers, plus the open block's loose records.
+    let keys = db.open_tree(EVENTS_TREE).unwrap().len() as u64;
+    assert!(
+        keys <= 2 * (log.next_seq() / BLOCK + 1) + BLOCK + 3,
+        "{keys} keys"
+    );
+    drop(log);
+    let log = EventLog::open(&db, limits(2_000)).unwrap();
+    // The trim cursor is a lower bound (every record below it is a security event or gone):
+    // the reopen finds it exactly, the running log may lag behind acknowledgements.
+    let reopened = counters(&log);
+    assert!(reopened.5 >= running.5);
+    assert_eq!(
+        reopened,
+        (
+            running.0, running.1, running.2, running.3, running.4, reopened.5, running.6, running.7
+        )
+    );
+    assert_eq!(log.read_from(0, usize::MAX).unwrap(), left);
+    assert_eq!(
+        log.bounds(),
+        (left.first().map(|e| e.seq), left.last().map(|e| e.seq))
+    );
+    // Reading from the middle of a block, in windows, sees each record once.
+    let mut seen = Vec::new();
+    let mut cursor = left[left.len() / 2].seq + 1;
+    loop {
+        let w = log.read_raw_from(cursor, 7).unwrap();
+        let Some((last, _)) = w.last() else { break };
+        cursor = last + 1;
+        seen.extend(w.into_iter().map(|(s, _)| s));
+    }
+    let want: Vec<u64> = left
+        .iter()
+        .map(|e| e.seq)
+        .filter(|s| *s > left[left.len() / 2].seq)
+        .collect();
+    assert_eq!(seen, want);
+    // Everything delivered: only the high-water and counter keys are left, and numbers go on.
+    let next = log.next_seq();
+    log.remove_delivered(&left.iter().map(|e| e.seq).collect::<Vec<_>>())
+        .unwrap();
+    assert!(log.is_empty());
+    assert_eq!(log.bytes(), 0);
+    assert!(
+        db.open_tree(EVENTS_TREE)
+            .unwrap()
+            .iter()
+            .keys()
+            .all(|k| k.unwrap().len() < 8),
+        "every block deleted"
+    );
+    assert_eq!(log.append(&mixed(1)).unwrap(), [next]);
+}
+
+/// Writes a log as versions before blocks did: one key per event, `<seq:u64be>` → JSON.
+fn write_old_layout(db: &sled::Db, events: &[Event], next: u64) {
+    let t = db.open_tree(EVENTS_TREE).unwrap();
+    for e in events {
+        t.insert(e.seq.to_be_bytes(), serde_json::to_vec(e).unwrap())
+            .unwrap();
+    }
+    t.insert(HIGH_WATER, &next.to_be_bytes()).unwrap();
+    t.insert(DROPPED_TOTAL, &7u64.to_be_bytes()).unwrap();
+    db.flush().unwrap();
+}
+
+fn old_events(n: u64) -> Vec<Event> {
+    (1..=n)
+        .map(|seq| Event {
+            seq,
+            at: at(),
+            local: "2026-11-23T16:00:00+01:00".into(),
+            kind: match seq {
+                s if s == n - 5 => "outbox_overflow",
+                s if s % 10 == 0 => "access_denied",
+                _ => "access_granted",
+            }
+            .into(),
+            payload: if seq == n - 5 {
+                json!({"dropped": 7, "dropped_total": 7, "first_seq": 1, "last_seq": 0})
+            } else {
+                json!({"i": seq})
+            },
+        })
+        .collect()
+}
+
+#[test]
+fn a_log_of_one_key_per_event_opens_is_sealed_once_and_is_delivered() {
+    let (_d, db) = open_db();
+    let old = old_events(1_000);
+    write_old_layout(&db, &old[1..], 1_001);
+    let log = EventLog::open(&db, limits(1_000)).unwrap();
+    assert_eq!(log.read_from(0, usize::MAX).unwrap(), old[1..]);
+    assert_eq!(log.len(), 999);
+    assert_eq!(log.next_seq(), 1_001);
+    let (next, count, bytes, droppable, _, scan_from, overflow, dropped_total) = counters(&log);
+    assert_eq!(
+        (next, count, scan_from, overflow, dropped_total),
+        (1_001, 999, 2, Some(995), 7)
+    );
+    let ordinary: Vec<&Event> = old[1..]
+        .iter()
+        .filter(|e| e.kind == "access_granted")
+        .collect();
+    assert_eq!(droppable, ordinary.len() as u64);
+    assert_eq!(
+        bytes,
+        old[1..]
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap().len() as u64)
+            .sum::<u64>()
+    );
+    let keys = db.open_tree(EVENTS_TREE).unwrap().len();
+    assert!(
+        keys < 1_000 / 128 * 2 + 128 + 4,
+        "sealed into blocks: {keys} keys"
+    );
+    // A trim folds the old version's overflow record into its own.
+    log.append(&mixed(60)).unwrap();
+    let o = overflow_records(&log);
+    assert_eq!(o.len(), 1);
+    assert!(o[0].seq > 1_000);
+    assert_eq!(o[0].payload["first_seq"], 1);
+    // The folded record counted 7; the total counts them once.
+    assert_eq!(o[0].payload["dropped_total"], o[0].payload["dropped"]);
+    // Delivered like any other record.
+    let all: Vec<u64> = log
+        .read_from(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    log.remove_delivered(&all).unwrap();
+    assert!(log.is_empty());
+}
+
+#[test]
+fn a_migration_interrupted_half_way_finishes_at_the_next_open() {
+    let (_d, db) = open_db();
+    let old = old_events(700);
+    write_old_layout(&db, &old, 701);
+    // A crash after two blocks were sealed (each is one batch).
+    let t = db.open_tree(EVENTS_TREE).unwrap();
+    blocks::seal(&t, 1).unwrap();
+    blocks::seal(&t, 3).unwrap();
+    db.flush().unwrap();
+    let log = EventLog::open(&db, limits(1_000)).unwrap();
+    assert_eq!(log.read_from(0, usize::MAX).unwrap(), old);
+    assert_eq!(counters(&log).6, Some(695));
+    drop(log);
+    let log = EventLog::open(&db, limits(1_000)).unwrap();
+    assert_eq!(log.read_from(0, usize::MAX).unwrap(), old);
+    assert_eq!(log.len(), 700);
+}
