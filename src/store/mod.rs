@@ -218,6 +218,7 @@ fn empty_site() -> Site {
             keypad_lockout: Default::default(),
             temporary_code_enabled: false,
             temporary_code_secret: None,
+            ..sync::Facility::new("UTC")
         },
         zones: vec![],
         schedules: vec![],

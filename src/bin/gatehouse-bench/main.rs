@@ -150,6 +150,7 @@ fn synthetic() -> sync::Snapshot {
             auction_winner: None,
             zone: Some(if u % 2 == 0 { "z1" } else { "z2" }.into()),
             controller: None,
+            ..sync::Unit::new("", status)
         });
     }
     for u in 0..users_n {
