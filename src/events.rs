@@ -77,6 +77,11 @@ pub enum EventKind {
     StorageFailed,
     /// The database takes writes again (payload: since, down_ms).
     StorageRecovered,
+    /// An automation alert became active (payload: id, kind, subject, raised_at, detail;
+    /// docs/automation.md).
+    AlertRaised,
+    /// An active automation alert ended (payload: id, kind, subject, raised_at, cleared_at).
+    AlertCleared,
 }
 
 impl EventKind {
@@ -117,6 +122,8 @@ impl EventKind {
             EventKind::MessageTooLarge => "message_too_large",
             EventKind::StorageFailed => "storage_failed",
             EventKind::StorageRecovered => "storage_recovered",
+            EventKind::AlertRaised => "alert_raised",
+            EventKind::AlertCleared => "alert_cleared",
         }
     }
 

@@ -98,7 +98,11 @@ fn short(a: &Action) -> String {
             subject,
             reason,
         } => format!("suppress {} {} {reason}", kind.as_str(), subj(subject)),
-        Action::RelayOn { device, channel } => format!("on {device}/{channel}"),
+        Action::RelayOn {
+            device,
+            channel,
+            off_at,
+        } => format!("on {device}/{channel} until {}", off_at / SECOND),
         Action::RelayOff { device, channel } => format!("off {device}/{channel}"),
         Action::RelayPulse {
             device,

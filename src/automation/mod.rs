@@ -12,6 +12,7 @@
 //! by the caller); a motion window holds at most `motion_alert_events` (≤ 1000) instants.
 
 pub mod held_open;
+pub mod lifecycle;
 pub mod loitering;
 pub mod manual_release;
 pub mod motion;
@@ -139,9 +140,11 @@ pub enum Action {
         subject: Subject,
         reason: &'static str,
     },
+    /// Switch on until `off_at` (repeated with a later `off_at` when a grant extends it).
     RelayOn {
         device: Arc<str>,
         channel: u16,
+        off_at: Millis,
     },
     RelayOff {
         device: Arc<str>,

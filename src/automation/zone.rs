@@ -1,7 +1,7 @@
 //! Zone triggers: while the facility's `zone_triggers` is ON, a grant into a zone (an entry of
 //! the zone, not leaving) switches the zone's triggers: `pulse_ms` pulses the relay,
 //! `on_seconds` switches it on and off again that long after the *last* grant (a second grant
-//! extends it). Pending offs are state the edge stores ([`ZoneTriggers::pending`]), so a
+//! extends it: `RelayOn` again with the new off time). Pending offs are state the edge stores ([`ZoneTriggers::pending`]), so a
 //! restart switches the relay off on time.
 
 use std::collections::BTreeMap;
@@ -50,14 +50,14 @@ impl ZoneTriggers {
             let device: Arc<str> = Arc::from(t.device.as_str());
             match (t.on_seconds, t.pulse_ms) {
                 (Some(secs), _) => {
-                    let until = now + Millis::from(secs) * SECOND;
-                    let prev = self.off_at.insert((device.clone(), t.channel), until);
-                    if prev.is_none() {
-                        out.push(Action::RelayOn {
-                            device,
-                            channel: t.channel,
-                        });
-                    }
+                    let off_at = now + Millis::from(secs) * SECOND;
+                    self.off_at.insert((device.clone(), t.channel), off_at);
+                    // Again on an extension: the edge stores the new off time.
+                    out.push(Action::RelayOn {
+                        device,
+                        channel: t.channel,
+                        off_at,
+                    });
                 }
                 (None, Some(ms)) => out.push(Action::RelayPulse {
                     device,
