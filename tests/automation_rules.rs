@@ -581,7 +581,11 @@ fn zone_triggers_switch_relays_and_off_on_time() {
             (59, Tick),
             (60, Tick),
         ],
-        &["0: on board/3 until 60", "0: pulse board/4 500", "60: off board/3"],
+        &[
+            "0: on board/3 until 60",
+            "0: pulse board/4 500",
+            "60: off board/3",
+        ],
     );
     // A second grant extends the on time (`on` again with the new off time), pulses again.
     check(
