@@ -185,3 +185,39 @@ fn a_relay_due_during_the_downtime_goes_off_at_start() {
     let (_r, due) = Run::open(dir.path(), 3, 201, 321);
     assert!(due.is_empty(), "the timer is gone once done");
 }
+
+/// The lifecycle itself keeps one active alert per kind and subject, whatever the rules say,
+/// and a clear of an alert that is not active records nothing.
+#[test]
+fn one_active_alert_per_kind_and_subject() {
+    use gatehouse::automation::{Action, AlertKind, Subject};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, _) = Run::open(dir.path(), 1, 0, 0);
+    let raise = |id: &str| Action::Raise {
+        kind: AlertKind::ManualUnlock,
+        subject: Subject::Entry(id.into()),
+        detail: json!({}),
+    };
+    let clear = |id: &str| Action::Clear {
+        kind: AlertKind::ManualUnlock,
+        subject: Subject::Entry(id.into()),
+    };
+    r.life
+        .apply(
+            &r.store,
+            vec![
+                raise("door-a"),
+                raise("door-a"),
+                raise("gate"),
+                clear("nowhere"),
+            ],
+            0,
+            wall(0),
+        )
+        .unwrap();
+    let kinds: Vec<String> = r.alert_events().into_iter().map(|e| e.0).collect();
+    assert_eq!(kinds, ["alert_raised", "alert_raised"]);
+    let ids: Vec<String> = r.life.active().map(|a| a.id.clone()).collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+}
