@@ -82,6 +82,11 @@ pub enum EventKind {
     ConfigReloaded,
     /// A configuration reload was refused; nothing changed (payload: `reason`, redacted).
     ConfigReloadRefused,
+    /// An automation alert became active (payload: id, kind, subject, raised_at, detail;
+    /// docs/automation.md).
+    AlertRaised,
+    /// An active automation alert ended (payload: id, kind, subject, raised_at, cleared_at).
+    AlertCleared,
 }
 
 impl EventKind {
@@ -124,6 +129,8 @@ impl EventKind {
             EventKind::StorageRecovered => "storage_recovered",
             EventKind::ConfigReloaded => "config_reloaded",
             EventKind::ConfigReloadRefused => "config_reload_refused",
+            EventKind::AlertRaised => "alert_raised",
+            EventKind::AlertCleared => "alert_cleared",
         }
     }
 

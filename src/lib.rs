@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod automation;
 pub mod ble;
 pub mod cli;
 pub mod cloud;

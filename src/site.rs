@@ -404,6 +404,10 @@ fn check_facility(f: &sync::Facility) -> Result<Facility, SiteError> {
         ("keypad_lockout.max_failures", l.max_failures, 1000),
         ("keypad_lockout.window_minutes", l.window_minutes, 1440),
         ("keypad_lockout.cooldown_minutes", l.cooldown_minutes, 1440),
+        ("motion_quiet_minutes", f.motion_quiet_minutes, 1440),
+        ("motion_clear_minutes", f.motion_clear_minutes, 1440),
+        ("temperature_minutes", f.temperature_minutes, 1440),
+        ("loitering_alert_hours", f.loitering_alert_hours, 168),
     ] {
         if value > max {
             return Err(invalid(format!(
@@ -411,11 +415,91 @@ fn check_facility(f: &sync::Facility) -> Result<Facility, SiteError> {
             )));
         }
     }
+    check_automation(f)?;
     Ok(Facility {
         wire: f.clone(),
         tz,
         temporary_code_secret: secret,
     })
+}
+
+/// The facility's automation settings (docs/sync.md, *Automation*): ranges and pairs.
+fn check_automation(f: &sync::Facility) -> Result<(), SiteError> {
+    match (f.motion_alert_events, f.motion_alert_minutes) {
+        (None, None) => {}
+        (Some(n), Some(m)) => {
+            if !(1..=1000).contains(&n) {
+                return Err(invalid(format!(
+                    "facility motion_alert_events is {n} (1 to 1000 expected)"
+                )));
+            }
+            if !(1..=1440).contains(&m) {
+                return Err(invalid(format!(
+                    "facility motion_alert_minutes is {m} (1 to 1440 expected)"
+                )));
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "facility motion_alert_events and motion_alert_minutes go together (both or neither)",
+            ));
+        }
+    }
+    if f.motion_clear_minutes == 0 {
+        return Err(invalid(
+            "facility motion_clear_minutes is 0 (1 to 1440 expected)",
+        ));
+    }
+    for (name, v) in [
+        ("temperature_min", f.temperature_min),
+        ("temperature_max", f.temperature_max),
+    ] {
+        if let Some(v) = v
+            && !(-60.0..=100.0).contains(&v)
+        {
+            return Err(invalid(format!(
+                "facility {name} is out of range (-60 to 100 °C expected)"
+            )));
+        }
+    }
+    let h = f.temperature_hysteresis;
+    if !(0.0..=20.0).contains(&h) {
+        return Err(invalid(
+            "facility temperature_hysteresis is out of range (0 to 20 °C expected)",
+        ));
+    }
+    if let (Some(lo), Some(hi)) = (f.temperature_min, f.temperature_max)
+        && lo + 2.0 * h >= hi
+    {
+        return Err(invalid(
+            "facility temperature_min must be below temperature_max by more than twice \
+             temperature_hysteresis",
+        ));
+    }
+    Ok(())
+}
+
+fn check_trigger(zone: &str, i: usize, t: &sync::Trigger) -> Result<(), SiteError> {
+    let at = || format!("zone `{zone}` triggers[{i}]");
+    if t.device.is_empty() {
+        return Err(invalid(format!("{} has an empty device", at())));
+    }
+    match (t.on_seconds, t.pulse_ms) {
+        (Some(s), None) if (1..=86_400).contains(&s) => Ok(()),
+        (Some(s), None) => Err(invalid(format!(
+            "{} on_seconds is {s} (1 to 86400 expected)",
+            at()
+        ))),
+        (None, Some(ms)) if (100..=60_000).contains(&ms) => Ok(()),
+        (None, Some(ms)) => Err(invalid(format!(
+            "{} pulse_ms is {ms} (100 to 60000 expected)",
+            at()
+        ))),
+        _ => Err(invalid(format!(
+            "{} must name exactly one of on_seconds, pulse_ms",
+            at()
+        ))),
+    }
 }
 
 /// The small tables, copied whole on change.
@@ -439,6 +523,10 @@ pub struct Tables {
     pub blacklisted_fobs: HashSet<String>,
     pub blacklisted_cards: HashSet<Card>,
     pub revoked_keys: HashSet<String>,
+    /// Derived: the unit a sensor belongs to (its `sensors`, and its `controller` with no
+    /// channel), for the automation rules; the key has `front` false, the value says whether
+    /// the sensor is the unit's front one.
+    pub unit_by_sensor: HashMap<sync::SensorRef, (String, bool)>,
 }
 
 fn insert_unique<T>(
@@ -602,6 +690,7 @@ impl Tables {
             blacklisted_fobs: HashSet::new(),
             blacklisted_cards: HashSet::new(),
             revoked_keys: HashSet::new(),
+            unit_by_sensor: HashMap::new(),
         }
     }
 
@@ -652,8 +741,21 @@ impl Tables {
                 )))
             }
         };
+        for z in self.zones.values() {
+            for (i, t) in z.triggers.iter().enumerate() {
+                check_trigger(&z.id, i, t)?;
+            }
+        }
         for e in self.entries.values() {
             zone(&e.zone, &|| format!("entry `{}`", e.id))?;
+            if let Some(s) = e.held_open_seconds
+                && !(5..=3600).contains(&s)
+            {
+                return Err(invalid(format!(
+                    "entry `{}` held_open_seconds is {s} (5 to 3600 expected)",
+                    e.id
+                )));
+            }
             if let Some(r) = &e.relay
                 && r.device.is_empty()
             {
@@ -661,6 +763,43 @@ impl Tables {
                     "entry `{}` relay has an empty device",
                     e.id
                 )));
+            }
+        }
+        let mut unit_by_sensor: HashMap<sync::SensorRef, (String, bool)> = HashMap::new();
+        let mut unit_ids: Vec<&String> = self.units.keys().collect();
+        unit_ids.sort();
+        for id in unit_ids {
+            let u = &self.units[id];
+            let controller = u.controller.iter().map(|c| sync::SensorRef {
+                device: c.clone(),
+                channel: None,
+                front: false,
+            });
+            for (i, s) in u.sensors.iter().enumerate() {
+                if s.device.is_empty() {
+                    return Err(invalid(format!(
+                        "unit `{}` sensors[{i}] has an empty device",
+                        u.id
+                    )));
+                }
+            }
+            for s in &u.sensors {
+                let key = sync::SensorRef {
+                    front: false,
+                    ..s.clone()
+                };
+                if let Some((other, _)) =
+                    unit_by_sensor.insert(key.clone(), (u.id.clone(), s.front))
+                    && other != u.id
+                {
+                    return Err(invalid(format!(
+                        "units `{other}` and `{}` share the sensor `{}`",
+                        u.id, key.device
+                    )));
+                }
+            }
+            for key in controller {
+                unit_by_sensor.entry(key).or_insert((u.id.clone(), false));
             }
         }
         for u in self.units.values() {
@@ -771,6 +910,7 @@ impl Tables {
         self.blacklisted_fobs = fobs;
         self.blacklisted_cards = cards;
         self.revoked_keys = keys;
+        self.unit_by_sensor = unit_by_sensor;
         // One device per radio address: adverts are matched to devices by MAC.
         let mut macs: HashMap<String, &str> = HashMap::new();
         let mut ids: Vec<&String> = self.devices.keys().collect();

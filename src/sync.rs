@@ -288,6 +288,85 @@ pub struct Facility {
     /// Hex, at least 16 bytes. Shared with the cloud so that the portal can show the day's code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temporary_code_secret: Option<String>,
+    /// Motion alert: this many motion facts from one unit's sensors (1..=1000) within
+    /// `motion_alert_minutes` count as motion. Absent (both): no motion alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub motion_alert_events: Option<u32>,
+    /// Motion alert: the counting window in minutes (1..=1440), with `motion_alert_events`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub motion_alert_minutes: Option<u32>,
+    /// Motion within this many minutes (0..=1440) after the unit's own grant or remote unlock is
+    /// the tenant: no alert (`motion_suppressed` is not an event; see docs/automation.md).
+    #[serde(default = "default_motion_quiet_minutes")]
+    pub motion_quiet_minutes: u32,
+    /// A motion alert clears after this many minutes (1..=1440) without motion; another one
+    /// for the same unit can be raised only after that (the cooldown).
+    #[serde(default = "default_motion_clear_minutes")]
+    pub motion_clear_minutes: u32,
+    /// Temperature alert bounds in °C (-60..=100). Absent: no alert on that side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_max: Option<f64>,
+    /// A temperature alert clears once the reading is back inside by this many °C (0..=20).
+    #[serde(default = "default_temperature_hysteresis")]
+    pub temperature_hysteresis: f64,
+    /// A reading must stay outside the bounds this many minutes (0..=1440) before the alert.
+    #[serde(default = "default_temperature_minutes")]
+    pub temperature_minutes: u32,
+    /// A user granted in and not seen leaving within this many hours (0..=168) is loitering.
+    /// 0: off (the manual's Idle Users widget uses 3).
+    #[serde(default)]
+    pub loitering_alert_hours: u32,
+    /// ON: a grant into a zone switches that zone's `triggers`.
+    #[serde(default)]
+    pub zone_triggers: bool,
+}
+
+impl Facility {
+    /// The settings a document with only `time_zone` would have (every default).
+    pub fn new(time_zone: impl Into<String>) -> Facility {
+        Facility {
+            name: None,
+            time_zone: time_zone.into(),
+            default_schedule: None,
+            grace_period_minutes: 0,
+            restrict_overlocked_entry: false,
+            use_blacklist: false,
+            fob_schedule_enabled: false,
+            fob_schedule: None,
+            offline_key_expiration_minutes: default_offline_key_minutes(),
+            keypad_lockout: KeypadLockout::default(),
+            temporary_code_enabled: false,
+            temporary_code_secret: None,
+            motion_alert_events: None,
+            motion_alert_minutes: None,
+            motion_quiet_minutes: default_motion_quiet_minutes(),
+            motion_clear_minutes: default_motion_clear_minutes(),
+            temperature_min: None,
+            temperature_max: None,
+            temperature_hysteresis: default_temperature_hysteresis(),
+            temperature_minutes: default_temperature_minutes(),
+            loitering_alert_hours: 0,
+            zone_triggers: false,
+        }
+    }
+}
+
+fn default_motion_quiet_minutes() -> u32 {
+    30
+}
+
+fn default_motion_clear_minutes() -> u32 {
+    10
+}
+
+fn default_temperature_hysteresis() -> f64 {
+    1.0
+}
+
+fn default_temperature_minutes() -> u32 {
+    5
 }
 
 fn default_offline_key_minutes() -> u32 {
@@ -319,6 +398,23 @@ pub struct Zone {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Relays switched when someone is granted into the zone (facility `zone_triggers` ON).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
+}
+
+/// A zone trigger: a relay output (a device id from the gateway's config and its channel)
+/// switched on for `on_seconds` (1..=86400; the off time is stored, so a restart switches it
+/// off on time) or pulsed for `pulse_ms` (100..=60000). Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    pub device: String,
+    pub channel: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulse_ms: Option<u32>,
 }
 
 /// Weekly opening windows in the facility's local time, or 24/7.
@@ -378,6 +474,10 @@ pub struct Entry {
     pub zone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<Relay>,
+    /// A door contact still open this many seconds (5..=3600) after it opened raises
+    /// `door_held_open`. Absent: no held-open alarm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_open_seconds: Option<u32>,
 }
 
 /// The output that opens an entry: a device id from the gateway's config and its channel.
@@ -422,6 +522,59 @@ pub struct Unit {
     /// Device id of the unit's padlock or unit controller, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<String>,
+    /// Unit Alarm: OFF disables alerts for manual unlocks and motion in this unit.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub alarm_enabled: bool,
+    /// Monitor Temperature: OFF disables temperature alerts from this unit's sensors.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub monitor_temperature: bool,
+    /// Front Motion: OFF ignores the unit's sensors marked `front`.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub front_motion: bool,
+    /// The unit's sensors (motion, temperature): BLE devices by id, Modbus inputs and
+    /// readings by device id and channel. The controller is the unit's sensor too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensors: Vec<SensorRef>,
+}
+
+impl Unit {
+    /// A unit with every optional field at its default.
+    pub fn new(id: impl Into<String>, status: UnitStatus) -> Unit {
+        Unit {
+            id: id.into(),
+            name: None,
+            status,
+            tenant: None,
+            auction_winner: None,
+            zone: None,
+            controller: None,
+            alarm_enabled: true,
+            monitor_temperature: true,
+            front_motion: true,
+            sensors: Vec::new(),
+        }
+    }
+}
+
+/// A sensor of a unit: a device id (a BLE sensor of `devices`, or a Modbus device of the
+/// gateway's config with the input `channel`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorRef {
+    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u16>,
+    /// The front-facing motion sensor (the unit's `front_motion` switches it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub front: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

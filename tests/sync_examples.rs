@@ -436,3 +436,120 @@ fn access_rules_md_lists_every_reason() {
         );
     }
 }
+
+/// The automation settings of the example snapshot are read as documented, and every refusal
+/// docs/sync.md lists for them names the record and the field, and changes nothing.
+#[test]
+fn automation_settings_apply_and_refusals_name_record_and_field() {
+    let text = read("docs/examples/snapshot.json");
+    let (_dir, store) = open_store();
+    store.apply(&sync::parse(text.as_bytes()).unwrap()).unwrap();
+    {
+        let site = store.site();
+        let f = &site.tables.facility.wire;
+        assert_eq!(
+            (f.motion_alert_events, f.motion_alert_minutes),
+            (Some(3), Some(5))
+        );
+        assert_eq!(
+            (f.temperature_min, f.temperature_max),
+            (Some(2.0), Some(35.0))
+        );
+        assert_eq!(f.loitering_alert_hours, 3);
+        assert!(f.zone_triggers);
+        assert_eq!(site.tables.entries["door-a"].held_open_seconds, Some(120));
+        assert_eq!(
+            site.tables.zones["zone-b"].triggers[0].on_seconds,
+            Some(300)
+        );
+        let a103 = &site.tables.units["A-103"];
+        assert!(!a103.alarm_enabled && !a103.monitor_temperature && a103.front_motion);
+        let pir = sync::SensorRef {
+            device: "pir-a101".into(),
+            channel: None,
+            front: false,
+        };
+        assert_eq!(
+            site.tables.unit_by_sensor.get(&pir),
+            Some(&("A-101".to_string(), true))
+        );
+        let lock = sync::SensorRef {
+            device: "lock-a102".into(),
+            channel: None,
+            front: false,
+        };
+        assert_eq!(
+            site.tables.unit_by_sensor.get(&lock),
+            Some(&("A-102".to_string(), false))
+        );
+    }
+    let before = store.stats();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "\"motion_alert_minutes\": 5",
+            "\"motion_alert_minutes\": 0",
+            "facility motion_alert_minutes is 0 (1 to 1440 expected)",
+        ),
+        (
+            "\"motion_alert_events\": 3,",
+            "",
+            "facility motion_alert_events and motion_alert_minutes go together",
+        ),
+        (
+            "\"temperature_min\": 2.0",
+            "\"temperature_min\": 35.0",
+            "facility temperature_min must be below temperature_max",
+        ),
+        (
+            "\"temperature_max\": 35.0",
+            "\"temperature_max\": 135.0",
+            "facility temperature_max is out of range",
+        ),
+        (
+            "\"loitering_alert_hours\": 3",
+            "\"loitering_alert_hours\": 169",
+            "facility loitering_alert_hours is 169 (at most 168 expected)",
+        ),
+        (
+            "\"held_open_seconds\": 120",
+            "\"held_open_seconds\": 2",
+            "entry `door-a` held_open_seconds is 2 (5 to 3600 expected)",
+        ),
+        (
+            "\"on_seconds\": 300",
+            "\"on_seconds\": 300, \"pulse_ms\": 500",
+            "zone `zone-b` triggers[0] must name exactly one of on_seconds, pulse_ms",
+        ),
+        (
+            "\"device\": \"relay-board-2\", \"channel\": 3",
+            "\"device\": \"\", \"channel\": 3",
+            "zone `zone-b` triggers[0] has an empty device",
+        ),
+        (
+            "{ \"device\": \"io-board-1\", \"channel\": 2 }",
+            "{ \"device\": \"io-board-1\", \"channel\": 2 }] }, { \"id\": \"X\", \"status\": \"available\", \"sensors\": [{ \"device\": \"io-board-1\", \"channel\": 2 }",
+            "units `A-101` and `X` share the sensor `io-board-1`",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let bad = text.replacen(from, to, 1);
+        assert_ne!(bad, text, "`{from}` not found in the example");
+        assert_contains(&apply_error(&store, &bad), &[expected]);
+        assert!(
+            read("docs/sync.md").contains(expected),
+            "docs/sync.md should show the refusal `{expected}`"
+        );
+        let now = store.stats();
+        assert_eq!(
+            (now.version, now.counts),
+            (before.version, before.counts.clone())
+        );
+    }
+    // A negative number of minutes is refused by the parser with the field's path.
+    let negative = text.replacen(
+        "\"motion_quiet_minutes\": 30",
+        "\"motion_quiet_minutes\": -5",
+        1,
+    );
+    assert_contains(&parse_error(&negative), &["facility.motion_quiet_minutes"]);
+}

@@ -234,6 +234,7 @@ impl Model {
                 keypad_lockout: Default::default(),
                 temporary_code_enabled: init.temporary_code,
                 temporary_code_secret: Some(TEMP_SECRET_HEX.into()),
+                ..Facility::new("UTC")
             },
             units: BTreeMap::new(),
             users: BTreeMap::new(),
@@ -255,6 +256,7 @@ impl Model {
                 auction_winner: u.winner.and_then(|w| nth_key(&m.users, w)),
                 zone: u.zone.map(|z| ZONES[z].to_string()),
                 controller: None,
+                ..Unit::new("", STATUSES[u.status])
             };
             m.units.insert(unit.id.clone(), unit);
         }

@@ -43,6 +43,7 @@ use crate::site::{
 };
 use crate::sync::{self, SyncMessage};
 
+mod alerts;
 mod codekey;
 mod commands;
 pub mod commit;
@@ -51,6 +52,7 @@ mod handles;
 mod health;
 mod lived;
 
+pub use alerts::AutomationSet;
 pub use codekey::read as read_code_key;
 pub use commands::{Claim, CommandLog, SeenCommand};
 pub use events::{
@@ -218,6 +220,7 @@ fn empty_site() -> Site {
             keypad_lockout: Default::default(),
             temporary_code_enabled: false,
             temporary_code_secret: None,
+            ..sync::Facility::new("UTC")
         },
         zones: vec![],
         schedules: vec![],

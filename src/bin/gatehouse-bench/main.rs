@@ -10,7 +10,10 @@
 //! `gatehouse-bench outbox`: decision latency with a full outbox, the daemon's memory holding a
 //! million undelivered events and replacing a million-credential site over MQTT, and how soon
 //! the link resumes after the broker returns (see `outbox.rs`).
+//!
+//! `gatehouse-bench automation`: the automation rules and alert lifecycle (see `automation.rs`).
 
+mod automation;
 mod ble;
 mod outbox;
 mod rs485;
@@ -50,7 +53,10 @@ fn main() -> anyhow::Result<()> {
         Some("outbox") => outbox::run(),
         Some("outbox-probe") => outbox::probe(&args[1..]),
         Some("telemetry") => telemetry::run(&args[1..]),
-        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry"),
+        Some("automation") => automation::run(),
+        _ => bail!(
+            "usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|automation"
+        ),
     }
 }
 
@@ -150,6 +156,7 @@ fn synthetic() -> sync::Snapshot {
             auction_winner: None,
             zone: Some(if u % 2 == 0 { "z1" } else { "z2" }.into()),
             controller: None,
+            ..sync::Unit::new("", status)
         });
     }
     for u in 0..users_n {

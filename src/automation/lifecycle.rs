@@ -1,0 +1,261 @@
+//! The alert lifecycle, at the I/O edge of the rules: alert ids, one active alert per kind and
+//! subject, `alert_raised` / `alert_cleared` events, and the durable state a restart restores
+//! (the active alerts and the pending relay offs, through [`Store::automation_put`]).
+//!
+//! Order of writes: an alert's record is flushed before its `alert_raised` event is recorded
+//! (flushed too), and removed before `alert_cleared`; a relay's off time is stored before the
+//! relay is switched on. A crash between the two writes of a raise leaves an active alert whose
+//! event was never sent: it is in the active set (published on `alerts`) and is cleared with an
+//! `alert_cleared` naming its id. A crash between the two writes of a clear sends no second
+//! `alert_cleared`... and the cloud sees the alert leave the active set. Nothing is repeated.
+//!
+//! Times: the rules run on the store's lived clock ([`crate::store::LivedClock`], monotonic,
+//! counting only time the gateway lived). A relay's off time is stored on both clocks; after a
+//! restart it is switched off at the earlier of the two (downtime counts on the wall clock,
+//! a wall-clock step back cannot keep it on longer than planned on the lived clock).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Action, AlertKind, Millis, Rules, Subject};
+use crate::events::EventKind;
+use crate::store::{AutomationSet, Store};
+
+/// An active alert as stored and published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveAlert {
+    pub id: String,
+    pub kind: AlertKind,
+    pub subject: Subject,
+    pub raised_at: DateTime<Utc>,
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTimer {
+    device: String,
+    channel: u16,
+    off_lived_ms: Millis,
+    off_at: DateTime<Utc>,
+}
+
+/// A relay operation for the edge to carry out (through the `Relays` routing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayOp {
+    On {
+        device: Arc<str>,
+        channel: u16,
+    },
+    Off {
+        device: Arc<str>,
+        channel: u16,
+    },
+    Pulse {
+        device: Arc<str>,
+        channel: u16,
+        ms: u32,
+    },
+}
+
+fn alert_key(kind: AlertKind, subject: &Subject) -> String {
+    let (t, id) = match subject {
+        Subject::Unit(x) => ("unit", x),
+        Subject::Entry(x) => ("entry", x),
+        Subject::User(x) => ("user", x),
+        Subject::Device(x) => ("device", x),
+    };
+    format!("{}/{t}/{id}", kind.as_str())
+}
+
+fn timer_key(device: &str, channel: u16) -> String {
+    format!("{channel:05}/{device}")
+}
+
+/// The active alerts and the id counter of this run.
+#[derive(Debug)]
+pub struct Lifecycle {
+    active: BTreeMap<(AlertKind, Subject), ActiveAlert>,
+    id_prefix: String,
+    next: u64,
+}
+
+impl Lifecycle {
+    /// Restores the active alerts and the pending relay offs from the store into `rules`.
+    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<session>`); `now` is the
+    /// lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
+    /// list to switch off now.
+    pub fn restore(
+        store: &Store,
+        rules: &mut Rules,
+        id_prefix: String,
+        now: Millis,
+        wall: DateTime<Utc>,
+    ) -> anyhow::Result<(Lifecycle, Vec<RelayOp>)> {
+        let mut active = BTreeMap::new();
+        for (key, v) in store.automation_load(AutomationSet::Alerts)? {
+            let a: ActiveAlert = match serde_json::from_value(v) {
+                Ok(a) => a,
+                Err(e) => anyhow::bail!("automation alert `{key}` is damaged: {e}"),
+            };
+            match (&a.kind, &a.subject) {
+                (AlertKind::MotionAlert, Subject::Unit(u)) => {
+                    rules.motion.restore_active(u.clone(), now)
+                }
+                (AlertKind::TemperatureHigh | AlertKind::TemperatureLow, s) => {
+                    rules.temperature.restore_active(a.kind, s.clone())
+                }
+                (AlertKind::DoorHeldOpen, Subject::Entry(e)) => {
+                    rules.held_open.restore_active(e.clone(), now)
+                }
+                (AlertKind::ManualUnlock, s) => rules.manual.restore_active(s, now),
+                (AlertKind::UserLoitering, Subject::User(u)) => {
+                    rules.loitering.restore_active(u.clone(), now)
+                }
+                _ => {}
+            }
+            active.insert((a.kind, a.subject.clone()), a);
+        }
+        let mut due = Vec::new();
+        for (key, v) in store.automation_load(AutomationSet::Timers)? {
+            let t: StoredTimer = match serde_json::from_value(v) {
+                Ok(t) => t,
+                Err(e) => anyhow::bail!("automation timer `{key}` is damaged: {e}"),
+            };
+            let by_lived = t.off_lived_ms.saturating_sub(now);
+            let by_wall = u64::try_from((t.off_at - wall).num_milliseconds()).unwrap_or(0);
+            let left = by_lived.min(by_wall);
+            let device: Arc<str> = Arc::from(t.device.as_str());
+            if left == 0 {
+                store.automation_remove(AutomationSet::Timers, &key)?;
+                due.push(RelayOp::Off {
+                    device,
+                    channel: t.channel,
+                });
+            } else {
+                rules.zone.restore(device, t.channel, now + left);
+            }
+        }
+        Ok((
+            Lifecycle {
+                active,
+                id_prefix,
+                next: 1,
+            },
+            due,
+        ))
+    }
+
+    /// The active alerts, in kind and subject order.
+    pub fn active(&self) -> impl Iterator<Item = &ActiveAlert> {
+        self.active.values()
+    }
+
+    /// Carries out the rules' actions: alerts through the store and the event log (at most one
+    /// active per kind and subject), relay timers stored; returns the relay operations to run.
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        actions: Vec<Action>,
+        now: Millis,
+        wall: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<RelayOp>> {
+        let mut ops = Vec::new();
+        for a in actions {
+            match a {
+                Action::Raise {
+                    kind,
+                    subject,
+                    detail,
+                } => {
+                    let slot = (kind, subject.clone());
+                    if self.active.contains_key(&slot) {
+                        continue;
+                    }
+                    let alert = ActiveAlert {
+                        id: format!("{}-{}", self.id_prefix, self.next),
+                        kind,
+                        subject,
+                        raised_at: wall,
+                        detail,
+                    };
+                    self.next += 1;
+                    let v = serde_json::to_value(&alert)?;
+                    store.automation_put(
+                        AutomationSet::Alerts,
+                        &alert_key(kind, &alert.subject),
+                        &v,
+                    )?;
+                    store.record_flushed(EventKind::AlertRaised, v)?;
+                    self.active.insert(slot, alert);
+                }
+                Action::Clear { kind, subject } => {
+                    let Some(alert) = self.active.remove(&(kind, subject)) else {
+                        continue;
+                    };
+                    store.automation_remove(
+                        AutomationSet::Alerts,
+                        &alert_key(kind, &alert.subject),
+                    )?;
+                    store.record_flushed(
+                        EventKind::AlertCleared,
+                        json!({
+                            "id": alert.id,
+                            "kind": kind,
+                            "subject": alert.subject,
+                            "raised_at": alert.raised_at,
+                            "cleared_at": wall,
+                        }),
+                    )?;
+                }
+                Action::Suppressed {
+                    kind,
+                    subject,
+                    reason,
+                } => {
+                    tracing::info!(kind = kind.as_str(), ?subject, reason, "alert suppressed");
+                }
+                Action::RelayOn {
+                    device,
+                    channel,
+                    off_at,
+                } => {
+                    let t = StoredTimer {
+                        device: device.to_string(),
+                        channel,
+                        off_lived_ms: off_at,
+                        off_at: wall
+                            + chrono::Duration::milliseconds(
+                                i64::try_from(off_at.saturating_sub(now)).unwrap_or(i64::MAX / 2),
+                            ),
+                    };
+                    store.automation_put(
+                        AutomationSet::Timers,
+                        &timer_key(&device, channel),
+                        &serde_json::to_value(&t)?,
+                    )?;
+                    ops.push(RelayOp::On { device, channel });
+                }
+                Action::RelayOff { device, channel } => {
+                    store.automation_remove(AutomationSet::Timers, &timer_key(&device, channel))?;
+                    ops.push(RelayOp::Off { device, channel });
+                }
+                Action::RelayPulse {
+                    device,
+                    channel,
+                    ms,
+                } => {
+                    ops.push(RelayOp::Pulse {
+                        device,
+                        channel,
+                        ms,
+                    });
+                }
+            }
+        }
+        Ok(ops)
+    }
+}
