@@ -47,7 +47,7 @@ use crate::cloud::mqtt::{self, Client, Ev, Loop, PollError};
 use crate::config::{CloudConfig, Transport};
 use crate::events::EventKind;
 use crate::store::{Applied, ApplyError, Store};
-use crate::sync::{self, SyncMessage};
+use crate::sync;
 
 /// What the link needs to serve commands: the router to the devices and the checks' settings.
 pub struct Commands {
@@ -928,7 +928,7 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             reason: Some(reason.into()),
         };
     }
-    let parsed = sync::parse(&doc);
+    let parsed = sync::parse_for_apply(&doc);
     drop(doc);
     let msg = match parsed {
         Ok(m) => m,
@@ -948,10 +948,12 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
         }
     };
     let kind = match &msg {
-        SyncMessage::Snapshot(_) => "snapshot",
-        SyncMessage::Delta(_) => "delta",
+        sync::Incoming::Snapshot(_) => "snapshot",
+        sync::Incoming::Delta(_) => "delta",
     };
-    let result = store.apply(&msg);
+    let version = msg.version();
+    // Consumed: a snapshot's records are freed as the new site is built from them.
+    let result = store.apply_incoming(msg);
     let current_version = store.site().version;
     match result {
         Ok(Applied {
@@ -981,15 +983,15 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             };
             record(
                 EventKind::SyncRefused,
-                json!({"kind": kind, "version": msg.version(), "reason": e.to_string(), "source": "mqtt"}),
+                json!({"kind": kind, "version": version, "reason": e.to_string(), "source": "mqtt"}),
             );
-            tracing::warn!(kind, version = msg.version(), "sync refused: {e}");
+            tracing::warn!(kind, version, "sync refused: {e}");
             let _: &ApplyError = &e;
             SyncResult {
                 status: status.into(),
                 kind: Some(kind.into()),
                 id,
-                version: Some(msg.version()),
+                version: Some(version),
                 current_version,
                 reason: Some(e.to_string()),
             }
