@@ -324,7 +324,7 @@ fn open_db(arg: &DbArg) -> anyhow::Result<(Store, Option<Config>)> {
 /// Reads, parses and applies a sync file; records the outcome in the event log.
 pub fn import_file(store: &Store, path: &Path) -> anyhow::Result<Applied> {
     let bytes = std::fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
-    let msg = match sync::parse(&bytes) {
+    let msg = match sync::parse_for_apply(&bytes) {
         Ok(m) => m,
         Err(e) => {
             let _ = store.record_flushed(
@@ -334,7 +334,9 @@ pub fn import_file(store: &Store, path: &Path) -> anyhow::Result<Applied> {
             return Err(anyhow::Error::new(e).context(format!("`{}` not applied", path.display())));
         }
     };
-    match store.apply(&msg) {
+    drop(bytes);
+    let version = msg.version();
+    match store.apply_incoming(msg) {
         Ok(a) => {
             store.record_flushed(
                 EventKind::SyncApplied,
@@ -345,7 +347,7 @@ pub fn import_file(store: &Store, path: &Path) -> anyhow::Result<Applied> {
         Err(e) => {
             let _ = store.record_flushed(
                 EventKind::SyncRefused,
-                json!({"version": msg.version(), "reason": e.to_string(), "source": "file"}),
+                json!({"version": version, "reason": e.to_string(), "source": "file"}),
             );
             Err(anyhow::Error::new(e).context(format!("`{}` not applied", path.display())))
         }

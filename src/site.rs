@@ -598,21 +598,6 @@ struct SmallParts {
 }
 
 impl SmallParts {
-    fn cloned(s: &sync::Snapshot) -> Self {
-        SmallParts {
-            facility: s.facility.clone(),
-            zones: s.zones.clone(),
-            schedules: s.schedules.clone(),
-            entries: s.entries.clone(),
-            units: s.units.clone(),
-            users: s.users.clone(),
-            shares: s.shares.clone(),
-            transfers: s.transfers.clone(),
-            blacklist: s.blacklist.clone(),
-            devices: s.devices.clone(),
-        }
-    }
-
     fn owned(s: sync::Snapshot) -> Self {
         SmallParts {
             facility: s.facility,
@@ -1047,9 +1032,10 @@ pub struct PreparedDelta {
     pub normalized: sync::Delta,
 }
 
-/// Turns a wire credential into the stored form, hashing a clear code.
+/// Turns a credential into the stored form, hashing a clear code. Consumes it: its id and its
+/// fob or key id move into the stored record.
 fn normalize_cred(
-    c: &sync::Credential,
+    c: sync::CompactCredential,
     tables: &Tables,
     key: &CodeKey,
     import_key_id: Option<&str>,
@@ -1066,17 +1052,18 @@ fn normalize_cred(
     if c.id.is_empty() {
         return Err(invalid("a credential has an empty id"));
     }
-    let value = match (&c.code, &c.code_hmac, &c.fob, &c.card, &c.key_id) {
-        (Some(code), None, None, None, None) => {
+    use sync::CredentialValue as W;
+    let value = match c.value {
+        W::Code(code) => {
             if !(4..=12).contains(&code.len()) || !code.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(invalid(format!(
                     "credential `{}`: code must be 4 to 12 digits",
                     c.id
                 )));
             }
-            CredValue::Code(key.hash(code))
+            CredValue::Code(key.hash(&code))
         }
-        (None, Some(h), None, None, None) => {
+        W::CodeHmac(h) => {
             match import_key_id {
                 Some(k) if k == key.id() => {}
                 Some(k) => {
@@ -1094,7 +1081,7 @@ fn normalize_cred(
                     )));
                 }
             }
-            let b = hex::decode(h)
+            let b = hex::decode(&*h)
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok());
             CredValue::Code(CodeHash(b.ok_or_else(|| {
@@ -1104,12 +1091,10 @@ fn normalize_cred(
                 ))
             })?))
         }
-        (None, None, Some(f), None, None) if !f.is_empty() => CredValue::Fob(f.as_str().into()),
-        (None, None, None, Some(card), None) => CredValue::Card((*card).into()),
-        (None, None, None, None, Some(k)) if !k.is_empty() => {
-            CredValue::DigitalKey(k.as_str().into())
-        }
-        _ => {
+        W::Fob(f) if !f.is_empty() => CredValue::Fob(f),
+        W::Card(card) => CredValue::Card(card.into()),
+        W::KeyId(k) if !k.is_empty() => CredValue::DigitalKey(k),
+        W::Fob(_) | W::KeyId(_) | W::NotExactlyOne => {
             return Err(invalid(format!(
                 "credential `{}` must name exactly one non-empty of code, code_hmac, fob, card, \
                  key_id",
@@ -1118,7 +1103,7 @@ fn normalize_cred(
         }
     };
     Ok(Cred {
-        id: c.id.as_str().into(),
+        id: c.id,
         user,
         value,
     })
@@ -1132,12 +1117,23 @@ fn describe_dup(a: &str, b: &str, v: &CredValue) -> SiteError {
 }
 
 impl Site {
-    /// Checks and indexes a snapshot. Nothing is kept if any part is wrong.
+    /// Checks and indexes a snapshot. Nothing is kept if any part is wrong. Works on a copy of
+    /// `s`; [`Site::from_incoming`] consumes the message instead (what the store applies).
     pub fn from_snapshot(s: &sync::Snapshot, key: &CodeKey) -> Result<Site, SiteError> {
-        let tables = Tables::build(SmallParts::cloned(s))?;
-        let mut creds = CredTable::with_capacity(s.credentials.len());
-        for c in &s.credentials {
-            let cred = normalize_cred(c, &tables, key, s.code_key_id.as_deref())?;
+        Site::from_incoming(sync::IncomingSnapshot::from_wire(s), key)
+    }
+
+    /// Checks and indexes a snapshot, consuming it: each credential is turned into its record
+    /// (its strings moved, not copied) and each block of the message freed once done, so that
+    /// the message and the new site are not both held whole. Nothing is kept if any part is
+    /// wrong.
+    pub fn from_incoming(s: sync::IncomingSnapshot, key: &CodeKey) -> Result<Site, SiteError> {
+        let sync::IncomingSnapshot { small, credentials } = s;
+        let (version, import_key_id) = (small.version, small.code_key_id.clone());
+        let tables = Tables::build(SmallParts::owned(small))?;
+        let mut creds = CredTable::with_capacity(credentials.len());
+        for c in credentials.into_iter_freeing() {
+            let cred = normalize_cred(c, &tables, key, import_key_id.as_deref())?;
             if let Some(other) = creds.get_by_id(&cred.id) {
                 return Err(invalid(format!("credential `{}` appears twice", other.id)));
             }
@@ -1147,7 +1143,7 @@ impl Site {
             creds.insert_new(cred);
         }
         Ok(Site {
-            version: s.version,
+            version,
             tables: Arc::new(tables),
             creds,
         })
@@ -1229,7 +1225,12 @@ impl Site {
         let mut new_values: HashMap<&CredValue, &str> = HashMap::new();
         let mut new_ids: HashSet<&str> = HashSet::new();
         for c in &u.credentials {
-            upserts.push(normalize_cred(c, t, key, d.code_key_id.as_deref())?);
+            upserts.push(normalize_cred(
+                sync::CompactCredential::from_credential(c),
+                t,
+                key,
+                d.code_key_id.as_deref(),
+            )?);
         }
         for c in &upserts {
             if !new_ids.insert(&c.id) {
@@ -1347,6 +1348,54 @@ impl Site {
         }
     }
 
+    /// [`Self::small_snapshot`] as JSON, written from the tables without copying them (the
+    /// same bytes as serialising `small_snapshot`).
+    pub fn small_snapshot_json(&self, key: &CodeKey) -> serde_json::Result<Vec<u8>> {
+        fn sorted<'a, T>(it: impl Iterator<Item = &'a T>, id: impl Fn(&T) -> &str) -> Vec<&'a T> {
+            let mut v: Vec<&T> = it.collect();
+            v.sort_by(|a, b| id(a).cmp(id(b)));
+            v
+        }
+        /// [`sync::Snapshot`]'s fields in its order, borrowed.
+        #[derive(Serialize)]
+        struct SmallRef<'a> {
+            schema_version: u32,
+            kind: sync::SnapshotKind,
+            version: u64,
+            code_key_id: String,
+            facility: &'a sync::Facility,
+            zones: Vec<&'a sync::Zone>,
+            schedules: Vec<&'a sync::Schedule>,
+            entries: Vec<&'a sync::Entry>,
+            units: Vec<&'a sync::Unit>,
+            users: Vec<&'a sync::User>,
+            credentials: [(); 0],
+            shares: Vec<&'a sync::Share>,
+            transfers: Vec<&'a sync::Transfer>,
+            blacklist: Vec<&'a sync::BlacklistEntry>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            devices: Vec<&'a sync::Device>,
+        }
+        let t = &self.tables;
+        serde_json::to_vec(&SmallRef {
+            schema_version: sync::SCHEMA_VERSION,
+            kind: sync::SnapshotKind::Snapshot,
+            version: self.version,
+            code_key_id: key.id(),
+            facility: &t.facility.wire,
+            zones: sorted(t.zones.values(), |x| &x.id),
+            schedules: sorted(t.schedules.values().map(|(s, _)| s), |x| &x.id),
+            entries: sorted(t.entries.values(), |x| &x.id),
+            units: sorted(t.units.values(), |x| &x.id),
+            users: sorted(t.users.values(), |x| &x.id),
+            credentials: [],
+            shares: sorted(t.shares.values(), |x| &x.id),
+            transfers: sorted(t.transfers.values(), |x| &x.id),
+            blacklist: sorted(t.blacklist.values(), |x| &x.id),
+            devices: sorted(t.devices.values(), |x| &x.id),
+        })
+    }
+
     /// The whole site as a snapshot (codes as hashes, with this gateway's key id).
     pub fn export(&self, key: &CodeKey) -> sync::Snapshot {
         let mut s = self.small_snapshot(key);
@@ -1426,16 +1475,39 @@ pub struct StoredGroupRef<'a> {
     pub creds: Vec<(&'a str, &'a CredValue)>,
 }
 
-/// Groups credentials by user for storage, `per_chunk` credentials at most per chunk. The groups
-/// borrow from `creds` (a million credentials cost a few tens of MiB here, not a copy).
-pub fn stored_chunks(creds: &CredTable, per_chunk: usize) -> Vec<Vec<StoredGroupRef<'_>>> {
+/// Groups credentials by user for storage, `per_chunk` credentials at most per chunk. The chunks
+/// are made one at a time as the iterator is driven, and borrow from `creds`: writing a
+/// generation holds one sorted list of references (8 bytes a credential) and one chunk, not a
+/// copy of the table.
+pub fn stored_chunks(creds: &CredTable, per_chunk: usize) -> StoredChunks<'_> {
     let mut all: Vec<&Cred> = creds.iter().collect();
     // Credentials of one user share one `Arc`; sorting by its address groups them cheaply.
     all.sort_unstable_by_key(|c| Arc::as_ptr(&c.user) as *const u8 as usize);
-    let mut chunks = Vec::with_capacity(all.len().div_ceil(per_chunk.max(1)));
-    for part in all.chunks(per_chunk.max(1)) {
-        let mut groups: Vec<StoredGroupRef<'_>> = Vec::new();
-        for c in part {
+    StoredChunks {
+        all,
+        per_chunk: per_chunk.max(1),
+        at: 0,
+    }
+}
+
+/// The chunks of [`stored_chunks`], in order.
+pub struct StoredChunks<'a> {
+    all: Vec<&'a Cred>,
+    per_chunk: usize,
+    at: usize,
+}
+
+impl<'a> Iterator for StoredChunks<'a> {
+    type Item = Vec<StoredGroupRef<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let end = (self.at + self.per_chunk).min(self.all.len());
+        if self.at >= end {
+            return None;
+        }
+        let mut groups: Vec<StoredGroupRef<'a>> = Vec::new();
+        for c in &self.all[self.at..end] {
+            let c: &'a Cred = c;
             match groups.last_mut() {
                 Some(g) if *g.user == *c.user => g.creds.push((&c.id, &c.value)),
                 _ => groups.push(StoredGroupRef {
@@ -1444,9 +1516,9 @@ pub fn stored_chunks(creds: &CredTable, per_chunk: usize) -> Vec<Vec<StoredGroup
                 }),
             }
         }
-        chunks.push(groups);
+        self.at = end;
+        Some(groups)
     }
-    chunks
 }
 
 pub fn cred_to_wire(c: &Cred) -> sync::Credential {
@@ -1478,6 +1550,29 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod stored_tests {
     use super::*;
+
+    /// The stored base record, written from borrowed tables, is the small snapshot's JSON.
+    #[test]
+    fn small_snapshot_json_is_the_small_snapshot() {
+        let doc = include_str!("../config/demo-snapshot.json");
+        let Ok(sync::SyncMessage::Snapshot(s)) = sync::parse(doc.as_bytes()) else {
+            panic!("demo snapshot")
+        };
+        assert!(!s.devices.is_empty() && !s.users.is_empty());
+        let key = CodeKey::from_bytes([5; 32]);
+        let site = Site::from_snapshot(&s, &key).unwrap();
+        assert_eq!(
+            site.small_snapshot_json(&key).unwrap(),
+            serde_json::to_vec(&site.small_snapshot(&key)).unwrap()
+        );
+        let mut no_devices = (*s).clone();
+        no_devices.devices.clear();
+        let site = Site::from_snapshot(&no_devices, &key).unwrap();
+        assert_eq!(
+            site.small_snapshot_json(&key).unwrap(),
+            serde_json::to_vec(&site.small_snapshot(&key)).unwrap()
+        );
+    }
 
     /// A borrowed group is written exactly as an owned one is read back.
     #[test]

@@ -9,6 +9,11 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+mod incoming;
+pub use incoming::{
+    CompactCredential, CredentialList, CredentialValue, Incoming, IncomingSnapshot, parse_for_apply,
+};
+
 /// The only schema version this gateway reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -79,8 +84,22 @@ fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ParseError> 
 
 /// Reads a snapshot or a delta from JSON bytes. The header (`schema_version`, `kind`) is checked
 /// first so that a message from a newer schema is refused with that reason rather than with
-/// whatever field it happens to trip over.
+/// whatever field it happens to trip over. [`parse_for_apply`] reads the same documents with the
+/// same refusals, a snapshot's credentials kept compact (what the gateway applies).
 pub fn parse(bytes: &[u8]) -> Result<SyncMessage, ParseError> {
+    match parse_header(bytes)? {
+        Kind::Snapshot => Ok(SyncMessage::Snapshot(Box::new(from_slice(bytes)?))),
+        Kind::Delta => Ok(SyncMessage::Delta(Box::new(from_slice(bytes)?))),
+    }
+}
+
+enum Kind {
+    Snapshot,
+    Delta,
+}
+
+/// Checks `schema_version` and `kind`, before the body is read.
+fn parse_header(bytes: &[u8]) -> Result<Kind, ParseError> {
     #[derive(Deserialize)]
     struct Header {
         schema_version: u32,
@@ -93,8 +112,8 @@ pub fn parse(bytes: &[u8]) -> Result<SyncMessage, ParseError> {
         });
     }
     match header.kind.as_str() {
-        "snapshot" => Ok(SyncMessage::Snapshot(Box::new(from_slice(bytes)?))),
-        "delta" => Ok(SyncMessage::Delta(Box::new(from_slice(bytes)?))),
+        "snapshot" => Ok(Kind::Snapshot),
+        "delta" => Ok(Kind::Delta),
         other => Err(ParseError::Kind(other.to_string())),
     }
 }

@@ -47,7 +47,7 @@ use crate::cloud::mqtt::{self, Client, Ev, Loop, PollError};
 use crate::config::{CloudConfig, Transport};
 use crate::events::EventKind;
 use crate::store::{Applied, ApplyError, Store};
-use crate::sync::{self, SyncMessage};
+use crate::sync;
 
 /// Final command results waiting for the next session ([`CloudLink::with_unsent`]).
 pub type Unsent = Arc<std::sync::Mutex<Vec<Outcome>>>;
@@ -954,7 +954,7 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             reason: Some(reason.into()),
         };
     }
-    let parsed = sync::parse(&doc);
+    let parsed = sync::parse_for_apply(&doc);
     drop(doc);
     let msg = match parsed {
         Ok(m) => m,
@@ -974,10 +974,12 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
         }
     };
     let kind = match &msg {
-        SyncMessage::Snapshot(_) => "snapshot",
-        SyncMessage::Delta(_) => "delta",
+        sync::Incoming::Snapshot(_) => "snapshot",
+        sync::Incoming::Delta(_) => "delta",
     };
-    let result = store.apply(&msg);
+    let version = msg.version();
+    // Consumed: a snapshot's records are freed as the new site is built from them.
+    let result = store.apply_incoming(msg);
     let current_version = store.site().version;
     match result {
         Ok(Applied {
@@ -1007,15 +1009,15 @@ pub fn apply_document(store: &Store, doc: Vec<u8>, id: Option<String>) -> SyncRe
             };
             record(
                 EventKind::SyncRefused,
-                json!({"kind": kind, "version": msg.version(), "reason": e.to_string(), "source": "mqtt"}),
+                json!({"kind": kind, "version": version, "reason": e.to_string(), "source": "mqtt"}),
             );
-            tracing::warn!(kind, version = msg.version(), "sync refused: {e}");
+            tracing::warn!(kind, version, "sync refused: {e}");
             let _: &ApplyError = &e;
             SyncResult {
                 status: status.into(),
                 kind: Some(kind.into()),
                 id,
-                version: Some(msg.version()),
+                version: Some(version),
                 current_version,
                 reason: Some(e.to_string()),
             }

@@ -564,73 +564,101 @@ impl Core {
             .is_some()
     }
 
-    /// Applies a snapshot or a delta: all of it, or (with an error) nothing.
+    /// Applies a snapshot or a delta: all of it, or (with an error) nothing. A snapshot is
+    /// copied first: [`Core::apply_incoming`] applies a message read by
+    /// [`sync::parse_for_apply`] without the copy (what the cloud link and the CLI do).
     pub fn apply(&self, msg: &SyncMessage) -> Result<Applied, ApplyError> {
-        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        let previous_version = self.site().version;
         match msg {
-            SyncMessage::Snapshot(s) => {
-                let site = Site::from_snapshot(s, &self.key)?;
+            SyncMessage::Snapshot(s) => self.apply_incoming(sync::Incoming::Snapshot(Box::new(
+                sync::IncomingSnapshot::from_wire(s),
+            ))),
+            SyncMessage::Delta(d) => {
+                let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+                self.apply_delta(&mut meta, d)
+            }
+        }
+    }
+
+    /// Applies a snapshot or a delta, consuming it: all of it, or (with an error) nothing.
+    ///
+    /// A snapshot is turned into the new site while the old one keeps answering decisions
+    /// ([`Site::from_incoming`] frees the message as it goes), written as a new generation
+    /// chunk by chunk, then swapped in; the old site is freed after the swap.
+    pub fn apply_incoming(&self, msg: sync::Incoming) -> Result<Applied, ApplyError> {
+        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        match msg {
+            sync::Incoming::Snapshot(s) => {
+                let previous_version = self.site().version;
+                let version = s.small.version;
+                let site = Site::from_incoming(*s, &self.key)?;
                 let new_meta = self
                     .write_generation(&site, meta.as_ref())
                     .map_err(|e| self.storage_error("applying a sync message", e))?;
                 let old_gen = meta.as_ref().map(|m| m.gen_);
-                *self.site.write().unwrap_or_else(|e| e.into_inner()) = site;
+                let old = std::mem::replace(
+                    &mut *self.site.write().unwrap_or_else(|e| e.into_inner()),
+                    site,
+                );
+                // Freed outside the lock: decisions go on with the new site meanwhile.
+                drop(old);
                 *meta = Some(new_meta);
                 if let Some(g) = old_gen {
                     self.drop_generation(g);
                 }
                 Ok(Applied {
                     kind: "snapshot",
-                    version: s.version,
+                    version,
                     previous_version,
                     compacted: false,
                 })
             }
-            SyncMessage::Delta(d) => {
-                let Some(m) = meta.clone() else {
-                    return Err(SiteError::ResyncNeeded {
-                        base: d.base_version,
-                        version: d.version,
-                        current: 0,
-                    }
-                    .into());
-                };
-                let prepared: PreparedDelta = self.site().prepare_delta(d, &self.key)?;
-                let mut new_meta = Meta {
-                    version: prepared.version,
-                    deltas: m.deltas + 1,
-                    ..m.clone()
-                };
-                self.persist_delta(&prepared.normalized, &new_meta)
-                    .map_err(|e| self.storage_error("applying a sync message", e))?;
-                self.site
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .commit(prepared);
-                let mut compacted = false;
-                if new_meta.deltas >= COMPACT_DELTAS {
-                    // Rewrite as a fresh generation; on failure keep the delta log (still valid).
-                    let site = self.site();
-                    match self.write_generation(&site, Some(&new_meta)) {
-                        Ok(nm) => {
-                            drop(site);
-                            self.drop_generation(m.gen_);
-                            new_meta = nm;
-                            compacted = true;
-                        }
-                        Err(e) => tracing::warn!("compaction failed, keeping the delta log: {e:#}"),
-                    }
+            sync::Incoming::Delta(d) => self.apply_delta(&mut meta, &d),
+        }
+    }
+
+    fn apply_delta(&self, meta: &mut Option<Meta>, d: &sync::Delta) -> Result<Applied, ApplyError> {
+        let previous_version = self.site().version;
+        let Some(m) = meta.clone() else {
+            return Err(SiteError::ResyncNeeded {
+                base: d.base_version,
+                version: d.version,
+                current: 0,
+            }
+            .into());
+        };
+        let prepared: PreparedDelta = self.site().prepare_delta(d, &self.key)?;
+        let mut new_meta = Meta {
+            version: prepared.version,
+            deltas: m.deltas + 1,
+            ..m.clone()
+        };
+        self.persist_delta(&prepared.normalized, &new_meta)
+            .map_err(|e| self.storage_error("applying a sync message", e))?;
+        self.site
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .commit(prepared);
+        let mut compacted = false;
+        if new_meta.deltas >= COMPACT_DELTAS {
+            // Rewrite as a fresh generation; on failure keep the delta log (still valid).
+            let site = self.site();
+            match self.write_generation(&site, Some(&new_meta)) {
+                Ok(nm) => {
+                    drop(site);
+                    self.drop_generation(m.gen_);
+                    new_meta = nm;
+                    compacted = true;
                 }
-                *meta = Some(new_meta);
-                Ok(Applied {
-                    kind: "delta",
-                    version: d.version,
-                    previous_version,
-                    compacted,
-                })
+                Err(e) => tracing::warn!("compaction failed, keeping the delta log: {e:#}"),
             }
         }
+        *meta = Some(new_meta);
+        Ok(Applied {
+            kind: "delta",
+            version: d.version,
+            previous_version,
+            compacted,
+        })
     }
 
     /// Writes a delta and its meta in one atomic batch. Once the batch is in, the delta is
@@ -658,14 +686,15 @@ impl Core {
     /// Writes `site` as a new generation and makes it current. Returns the new meta.
     fn write_generation(&self, site: &Site, current: Option<&Meta>) -> anyhow::Result<Meta> {
         let g = current.map_or(1, |m| m.gen_ + 1);
-        // The small tables' JSON is written (and its parts freed) before the chunks are built.
-        let base = serde_json::to_vec(&site.small_snapshot(&self.key))?;
+        // The small tables' JSON, written from the tables (not a copy of them), then the chunks.
+        let base = site.small_snapshot_json(&self.key)?;
         let h = self.h()?;
         h.tree.insert(gen_key(g, b'b', &[]), base)?;
-        for (n, chunk) in stored_chunks(&site.creds, CHUNK).iter().enumerate() {
+        // Chunk by chunk: each is encoded, inserted and freed before the next is made.
+        for (n, chunk) in stored_chunks(&site.creds, CHUNK).enumerate() {
             h.tree.insert(
                 gen_key(g, b'c', &(n as u32).to_be_bytes()),
-                postcard::to_stdvec(chunk)?,
+                postcard::to_stdvec(&chunk)?,
             )?;
         }
         h.db.flush()?;

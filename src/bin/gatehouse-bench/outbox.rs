@@ -554,25 +554,28 @@ pub fn probe(args: &[String]) -> anyhow::Result<()> {
             rss("old site");
             let doc = serde_json::to_vec(&super::synthetic())?;
             rss("doc");
-            let msg = gatehouse::sync::parse(&doc)?;
-            rss("parsed");
-            let gatehouse::sync::SyncMessage::Snapshot(s) = msg else {
+            // The daemon's path: parsed compact, the document dropped, the site built while
+            // consuming the message, then the generation's chunks made and encoded one by one.
+            let msg = gatehouse::sync::parse_for_apply(&doc)?;
+            rss("parsed (compact)");
+            drop(doc);
+            rss("document dropped");
+            let gatehouse::sync::Incoming::Snapshot(s) = msg else {
                 bail!("not a snapshot")
             };
-            let new = gatehouse::site::Site::from_snapshot(&s, &key)?;
-            rss("new site");
+            let new = gatehouse::site::Site::from_incoming(*s, &key)?;
+            rss("new site (message consumed)");
             let small = new.small_snapshot(&key);
             let b = serde_json::to_vec(&small)?;
+            drop(small);
             rss("small snapshot");
-            let chunks = gatehouse::site::stored_chunks(&new.creds, 16_384);
-            rss("stored chunks");
-            let n: usize = chunks
-                .iter()
-                .map(|c| postcard::to_stdvec(c).map(|v| v.len()).unwrap_or(0))
-                .sum();
-            rss("postcard");
+            let mut n = 0;
+            for chunk in gatehouse::site::stored_chunks(&new.creds, 16_384) {
+                n += postcard::to_stdvec(&chunk)?.len();
+            }
+            rss("chunks encoded one by one");
             eprintln!("{} chunk bytes, {} base bytes", n, b.len());
-            drop((old, doc, s, new));
+            drop((old, new));
         }
         Some("log") => {
             let dir = Path::new(args.get(1).context("dir")?);
