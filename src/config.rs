@@ -40,6 +40,9 @@ pub struct RawConfig {
     /// The BLE adapter (padlocks, unit controllers, fobs, BTHome sensors); absent: no BLE.
     #[serde(default)]
     pub ble: Option<crate::ble::config::RawBle>,
+    /// The OpenMetrics endpoint (`[metrics] listen`); absent: none.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::RawMetrics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +259,7 @@ pub struct Config {
     pub simulate_devices: bool,
     pub buses: Vec<crate::rs485::config::BusConfig>,
     pub ble: Option<crate::ble::config::BleConfig>,
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -483,6 +487,10 @@ impl Config {
             )?),
             None => None,
         };
+        let metrics = match &raw.metrics {
+            Some(m) => crate::metrics::check(m, &err)?,
+            None => None,
+        };
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,
@@ -504,6 +512,7 @@ impl Config {
             simulate_devices: raw.demo.simulate_devices,
             buses,
             ble,
+            metrics,
         })
     }
 }

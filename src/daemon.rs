@@ -96,6 +96,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // The cloud link stops last: it publishes what the others recorded (see the stop below).
     let link_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // The metrics endpoint: a port in use is logged, and the daemon goes on deciding access.
+    if let Some(m) = &cfg.metrics {
+        let (metrics, store) = (engine.metrics().clone(), store.clone());
+        if let Err(e) = crate::metrics::serve(m, metrics, store, shutdown.child_token()) {
+            tracing::error!("{e:#}; running without the metrics endpoint");
+        }
+    }
     // Each task gets a child token and is tracked.
     let states = Arc::new(crate::devstate::DeviceStates::new());
     let rpc = Arc::new(crate::ble::rpc::CloudRpc::new());
@@ -123,6 +130,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Some(Arc::new(command_router(&cfg, cloud, units, relays))),
             )
             .with_device_states(states.clone())
+            .with_metrics(engine.metrics().clone())
             .with_drain_timeout(cfg.drain_timeout);
             if ble.is_some()
                 && let Some(bridge) = crate::cloud::link::BleBridge::new(rpc.clone(), wakes_rx)

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod devstate;
 pub mod events;
 pub mod fsperm;
+pub mod metrics;
 pub mod policy;
 pub mod preflight;
 pub mod redact;

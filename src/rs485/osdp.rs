@@ -64,6 +64,8 @@ pub(crate) struct SerialChannel {
     port: Option<Box<dyn tokio_serial::SerialPort>>,
     broken: Arc<Mutex<Option<String>>>,
     id: i32,
+    /// Counts the commands sent (LibOSDP flushes before each one).
+    metrics: Option<crate::metrics::BusMetrics>,
 }
 
 impl SerialChannel {
@@ -72,7 +74,13 @@ impl SerialChannel {
             port: Some(port),
             broken: Arc::default(),
             id: 0,
+            metrics: None,
         }
+    }
+
+    pub(crate) fn with_metrics(mut self, m: crate::metrics::BusMetrics) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     fn fail(&self, what: &str, e: &std::io::Error) -> ChannelError {
@@ -125,6 +133,9 @@ impl Channel for SerialChannel {
         let Some(port) = self.port.as_mut() else {
             return Ok(());
         };
+        if let Some(m) = &self.metrics {
+            m.sent();
+        }
         match port.clear(tokio_serial::ClearBuffer::Input) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -362,7 +373,7 @@ fn session(
         watch,
     } = state;
     let retry_after = *retry_after;
-    let chan = SerialChannel::new(port);
+    let chan = SerialChannel::new(port).with_metrics(shared.engine.metrics().bus(&bus.id, "osdp"));
     let broken = chan.broken.clone();
     let Described {
         infos,

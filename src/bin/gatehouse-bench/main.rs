@@ -10,8 +10,12 @@
 //! `gatehouse-bench outbox`: decision latency with a full outbox, the daemon's memory holding a
 //! million undelivered events and replacing a million-credential site over MQTT, and how soon
 //! the link resumes after the broker returns (see `outbox.rs`).
+//!
+//! `gatehouse-bench idle`: the daemon's CPU, memory, wakeups and metrics scrape time at rest
+//! with two buses, ten BLE devices and the metrics endpoint (see `idle.rs`).
 
 mod ble;
+mod idle;
 mod outbox;
 mod rs485;
 mod telemetry;
@@ -50,7 +54,10 @@ fn main() -> anyhow::Result<()> {
         Some("outbox") => outbox::run(),
         Some("outbox-probe") => outbox::probe(&args[1..]),
         Some("telemetry") => telemetry::run(&args[1..]),
-        _ => bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry"),
+        Some("idle") => idle::run(),
+        _ => {
+            bail!("usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|idle")
+        }
     }
 }
 
