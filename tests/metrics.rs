@@ -133,13 +133,14 @@ fn http(port: u16, request: &str) -> Option<(String, String, String)> {
 type Samples = BTreeMap<String, f64>;
 
 /// A strict reader of the OpenMetrics text format (the parts the gateway uses): every sample
-/// belongs to a family declared by `# TYPE` before it, with a known suffix for its type; labels
+/// belongs to a family declared by `# TYPE` before it (each family with one `# HELP`), with a known suffix for its type; labels
 /// are `name="value"` with escapes; values parse as floats; the text ends with `# EOF`; no
 /// family is declared twice; counters end in `_total`, histograms have `_bucket` with `le`,
 /// `_count` and `_sum`, and their buckets do not decrease.
 fn parse_openmetrics(text: &str) -> Samples {
     assert!(text.ends_with("# EOF\n"), "ends with # EOF");
     let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut described = std::collections::BTreeSet::new();
     let mut samples = Samples::new();
     let mut last_bucket: Option<(String, f64)> = None;
     let lines: Vec<&str> = text.lines().collect();
@@ -163,7 +164,12 @@ fn parse_openmetrics(text: &str) -> Samples {
                         "{name} declared once"
                     );
                 }
-                "HELP" | "UNIT" => assert!(types.contains_key(name), "{kw} after TYPE: {line}"),
+                "HELP" | "UNIT" => {
+                    assert!(
+                        described.insert(format!("{kw} {name}")),
+                        "one {kw} for {name}"
+                    );
+                }
                 _ => panic!("unknown descriptor `{line}`"),
             }
             continue;
@@ -246,6 +252,12 @@ fn parse_openmetrics(text: &str) -> Samples {
         assert!(
             samples.insert(key, value).is_none(),
             "one sample per series"
+        );
+    }
+    for name in types.keys() {
+        assert!(
+            described.contains(&format!("HELP {name}")),
+            "{name} has a HELP"
         );
     }
     samples
