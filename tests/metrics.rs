@@ -9,7 +9,6 @@
 mod broker;
 mod common;
 #[path = "support/peers.rs"]
-#[allow(dead_code)]
 mod peers;
 
 use std::collections::BTreeMap;
