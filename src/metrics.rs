@@ -481,7 +481,7 @@ pub fn check(
             l.span(),
             "metrics.listen",
             format!(
-                "`{}` is not an address and port (expected e.g. `127.0.0.1:9469` or \
+                "{} is not an IP address and port (expected e.g. `127.0.0.1:9469` or \
                  `[::1]:9469`)",
                 crate::redact::excerpt(l.get_ref())
             ),
