@@ -305,10 +305,18 @@ address = 2
     for (name, w) in by_name.iter().filter(|(_, w)| *w >= 0.05) {
         eprintln!("  {name:<20} {w:>8.1}");
     }
-    let warnings = std::fs::File::open(&log_path)
-        .map(|f| std::io::BufReader::new(f).lines().count())
-        .unwrap_or(0);
-    eprintln!("daemon log lines (warn and above): {warnings}");
+    let log: Vec<String> = std::fs::File::open(&log_path)
+        .map(|f| {
+            std::io::BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("daemon log (warn and above), {} lines:", log.len());
+    for l in log.iter().take(10) {
+        eprintln!("  {l}");
+    }
     println!(
         "{}",
         json!({
