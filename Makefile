@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # `FUZZ_CASES=200000 cargo test --release --test fuzz_rs485 --test fuzz_ble`.
 FUZZ_CASES ?= 20000
 
-.PHONY: run test faults deps venv fmt-check clippy cargo-test schema-check bench-access bench-outbox clean
+.PHONY: run test faults deps venv fmt-check clippy cargo-test schema-check bench-access bench-outbox bench-idle clean
 
 run:
 	$(CARGO) build --release --bin gatehouse
@@ -72,6 +72,11 @@ bench-outbox:
 
 bench-access:
 	$(CARGO) run --release --bin gatehouse-bench -- access
+
+## The daemon at rest (docs/operations.md, README): CPU, memory, wakeups, metrics scrape.
+bench-idle: deps venv
+	$(CARGO) build --release --bins
+	./target/release/gatehouse-bench idle
 
 clean:
 	$(CARGO) clean

@@ -32,6 +32,7 @@ pub struct AccessEngine {
     /// The cloud's key for offline digital keys and this gateway's site id.
     digital_key_public: Option<KeyVerifier>,
     monotonic: MonotonicClock,
+    metrics: crate::metrics::Metrics,
 }
 
 impl AccessEngine {
@@ -43,6 +44,7 @@ impl AccessEngine {
             lockouts: Mutex::new(Lockouts::default()),
             digital_key_public,
             monotonic: Arc::new(Instant::now),
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -55,6 +57,11 @@ impl AccessEngine {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The daemon's metrics: drivers count through the engine they hold.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Decides an attempt without recording it (for `gatehouse access check`).
@@ -70,6 +77,7 @@ impl AccessEngine {
     /// Decides an attempt, records it durably, and returns the decision. `at` (wall clock) is
     /// what the policy and the event see; keypad lockout durations run on the monotonic clock.
     pub fn check(&self, attempt: &Attempt, at: DateTime<Utc>) -> anyhow::Result<Decision> {
+        let started = Instant::now();
         let req = &attempt.request;
         let site = self.store.site();
         let tables = &site.tables;
@@ -168,6 +176,11 @@ impl AccessEngine {
             self.store.report_error("recording an access decision");
             return Err(e);
         }
+        self.metrics.decision(
+            decision.reason.as_str(),
+            decision.granted,
+            started.elapsed(),
+        );
         Ok(decision)
     }
 }

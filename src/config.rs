@@ -40,6 +40,9 @@ pub struct RawConfig {
     /// The BLE adapter (padlocks, unit controllers, fobs, BTHome sensors); absent: no BLE.
     #[serde(default)]
     pub ble: Option<crate::ble::config::RawBle>,
+    /// The OpenMetrics endpoint (`[metrics] listen`); absent: none.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::RawMetrics>,
     /// Where device profiles are read from, on top of the embedded ones.
     #[serde(default)]
     pub profiles: RawProfiles,
@@ -275,6 +278,7 @@ pub struct Config {
     pub ble: Option<crate::ble::config::BleConfig>,
     /// The device profiles: embedded, and the profiles directory's files on top.
     pub profiles: std::sync::Arc<crate::profiles::Profiles>,
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -541,6 +545,10 @@ impl Config {
             )?),
             None => None,
         };
+        let metrics = match &raw.metrics {
+            Some(m) => crate::metrics::check(m, &err)?,
+            None => None,
+        };
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,
@@ -564,6 +572,7 @@ impl Config {
             buses,
             ble,
             profiles: std::sync::Arc::new(profiles),
+            metrics,
         })
     }
 }

@@ -87,6 +87,13 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     // The cloud link stops last: it publishes what the others recorded (see the stop below).
     let link_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // The metrics endpoint: a port in use is logged, and the daemon goes on deciding access.
+    let endpoint = crate::metrics::Endpoint::start(
+        cfg.metrics.as_ref(),
+        engine.metrics().clone(),
+        store.clone(),
+        shutdown.child_token(),
+    );
     // Each task gets a child token and is tracked.
     let states = Arc::new(crate::devstate::DeviceStates::new());
     let rpc = Arc::new(crate::ble::rpc::CloudRpc::new());
@@ -102,14 +109,13 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         b.control.set_relays(relays.clone());
         b.control.set_wakes(wakes_tx);
     }
-    let bridge = match rpc.take_requests() {
-        Some(requests) if ble.is_some() => Some(Arc::new(crate::cloud::link::DeviceBridge::new(
-            rpc.clone(),
-            requests,
-            wakes_rx,
-        ))),
-        _ => None,
-    };
+    let bridge =
+        match rpc.take_requests() {
+            Some(requests) if ble.is_some() => Some(Arc::new(
+                crate::cloud::link::DeviceBridge::new(rpc.clone(), requests, wakes_rx),
+            )),
+            _ => None,
+        };
     let link = Arc::new(crate::cloud::supervisor::LinkSupervisor::new(
         crate::cloud::supervisor::LinkParts {
             site: cfg.site_id.clone(),
@@ -119,6 +125,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             units,
             relays,
             devices: bridge,
+            metrics: engine.metrics().clone(),
             drain: cfg.drain_timeout,
         },
         link_stop.clone(),
@@ -132,6 +139,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         rs485.clone(),
         link.clone(),
     );
+    reloader.add_part(endpoint);
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {

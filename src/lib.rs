@@ -13,6 +13,7 @@ pub mod devstate;
 pub mod events;
 pub mod fsperm;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod preflight;
 pub mod profiles;

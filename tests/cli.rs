@@ -194,6 +194,32 @@ fn a_bad_ble_section_is_refused_with_its_line() {
 }
 
 #[test]
+fn a_bad_metrics_section_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gatehouse.toml");
+    for (body, expect) in [
+        (
+            "[metrics]\nlisten = \"localhost:9469\"\n",
+            ":5: key `metrics.listen`: `localhost:9469` is not an IP address and port",
+        ),
+        (
+            "[metrics]\nlisten = \"127.0.0.1:99999\"\n",
+            ":5: key `metrics.listen`: `127.0.0.1:99999` is not an IP address and port",
+        ),
+        ("[metrics]\nport = 9469\n", "unknown field `port`"),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!("[site]\nid = \"s1\"\ngateway_id = \"g1\"\n{body}"),
+        )
+        .unwrap();
+        let o = gatehouse(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(expect), "{body}: {}", stderr(&o));
+    }
+}
+
+#[test]
 fn the_example_and_demo_configs_are_valid() {
     for f in ["config/gatehouse.example.toml", "config/demo.toml"] {
         let path = format!("{}/{f}", env!("CARGO_MANIFEST_DIR"));

@@ -13,8 +13,8 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey};
 use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use gatehouse::cloud::commands::{self, CommandName, EmergencyReason};
 use gatehouse::cloud::messages::{
-    COMMAND_CONTEXT, Command, CommandResult, EventMessage, SignedCommand, SnapshotChunk, Status,
-    SyncResult,
+    COMMAND_CONTEXT, Command, CommandResult, EventMessage, Health, SignedCommand, SnapshotChunk,
+    Status, SyncResult,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -46,9 +46,11 @@ enum Kind {
     BleUnlockRequest,
     BleUnlockResponse,
     DeviceState,
+    Health,
 }
 
-const ALL_KINDS: [Kind; 10] = [
+const ALL_KINDS: [Kind; 11] = [
+    Kind::Health,
     Kind::BleUnlockRequest,
     Kind::BleUnlockResponse,
     Kind::DeviceState,
@@ -63,8 +65,9 @@ const ALL_KINDS: [Kind; 10] = [
 
 /// File name -> message, by prefix, first match wins (same table as check_examples.py).
 fn kind_of(file_name: &str) -> Option<Kind> {
-    const PREFIXES: [(&str, Kind); 10] = [
+    const PREFIXES: [(&str, Kind); 11] = [
         ("status-", Kind::Status),
+        ("health", Kind::Health),
         ("ble-unlock-request", Kind::BleUnlockRequest),
         ("ble-unlock-response", Kind::BleUnlockResponse),
         ("device-state-", Kind::DeviceState),
@@ -143,6 +146,14 @@ fn every_example_reads_as_its_message_type() {
                     "{name}: online {} with fields {online_fields:?}",
                     s.online
                 );
+            }
+            Kind::Health => {
+                let h: Health = read_as(name, text);
+                assert!(
+                    h.buses.values().all(|b| b.online <= b.total),
+                    "{name}: online within total"
+                );
+                assert_eq!(h.storage.state, "ok", "{name}");
             }
             Kind::Event => {
                 let e: EventMessage = read_as(name, text);

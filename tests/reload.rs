@@ -108,6 +108,7 @@ fn buses_are_added_restarted_and_removed_live_and_a_bad_file_changes_nothing() {
             units: Arc::new(NoDevices),
             relays: relays.clone(),
             devices: None,
+            metrics: engine.metrics().clone(),
             drain: Duration::from_secs(1),
         },
         link_stop,

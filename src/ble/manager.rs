@@ -211,6 +211,7 @@ impl<R: Radio> Manager<R> {
     /// Handles one advertisement. Blocking (events are flushed): call it from the advert thread.
     pub fn on_advert(&self, seen: &Seen, now: Instant, wall: DateTime<Utc>) {
         lock(&self.counters).adverts += 1;
+        self.engine.metrics().ble_advert();
         let mac = seen.mac.to_ascii_uppercase();
         let Some(dev) = self.device_by_mac(&mac) else {
             self.on_unknown(&mac, seen, now, wall);
@@ -250,6 +251,7 @@ impl<R: Radio> Manager<R> {
             );
         }
         if was_online != Some(true) {
+            self.engine.metrics().device_online(&dev.id, "ble", true);
             self.record(
                 EventKind::DeviceOnline,
                 json!({"device": dev.id, "mac": mac, "kind": dev.kind, "rssi": seen.rssi}),
@@ -587,6 +589,7 @@ impl<R: Radio> Manager<R> {
             }
         }
         for (id, silent) in gone {
+            self.engine.metrics().device_online(&id, "ble", false);
             self.states.set(&id, &[("online", json!(false))]);
             self.record(
                 EventKind::DeviceOffline,

@@ -42,7 +42,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::commands::{self, Effect, Outcome};
 use crate::cloud::lanes::{CmdJob, dispatch_commands, keep_unsent, record_effects};
 use crate::cloud::limits::{self, TooLargeLog};
-use crate::cloud::messages::{EventMessage, SnapshotChunk, Status, SyncResult, Topics};
+use crate::cloud::messages::{
+    EventMessage, Health, HealthBus, HealthCloud, HealthDecisions, HealthOutbox, SnapshotChunk,
+    Status, SyncResult, Topics,
+};
 use crate::cloud::mqtt::{self, Client, Ev, Loop, PollError};
 use crate::config::{CloudConfig, Transport};
 use crate::events::EventKind;
@@ -95,6 +98,14 @@ impl DeviceBridge {
 
 /// Requests queued in rumqttc's channel at most; the outbox window is kept below it.
 const REQUEST_CAPACITY: usize = 1024;
+/// How often `health` is published when nothing changed.
+const HEALTH_EVERY: Duration = Duration::from_secs(60);
+/// What makes `health` due before `HEALTH_EVERY`: the store's state and the devices online.
+type HealthKey = (
+    String,
+    std::collections::BTreeMap<String, crate::cloud::messages::HealthBus>,
+);
+
 /// Largest snapshot the gateway assembles from chunks.
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 /// Most parts a snapshot may come in (the part table is allocated from the announced count).
@@ -130,6 +141,7 @@ pub struct CloudLink {
     too_large: std::sync::Mutex<TooLargeLog>,
     /// How long a clean stop keeps publishing the outbox and waiting for acknowledgements.
     drain: Duration,
+    metrics: crate::metrics::Metrics,
 }
 
 enum SessionEnd {
@@ -195,7 +207,15 @@ impl CloudLink {
             unsent: Arc::default(),
             too_large: Default::default(),
             drain: Duration::from_secs(10),
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Counts into the daemon's metrics (events published and acknowledged, connection state,
+    /// reconnects, command results) and takes the counters of the `health` message from them.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// How long a clean stop drains the outbox (`shutdown.drain_timeout_secs`) before the
@@ -262,6 +282,73 @@ impl CloudLink {
         }
     }
 
+    /// The `health` message, measured now.
+    fn health(&self) -> Health {
+        let c = self.metrics.health();
+        let events = self.store.events();
+        let outbox = HealthOutbox {
+            events: events.len(),
+            oldest_age_s: crate::metrics::oldest_age_s(&events).unwrap_or(0),
+        };
+        drop(events);
+        Health {
+            site: self.site.clone(),
+            gateway: self.gateway.clone(),
+            session: self.session,
+            at: Utc::now(),
+            gatehouse_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: c.uptime_s,
+            site_version: self.store.site().version,
+            outbox,
+            cloud: HealthCloud {
+                reconnects: c.cloud_reconnects,
+            },
+            storage: self.store.health().into(),
+            decisions: HealthDecisions {
+                granted: c.granted,
+                denied: c.denied,
+            },
+            buses: c
+                .buses
+                .into_iter()
+                .map(|(bus, (online, total))| (bus, HealthBus { online, total }))
+                .collect(),
+        }
+    }
+
+    /// Publishes `health` (retained) when due: at `HEALTH_EVERY`, or when the store's health or
+    /// a device's liveness changed since the last one (`last`).
+    fn publish_health(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        last: &mut Option<(std::time::Instant, HealthKey)>,
+    ) -> anyhow::Result<()> {
+        let h = self.health();
+        let key = (h.storage.state.clone(), h.buses.clone());
+        let due = match last {
+            None => true,
+            Some((at, k)) => at.elapsed() >= HEALTH_EVERY || *k != key,
+        };
+        if due {
+            self.publish(client, out, self.topics.health(), true, &h)?;
+            *last = Some((std::time::Instant::now(), key));
+        }
+        Ok(())
+    }
+
+    /// A command result, counted by status.
+    fn publish_result(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        result: &crate::cloud::messages::CommandResult,
+    ) -> anyhow::Result<()> {
+        self.metrics.command_result(&result.status);
+        let topic = self.topics.command_result(&result.name);
+        self.publish(client, out, topic, false, result)
+    }
+
     fn settings(&self) -> anyhow::Result<mqtt::Settings> {
         let c = &self.cfg;
         let tls = match &c.transport {
@@ -306,9 +393,12 @@ impl CloudLink {
                 return;
             }
             let mut connected = false;
-            self.state.attempts.fetch_add(1, Ordering::Relaxed);
+            if self.state.attempts.fetch_add(1, Ordering::Relaxed) > 0 {
+                self.metrics.cloud_reconnect();
+            }
             let end = self.session_once(&shutdown, &mut connected).await;
             self.state.connected.store(false, Ordering::Relaxed);
+            self.metrics.cloud_connected(false);
             // A connection that reached CONNACK resets the wait, unless the broker ended it by
             // sending what the gateway cannot take (it may do so again at once: retained).
             let mut healthy = connected;
@@ -356,6 +446,7 @@ impl CloudLink {
         let broker_max = connack.context("no CONNACK in time")??;
         *connected = true;
         self.state.connected.store(true, Ordering::Relaxed);
+        self.metrics.cloud_connected(true);
         // Events numbered below this were recorded before this connection: `historical`.
         let connected_at = self.store.events().next_seq();
         let mut out = Outbox {
@@ -430,9 +521,10 @@ impl CloudLink {
         };
         let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
         for o in unsent {
-            let topic = self.topics.command_result(&o.result.name);
-            self.publish(&client, &mut out, topic, false, &o.result)?;
+            self.publish_result(&client, &mut out, &o.result)?;
         }
+        let mut last_health = None;
+        self.publish_health(&client, &mut out, &mut last_health)?;
         if let Some(d) = &self.devices {
             let all = d.all();
             self.publish_states(&client, &mut out, d, all);
@@ -464,6 +556,7 @@ impl CloudLink {
                         };
                         if what.is_some() {
                             crate::store::crash_point("event_published");
+                            self.metrics.event_published();
                         }
                         if out.inflight.insert(pkid, what).is_some() {
                             return Ok(SessionEnd::Lost(format!("packet id {pkid} reused while in flight")));
@@ -472,6 +565,7 @@ impl CloudLink {
                     Ok(Ev::PubAck(pkid)) => {
                         if let Some(Some(seq)) = out.inflight.remove(&pkid) {
                             crate::store::crash_point("event_acked");
+                            self.metrics.event_acknowledged();
                             out.acked.push(seq);
                         }
                     }
@@ -491,8 +585,7 @@ impl CloudLink {
                             // The cloud asked: say where the site stands.
                             self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
                         }
-                        let topic = self.topics.command_result(&o.result.name);
-                        self.publish(&client, &mut out, topic, false, &o.result)?;
+                        self.publish_result(&client, &mut out, &o.result)?;
                     }
                 }
                 Some(req) = async {
@@ -543,6 +636,7 @@ impl CloudLink {
                         storage_ok = !storage_ok;
                         self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
                     }
+                    self.publish_health(&client, &mut out, &mut last_health)?;
                     // States a full queue held back.
                     if let Some(d) = &self.devices {
                         let changed = d.take_changed();
@@ -719,11 +813,15 @@ impl CloudLink {
                     Ok(Err(e)) => anyhow::bail!("{e}"),
                     Ok(Ok(Ev::Written(pkid))) => {
                         if let Some(what) = out.requested.pop_front() {
+                            if what.is_some() {
+                                self.metrics.event_published();
+                            }
                             out.inflight.insert(pkid, what);
                         }
                     }
                     Ok(Ok(Ev::PubAck(pkid))) => {
                         if let Some(Some(seq)) = out.inflight.remove(&pkid) {
+                            self.metrics.event_acknowledged();
                             out.acked.push(seq);
                         }
                     }

@@ -24,6 +24,10 @@ impl Topics {
     pub fn status(&self) -> String {
         format!("{}/status", self.base)
     }
+    /// Retained: the gateway's health, every 60 s and on change.
+    pub fn health(&self) -> String {
+        format!("{}/health", self.base)
+    }
     pub fn events(&self) -> String {
         format!("{}/events", self.base)
     }
@@ -120,6 +124,62 @@ impl From<crate::store::Health> for StorageStatus {
             },
         }
     }
+}
+
+/// `health`, retained, QoS 1: published at every connection, every 60 s, and within 5 s of a
+/// change of `cloud`-independent state (store health, a device going online or offline).
+/// Counters run from the daemon's start (`uptime_s`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub site: String,
+    pub gateway: String,
+    /// The daemon's session (as in `status`).
+    pub session: u64,
+    /// When this was measured (UTC).
+    pub at: DateTime<Utc>,
+    pub gatehouse_version: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    pub site_version: u64,
+    pub outbox: HealthOutbox,
+    pub cloud: HealthCloud,
+    /// `ok` or `failed`, as `status.storage`.
+    pub storage: StorageStatus,
+    pub decisions: HealthDecisions,
+    /// Devices per bus id (`ble` for BLE devices): how many answer, of those the gateway has
+    /// seen or polled since it started.
+    pub buses: std::collections::BTreeMap<String, HealthBus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthOutbox {
+    /// Events not yet acknowledged by the broker.
+    pub events: u64,
+    /// Age of the oldest of them in seconds (0 when empty).
+    pub oldest_age_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCloud {
+    /// Connection attempts after the first since the daemon started.
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthDecisions {
+    pub granted: u64,
+    pub denied: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthBus {
+    pub online: u32,
+    pub total: u32,
 }
 
 /// One event on `events` (QoS 1). At least once, in order; drop duplicates by `id`.

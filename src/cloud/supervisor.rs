@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cloud::commands::{CommandConfig, Relays, Router, UnitControllers};
-use crate::cloud::link::{DeviceBridge, CloudLink, Commands, Unsent};
+use crate::cloud::link::{CloudLink, Commands, DeviceBridge, Unsent};
 use crate::config::CloudConfig;
 use crate::store::Store;
 
@@ -25,6 +25,7 @@ pub struct LinkParts {
     pub units: Arc<dyn UnitControllers>,
     pub relays: Arc<dyn Relays>,
     pub devices: Option<Arc<DeviceBridge>>,
+    pub metrics: crate::metrics::Metrics,
     pub drain: Duration,
 }
 
@@ -114,6 +115,7 @@ impl LinkSupervisor {
             Some(Arc::new(commands)),
         )
         .with_device_states(p.states.clone())
+        .with_metrics(p.metrics.clone())
         .with_drain_timeout(p.drain)
         .with_unsent(self.unsent.clone());
         if let Some(b) = &p.devices {

@@ -146,6 +146,7 @@ impl Shared {
             m.insert(device.to_string(), online) != Some(online)
         };
         if changed {
+            self.engine.metrics().device_online(device, bus, online);
             let mut p = json!({"device": device, "bus": bus});
             if let Some(d) = detail {
                 p["detail"] = json!(d);

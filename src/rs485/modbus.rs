@@ -258,6 +258,7 @@ struct Bus<'a> {
     devs: Vec<Dev<'a>>,
     offs: Vec<PendingOff>,
     started: Instant,
+    metrics: crate::metrics::BusMetrics,
 }
 
 /// The bus thread.
@@ -289,6 +290,7 @@ async fn run_async(
         return;
     };
     let mut watch = PortWatch::new(bus);
+    let metrics = shared.engine.metrics().bus(&bus.id, "modbus");
     // Pulses to end survive reconnections: a coil switched on must be switched off.
     let mut offs: Vec<PendingOff> = Vec::new();
     // Device state survives reconnections (inputs are not re-reported after a replug).
@@ -331,6 +333,7 @@ async fn run_async(
             devs: std::mem::take(&mut devs),
             offs: std::mem::take(&mut offs),
             started: Instant::now(),
+            metrics: metrics.clone(),
         };
         let broken = b.session(&mut rx, &mut watch).await;
         if broken.is_none() {
@@ -481,6 +484,31 @@ impl Bus<'_> {
             Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'c>,
         >,
     {
+        let t0 = Instant::now();
+        let r = self.tx_inner(f).await;
+        self.count(t0.elapsed(), &r);
+        r
+    }
+
+    fn count<T>(&self, elapsed: Duration, r: &Result<T, TxError>) {
+        use crate::metrics::TxOutcome;
+        let outcome = match r {
+            Ok(_) | Err(TxError::Exception(_)) => TxOutcome::Answered,
+            Err(TxError::Timeout) => TxOutcome::Timeout,
+            Err(TxError::Protocol(_)) => TxOutcome::Garbled,
+            Err(TxError::Port(_)) => TxOutcome::PortError,
+        };
+        self.metrics.transaction(elapsed, outcome);
+    }
+
+    async fn tx_inner<T, F>(&mut self, f: F) -> Result<T, TxError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut Context,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'c>,
+        >,
+    {
         match tokio::time::timeout(self.timeout, f(&mut self.ctx)).await {
             Err(_) => Err(TxError::Timeout),
             Ok(Ok(Ok(v))) => Ok(v),
@@ -546,7 +574,10 @@ impl Bus<'_> {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(self.timeout, exchange).await;
+        let elapsed = t0.elapsed();
+        let r = match r {
             Err(_) => {
                 tokio::time::sleep(QUIET).await;
                 let _ = port.with(|p| p.clear(tokio_serial::ClearBuffer::Input));
@@ -560,7 +591,9 @@ impl Bus<'_> {
                 }
                 Err(e) => Err(TxError::Protocol(e.to_string())),
             },
-        }
+        };
+        self.count(elapsed, &r);
+        r
     }
 
     /// A relay job. Returns `Some(error)` if the port broke.

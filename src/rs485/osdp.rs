@@ -77,6 +77,8 @@ pub(crate) struct SerialChannel {
     /// When a byte last went out or came in (the bus thread's next poll is due from it).
     activity: Arc<Mutex<Option<Instant>>>,
     id: i32,
+    /// Counts the commands sent (LibOSDP flushes before each one).
+    metrics: Option<crate::metrics::BusMetrics>,
 }
 
 impl SerialChannel {
@@ -86,11 +88,17 @@ impl SerialChannel {
             broken: Arc::default(),
             activity: Arc::default(),
             id: 0,
+            metrics: None,
         }
     }
 
     fn active(&self) {
         *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    pub(crate) fn with_metrics(mut self, m: crate::metrics::BusMetrics) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     fn fail(&self, what: &str, e: &std::io::Error) -> ChannelError {
@@ -153,6 +161,9 @@ impl Channel for SerialChannel {
         let Some(port) = self.port.as_mut() else {
             return Ok(());
         };
+        if let Some(m) = &self.metrics {
+            m.sent();
+        }
         match port.clear(tokio_serial::ClearBuffer::Input) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -396,7 +407,8 @@ fn session(
         Ok(p) => p,
         Err(e) => return End::Broken(format!("cannot watch the port: {e}")),
     };
-    let chan = SerialChannel::new(Box::new(port));
+    let chan = SerialChannel::new(Box::new(port))
+        .with_metrics(shared.engine.metrics().bus(&bus.id, "osdp"));
     let activity = chan.activity.clone();
     let broken = chan.broken.clone();
     let Described {

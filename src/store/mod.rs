@@ -762,6 +762,14 @@ impl Core {
         }
     }
 
+    /// Bytes the database takes on disk (0 while it is being reopened).
+    pub fn size_on_disk(&self) -> u64 {
+        self.h()
+            .ok()
+            .and_then(|h| h.db.size_on_disk().ok())
+            .unwrap_or(0)
+    }
+
     /// Flushes everything to disk. Called at shutdown.
     pub fn flush(&self) -> anyhow::Result<()> {
         self.lived.persist()?;

@@ -29,6 +29,7 @@ MQTT_EXAMPLES = ROOT / "docs" / "examples" / "mqtt"
 # docs/examples/mqtt/<file name> -> schema, by prefix; the first match wins.
 MQTT_SCHEMAS = [
     ("status-", "mqtt-status.schema.json"),
+    ("health", "mqtt-health.schema.json"),
     ("ble-unlock-request", "mqtt-ble-unlock-request.schema.json"),
     ("ble-unlock-response", "mqtt-ble-unlock-response.schema.json"),
     ("device-state-", "mqtt-device-state.schema.json"),

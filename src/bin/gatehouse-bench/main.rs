@@ -12,9 +12,12 @@
 //! the link resumes after the broker returns (see `outbox.rs`).
 //!
 //! `gatehouse-bench automation`: the automation rules and alert lifecycle (see `automation.rs`).
+//! `gatehouse-bench idle`: the daemon's CPU, memory, wakeups and metrics scrape time at rest
+//! with two buses, ten BLE devices and the metrics endpoint (see `idle.rs`).
 
 mod automation;
 mod ble;
+mod idle;
 mod outbox;
 mod rs485;
 mod telemetry;
@@ -54,8 +57,9 @@ fn main() -> anyhow::Result<()> {
         Some("outbox-probe") => outbox::probe(&args[1..]),
         Some("telemetry") => telemetry::run(&args[1..]),
         Some("automation") => automation::run(),
+        Some("idle") => idle::run(),
         _ => bail!(
-            "usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|automation"
+            "usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|automation|idle"
         ),
     }
 }

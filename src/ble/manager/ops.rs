@@ -190,13 +190,19 @@ impl<R: Radio> Manager<R> {
             )
             .await;
         });
-        match rx.await {
+        let r = match rx.await {
             Ok(r) => r,
             Err(_) => reached(Execution::Failed(format!(
                 "no outcome within {} s",
                 OPERATION_TIMEOUT.as_secs()
             ))),
-        }
+        };
+        self.engine.metrics().ble_lock_operation(match r.0 {
+            Execution::Done(_) => "done",
+            Execution::Queued => "queued",
+            Execution::Failed(_) => "failed",
+        });
+        r
     }
 
     async fn operate_inner(
