@@ -47,6 +47,7 @@ pub fn record(store: &Store, kind: EventKind, payload: serde_json::Value) -> any
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     crate::preflight::check(&cfg)?;
     let mut signals = Signals::install()?;
+    let notifier = crate::supervise::Notifier::from_env();
     let store = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
@@ -111,7 +112,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         b.control.set_relays(relays.clone());
         b.control.set_wakes(wakes_tx);
     }
-    match &cfg.cloud {
+    let link_state = match &cfg.cloud {
         Some(cloud) => {
             let session = store.next_session()?;
             let mut link = crate::cloud::link::CloudLink::new(
@@ -135,12 +136,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 topics = %link.topics().base(),
                 "starting the cloud link"
             );
+            let state = link.state.clone();
             tracker.spawn(link.run(link_stop.clone()));
+            Some(state)
         }
-        None => tracing::warn!(
-            "no [cloud] section: events are kept in the outbox until a cloud link is configured"
-        ),
-    }
+        None => {
+            tracing::warn!(
+                "no [cloud] section: events are kept in the outbox until a cloud link is configured"
+            );
+            None
+        }
+    };
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
@@ -197,10 +203,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
+    // Supervision (systemd): ready now that the store is open, the buses and BLE started and
+    // the cloud link task runs; then status and watchdog pings while healthy.
+    {
+        let mut devices: Vec<Box<dyn Fn() -> (usize, usize) + Send + Sync>> = Vec::new();
+        if let Some(r) = &rs485 {
+            let s = r.shared().clone();
+            devices.push(Box::new(move || s.online_counts()));
+        }
+        let s = states.clone();
+        devices.push(Box::new(move || s.online_counts()));
+        let sources = crate::supervise::Sources {
+            store: store.clone(),
+            link: link_state,
+            devices,
+        };
+        notifier.ready(&crate::supervise::status_line(&sources, None));
+        tracker.spawn(crate::supervise::run(
+            notifier.clone(),
+            sources,
+            shutdown.child_token(),
+        ));
+    }
     tracker.close();
     tracing::info!("running; waiting for SIGTERM or SIGINT");
     signals.wait().await;
     tracing::info!("shutting down");
+    notifier.stopping();
     // A clean stop drains: stop producing (BLE, buses, housekeeping), flush what the drivers
     // recorded, record gateway_stopped, then let the cloud link publish everything held and wait
     // for the broker's acknowledgements (up to the drain timeout) before its offline status.
