@@ -6,8 +6,8 @@
 //!   `$NOTIFY_SOCKET`. Without the variable every call does nothing. A socket that cannot be
 //!   reached is reported once at warn level and never stops the daemon: supervision is an
 //!   observer of access control, not part of it.
-//! - [`run`] is the supervision task: every second it checks [`health`] and builds the
-//!   [`status_line`]; it sends `STATUS=` when the line changes and `WATCHDOG=1` every half of
+//! - [`run`] is the supervision task: every second (more often with a short watchdog) it
+//!   checks [`health`] and builds the [`status_line`]; it sends `STATUS=` when the line changes and `WATCHDOG=1` every half of
 //!   `$WATCHDOG_USEC` **only while the check passes**. A stuck loop therefore stops the pings and
 //!   systemd restarts the daemon after `WatchdogSec`.
 //!
@@ -234,7 +234,9 @@ pub async fn run(notifier: Arc<Notifier>, sources: Sources, stop: CancellationTo
     let ping_every = notifier.watchdog().map(|w| w / 2);
     let mut last_ping: Option<Instant> = None;
     let mut was_healthy = true;
-    let mut every = tokio::time::interval(ping_every.map_or(CHECK_EVERY, |p| p.min(CHECK_EVERY)));
+    // Checks at least twice per ping period, so that a ping is never a whole check late.
+    let check_every = ping_every.map_or(CHECK_EVERY, |p| (p / 2).min(CHECK_EVERY));
+    let mut every = tokio::time::interval(check_every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -255,8 +257,8 @@ pub async fn run(notifier: Arc<Notifier>, sources: Sources, stop: CancellationTo
             &sources,
             check.as_ref().err().map(String::as_str),
         ));
-        if let (Ok(()), Some(every)) = (&check, ping_every)
-            && last_ping.is_none_or(|t| t.elapsed() >= every)
+        if let (Ok(()), Some(period)) = (&check, ping_every)
+            && last_ping.is_none_or(|t| t.elapsed() + check_every / 2 >= period)
         {
             notifier.ping();
             last_ping = Some(Instant::now());

@@ -321,7 +321,8 @@ async fn an_unreachable_notify_socket_leaves_the_daemon_deciding_access() {
         r.log().contains(&nowhere.display().to_string()),
         "the warning names the socket"
     );
-    // Alice's code at the keypad: granted, recorded and sent to the cloud.
+    // Alice's code at the keypad: decided (granted, or refused outside her schedule: the demo
+    // site's schedules follow the wall clock), recorded and sent to the cloud.
     let events = t.events();
     let online = sub
         .try_wait_for(
@@ -339,24 +340,20 @@ async fn an_unreachable_notify_socket_leaves_the_daemon_deciding_access() {
     assert!(online.is_some(), "the keypad never came online");
     r.keypad
         .send(json!({"op": "keys", "pd": 3, "digits": "123456#"}));
-    let granted = sub
+    let decided = sub
         .try_wait_for(
             |m| {
                 m.iter().any(|x| {
                     x.topic == events && {
                         let v: Value = x.json();
-                        v["kind"] == "access_granted"
+                        v["kind"] == "access_granted" || v["kind"] == "access_denied"
                     }
                 })
             },
             WAIT,
         )
         .await;
-    assert!(
-        granted.is_some(),
-        "no granted access event; log:\n{}",
-        r.log()
-    );
+    assert!(decided.is_some(), "no access event; log:\n{}", r.log());
     // The warning is given once, and the daemon stops cleanly.
     assert_eq!(
         r.log()
