@@ -72,7 +72,8 @@ deb: cargo-deb
 
 ## The package checked (tests/deb_check.sh): contents, conffiles, maintainer scripts; as root also
 ## installed with dpkg -i on this machine, check-config run from the installed files, purged.
-## For speed it packages the debug binary that cargo-test built (the packaging is what is tested).
+## For speed it packages the debug binary that cargo-test built (the packaging is what is tested;
+## cargo-deb 3.8 warns that it prefers release profiles, which is why its version is pinned).
 deb-check: cargo-deb
 	$(CARGO) build --bin gatehouse
 	$(CARGO) deb --no-build --profile dev --fast --output target/debian-check/gatehouse-check.deb

@@ -36,7 +36,7 @@ grep -q 'useradd --system' "$tmp/control/postinst" || fail "postinst creates no 
 grep -q 'install -d -m 0700 -o gatehouse -g gatehouse /var/lib/gatehouse' "$tmp/control/postinst" ||
     fail "postinst does not create /var/lib/gatehouse 0700"
 grep -q 'deb-systemd-helper.* enable' "$tmp/control/postinst" || fail "postinst does not enable the unit"
-grep -q 'restart' "$tmp/control/postinst" || fail "postinst does not restart the unit on upgrade"
+grep -q 'try-restart gatehouse.service' "$tmp/control/postinst" || fail "postinst does not restart the unit on upgrade"
 grep -q 'rm -rf /var/lib/gatehouse' "$tmp/control/postrm" || fail "postrm does not remove the data on purge"
 ok "maintainer scripts (user, data dir, enable, restart on upgrade, purge)"
 grep -q '^ Depends:.*passwd' <<<"$info" || fail "Depends lacks passwd (useradd): $info"
