@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # `FUZZ_CASES=200000 cargo test --release --test fuzz_rs485 --test fuzz_ble`.
 FUZZ_CASES ?= 20000
 
-.PHONY: run test faults deps venv fmt-check clippy cargo-test schema-check bench-access bench-outbox bench-idle clean
+.PHONY: run test faults deps venv fmt-check clippy cargo-test schema-check bench-access bench-outbox bench-idle clean cargo-deb deb deb-check
 
 run:
 	$(CARGO) build --release --bin gatehouse
@@ -56,8 +56,28 @@ cargo-test: venv
 schema-check: venv
 	$(PY) tests/schemas/check_examples.py
 
-test: deps venv fmt-check clippy cargo-test schema-check
+test: deps venv fmt-check clippy cargo-test schema-check deb-check
 	@echo "make test: all checks passed"
+
+## The Debian package (docs/install.md): cargo-deb, pinned, installed when missing.
+CARGO_DEB_VERSION := 3.8.0
+cargo-deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --version $(CARGO_DEB_VERSION) --locked
+
+## target/debian/gatehouse_<version>-1_<arch>.deb: the release binary, the unit, the example
+## config as the conffile /etc/gatehouse/gatehouse.toml, maintainer scripts in debian/.
+deb: cargo-deb
+	$(CARGO) build --release --bin gatehouse
+	$(CARGO) deb --no-build --output target/debian/
+
+## The package checked (tests/deb_check.sh): contents, conffiles, maintainer scripts; as root also
+## installed with dpkg -i on this machine, check-config run from the installed files, purged.
+## For speed it packages the debug binary that cargo-test built (the packaging is what is tested;
+## cargo-deb 3.8 warns that it prefers release profiles, which is why its version is pinned).
+deb-check: cargo-deb
+	$(CARGO) build --bin gatehouse
+	$(CARGO) deb --no-build --profile dev --fast --output target/debian-check/gatehouse-check.deb
+	tests/deb_check.sh target/debian-check/gatehouse-check.deb
 
 ## The fault campaign, long version: every tests/faults_*.rs case (kills at named crash points
 ## and at random moments with a slowed disk, disk full, clock steps, poison messages) with

@@ -42,6 +42,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<Store>> {
 pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyhow::Result<()> {
     crate::preflight::check(&cfg)?;
     let mut signals = Signals::install()?;
+    let notifier = crate::supervise::Notifier::from_env();
     let store = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
@@ -196,12 +197,40 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             }
         });
     }
+    // Supervision (systemd): ready now that the store is open, the buses and BLE started and
+    // the cloud link task runs; then status and watchdog pings while healthy.
+    {
+        let mut devices: Vec<Box<dyn Fn() -> (usize, usize) + Send + Sync>> = Vec::new();
+        {
+            let s = rs485.shared().clone();
+            devices.push(Box::new(move || s.online_counts()));
+        }
+        let s = states.clone();
+        devices.push(Box::new(move || s.online_counts()));
+        let sources = crate::supervise::Sources {
+            store: store.clone(),
+            link: {
+                let link = link.clone();
+                Box::new(move || link.state())
+            },
+            devices,
+        };
+        notifier.ready(&crate::supervise::status_line(&sources, None));
+        tracker.spawn(crate::supervise::run(
+            notifier.clone(),
+            sources,
+            shutdown.child_token(),
+        ));
+    }
     tracker.close();
     tracing::info!("running; waiting for SIGTERM or SIGINT (SIGHUP: reload the configuration)");
     while signals.wait().await == Signal::Reload {
+        notifier.reloading();
         reloader.reload().await;
+        notifier.reloaded();
     }
     tracing::info!("shutting down");
+    notifier.stopping();
     // A clean stop drains: stop producing (BLE, buses, housekeeping), flush what the drivers
     // recorded, record gateway_stopped, then let the cloud link publish everything held and wait
     // for the broker's acknowledgements (up to the drain timeout) before its offline status.

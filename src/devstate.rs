@@ -57,6 +57,15 @@ impl DeviceStates {
         changed
     }
 
+    /// Devices whose availability is known (an `online` field): (online, total).
+    pub fn online_counts(&self) -> (usize, usize) {
+        let b = self.board();
+        let known = b.states.values().filter_map(|s| s.get("online"));
+        known.fold((0, 0), |(up, n), v| {
+            (up + usize::from(v == &Value::Bool(true)), n + 1)
+        })
+    }
+
     /// A device's current state.
     pub fn get(&self, device: &str) -> Option<Value> {
         self.board().states.get(device).cloned().map(Value::Object)

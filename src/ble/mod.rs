@@ -114,10 +114,13 @@ fn advert_loop<R: Radio>(
     stop: CancellationToken,
 ) {
     let mut last_check = Instant::now();
+    let beat = crate::liveness::register("ble adverts");
     loop {
         if stop.is_cancelled() {
             return;
         }
+        beat.tick();
+        crate::liveness::stall_if_asked(&beat);
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(seen) => m.on_advert(&seen, Instant::now(), chrono::Utc::now()),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}

@@ -388,15 +388,19 @@ impl CloudLink {
     /// with capped exponential backoff and jitter.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut delay = self.cfg.reconnect_min;
+        // The task's liveness (`supervise`): ticked at each turn of the session loop and every
+        // second through the connection and backoff waits.
+        let beat = crate::liveness::register("cloud link");
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
+            beat.tick();
             let mut connected = false;
             if self.state.attempts.fetch_add(1, Ordering::Relaxed) > 0 {
                 self.metrics.cloud_reconnect();
             }
-            let end = self.session_once(&shutdown, &mut connected).await;
+            let end = self.session_once(&shutdown, &mut connected, &beat).await;
             self.state.connected.store(false, Ordering::Relaxed);
             self.metrics.cloud_connected(false);
             // A connection that reached CONNACK resets the wait, unless the broker ended it by
@@ -425,7 +429,7 @@ impl CloudLink {
                 "cloud unreachable: events stay queued in the outbox"
             );
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = crate::liveness::ticking(&beat, tokio::time::sleep(wait)) => {}
                 _ = shutdown.cancelled() => return,
             }
             delay = (delay * 2).min(self.cfg.reconnect_max);
@@ -436,11 +440,12 @@ impl CloudLink {
         &self,
         shutdown: &CancellationToken,
         connected: &mut bool,
+        beat: &crate::liveness::Beat,
     ) -> anyhow::Result<SessionEnd> {
         let (client, mut el) = mqtt::connect(&self.settings()?, REQUEST_CAPACITY);
         // Connect: poll until the broker accepts (or refuses) us.
         let connack = tokio::select! {
-            r = tokio::time::timeout(self.cfg.keep_alive.max(Duration::from_secs(5)), wait_connack(&mut el)) => r,
+            r = crate::liveness::ticking(beat, tokio::time::timeout(self.cfg.keep_alive.max(Duration::from_secs(5)), wait_connack(&mut el))) => r,
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         let broker_max = connack.context("no CONNACK in time")??;
@@ -533,6 +538,7 @@ impl CloudLink {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut storage_ok = self.store.health().is_ok();
         loop {
+            beat.tick();
             // A storage failure does not end the session (commands must still be answered).
             // While it lasts no event is sent: what sled holds in memory may never reach the disk.
             if self.store.health().is_ok()

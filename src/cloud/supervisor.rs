@@ -44,6 +44,8 @@ pub struct LinkSupervisor {
     tracker: TaskTracker,
     unsent: Unsent,
     current: tokio::sync::Mutex<Option<Current>>,
+    /// The running link's state (for the service manager's status line).
+    state: std::sync::Mutex<Option<Arc<crate::cloud::link::LinkState>>>,
 }
 
 /// The command router over the devices, with the checks' settings from `[cloud]`.
@@ -75,7 +77,13 @@ impl LinkSupervisor {
             tracker,
             unsent: Arc::default(),
             current: tokio::sync::Mutex::new(None),
+            state: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The running link's state; `None` while no link runs.
+    pub fn state(&self) -> Option<Arc<crate::cloud::link::LinkState>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Starts a link for `cloud` (none: a warning, events stay in the outbox). Returns whether
@@ -128,6 +136,7 @@ impl LinkSupervisor {
             "starting the cloud link"
         );
         let stop = self.stop.child_token();
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.state.clone());
         let task = self.tracker.spawn(link.run(stop.clone()));
         *cur = Some(Current {
             settings: format!("{cloud:?}"),
@@ -147,6 +156,7 @@ impl LinkSupervisor {
             return Ok(false);
         }
         if let Some(old) = cur.take() {
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!("cloud settings changed: stopping the cloud link");
             old.stop.cancel();
             let wait = self.parts.drain + Duration::from_secs(3);

@@ -163,6 +163,17 @@ impl Shared {
         }
     }
 
+    /// Devices on the buses: (online, total).
+    pub fn online_counts(&self) -> (usize, usize) {
+        let routes = self.common.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let online = self.common.online.lock().unwrap_or_else(|e| e.into_inner());
+        let up = routes
+            .keys()
+            .filter(|d| online.get(*d) == Some(&true))
+            .count();
+        (up, routes.len())
+    }
+
     pub fn is_online(&self, device: &str) -> Option<bool> {
         self.common
             .online
@@ -582,7 +593,10 @@ pub fn port_builder(
 
 /// Port state shared by both bus kinds: records `bus_disconnected` once per outage and
 /// `bus_connected` when the port is back, with capped exponential backoff between attempts.
+/// A bus thread's watch over its port (outages recorded once, backoff) and its liveness beat
+/// (`bus <id>`, ticked by [`PortWatch::alive`] at each turn and through the backoff waits).
 pub(crate) struct PortWatch {
+    beat: crate::liveness::Beat,
     bus: String,
     port: String,
     /// `Some(since)` while the port is away.
@@ -593,11 +607,18 @@ pub(crate) struct PortWatch {
 impl PortWatch {
     pub(crate) fn new(bus: &BusConfig) -> Self {
         PortWatch {
+            beat: crate::liveness::register(format!("bus {}", bus.id)),
             bus: bus.id.clone(),
             port: bus.port.display().to_string(),
             down_since: None,
             backoff: Duration::from_millis(250),
         }
+    }
+
+    /// The bus thread made a turn of its loop.
+    pub(crate) fn alive(&self) {
+        self.beat.tick();
+        crate::liveness::stall_if_asked(&self.beat);
     }
 
     /// The port opened.
@@ -624,8 +645,17 @@ impl PortWatch {
             );
             self.down_since = Some(Instant::now());
         }
-        let wait = self.backoff;
+        let end = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-        shared.sleep(wait)
+        loop {
+            self.beat.tick();
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return shared.stopping();
+            }
+            if shared.sleep(left.min(Duration::from_secs(1))) {
+                return true;
+            }
+        }
     }
 }

@@ -383,6 +383,7 @@ impl Bus<'_> {
             if self.shared.stopping() {
                 return None;
             }
+            watch.alive();
             let now = Instant::now();
             if now.duration_since(self.started) >= super::osdp::PORT_STABLE {
                 watch.up(self.shared);

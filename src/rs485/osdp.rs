@@ -465,6 +465,7 @@ fn session(
         if shared.stopping() {
             return End::Stopping;
         }
+        watch.alive();
         cp.refresh();
         if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return End::Broken(e);

@@ -108,7 +108,11 @@ impl Recovery {
         let thread = std::thread::Builder::new()
             .name("store-health".into())
             .spawn(move || {
+                // Its turns are the store's liveness (`supervise`): a check or a reopen that
+                // hangs in the file system holds the watchdog.
+                let beat = crate::liveness::register("store");
                 loop {
+                    beat.tick();
                     {
                         let cell = c.health.lock();
                         let (mut cell, _) = c
