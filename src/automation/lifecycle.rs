@@ -102,11 +102,7 @@ impl Lifecycle {
         wall: DateTime<Utc>,
     ) -> anyhow::Result<(Lifecycle, Vec<RelayOp>)> {
         let mut active = BTreeMap::new();
-        for (key, v) in store.automation_load(AutomationSet::Alerts)? {
-            let a: ActiveAlert = match serde_json::from_value(v) {
-                Ok(a) => a,
-                Err(e) => anyhow::bail!("automation alert `{key}` is damaged: {e}"),
-            };
+        for (_, a) in store.automation_load::<ActiveAlert>(AutomationSet::Alerts)? {
             match (&a.kind, &a.subject) {
                 (AlertKind::MotionAlert, Subject::Unit(u)) => {
                     rules.motion.restore_active(u.clone(), now)
@@ -128,11 +124,7 @@ impl Lifecycle {
         let mut due = Vec::new();
         let mut timers = HashSet::new();
         let mut gone = Vec::new();
-        for (key, v) in store.automation_load(AutomationSet::Timers)? {
-            let t: StoredTimer = match serde_json::from_value(v) {
-                Ok(t) => t,
-                Err(e) => anyhow::bail!("automation timer `{key}` is damaged: {e}"),
-            };
+        for (key, t) in store.automation_load::<StoredTimer>(AutomationSet::Timers)? {
             let by_lived = t.off_lived_ms.saturating_sub(now);
             let by_wall = u64::try_from((t.off_at - wall).num_milliseconds()).unwrap_or(0);
             let left = by_lived.min(by_wall);

@@ -118,12 +118,13 @@ impl Store {
         self.w("removing automation state", r)
     }
 
-    /// Every record of `set`, in key order. A damaged record is an error naming its key (never
+    /// Every record of `set`, in key order, decoded straight into `T` (one prefix scan, no
+    /// write). A damaged record is an error naming its key (never
     /// skipped: a forgotten timer could leave a relay on).
-    pub fn automation_load(
+    pub fn automation_load<T: serde::de::DeserializeOwned>(
         &self,
         set: AutomationSet,
-    ) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    ) -> anyhow::Result<Vec<(String, T)>> {
         let h = self.h()?;
         let mut out = Vec::new();
         for kv in h.state.scan_prefix(set.prefix()) {
