@@ -75,6 +75,8 @@ impl Run {
     }
 
     fn alert_events(&self) -> Vec<(String, serde_json::Value)> {
+        // Alert events go through the group commit: wait until they are visible.
+        self.store.drain_recorded();
         self.store
             .events()
             .read_from(0, 1000)

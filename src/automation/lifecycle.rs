@@ -2,19 +2,23 @@
 //! subject, `alert_raised` / `alert_cleared` events, and the durable state a restart restores
 //! (the active alerts and the pending relay offs, through [`Store::automation_put`]).
 //!
-//! Order of writes: an alert's record is flushed before its `alert_raised` event is recorded
-//! (flushed too), and removed before `alert_cleared`; a relay's off time is stored before the
-//! relay is switched on. A crash between the two writes of a raise leaves an active alert whose
-//! event was never sent: it is in the active set (published on `alerts`) and is cleared with an
-//! `alert_cleared` naming its id. A crash between the two writes of a clear sends no second
-//! `alert_cleared`... and the cloud sees the alert leave the active set. Nothing is repeated.
+//! Order of writes: each [`Lifecycle::apply`] is one call of [`Store::automation_write`]:
+//! an alert's record is written before its `alert_raised` event is recorded through the group
+//! commit, and removed before `alert_cleared`, and the events become visible to the cloud only
+//! after the committer's flush, which carries both. A relay's first off time is on disk before the relay
+//! is switched on. A crash before the flush loses the raise (or the clear) together with its
+//! event: the rules decide it again from the next facts. sled may write part of a batch
+//! before the flush on its own, in write order: then a record can be on disk without its event
+//! (an active alert whose raise was never sent: it is in the active set published on `alerts`
+//! and is cleared with an `alert_cleared` naming its id), never an event without its record.
+//! Nothing is repeated.
 //!
 //! Times: the rules run on the store's lived clock ([`crate::store::LivedClock`], monotonic,
 //! counting only time the gateway lived). A relay's off time is stored on both clocks; after a
 //! restart it is switched off at the earlier of the two (downtime counts on the wall clock,
 //! a wall-clock step back cannot keep it on longer than planned on the lived clock).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::{Action, AlertKind, Millis, Rules, Subject};
 use crate::events::EventKind;
-use crate::store::{AutomationSet, Store};
+use crate::store::{AutomationSet, AutomationWrite, Store};
 
 /// An active alert as stored and published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +83,8 @@ fn timer_key(device: &str, channel: u16) -> String {
 #[derive(Debug)]
 pub struct Lifecycle {
     active: BTreeMap<(AlertKind, Subject), ActiveAlert>,
+    /// Relays whose off time is stored (on disk at least once).
+    timers: HashSet<(Arc<str>, u16)>,
     id_prefix: String,
     next: u64,
 }
@@ -96,11 +102,7 @@ impl Lifecycle {
         wall: DateTime<Utc>,
     ) -> anyhow::Result<(Lifecycle, Vec<RelayOp>)> {
         let mut active = BTreeMap::new();
-        for (key, v) in store.automation_load(AutomationSet::Alerts)? {
-            let a: ActiveAlert = match serde_json::from_value(v) {
-                Ok(a) => a,
-                Err(e) => anyhow::bail!("automation alert `{key}` is damaged: {e}"),
-            };
+        for (_, a) in store.automation_load::<ActiveAlert>(AutomationSet::Alerts)? {
             match (&a.kind, &a.subject) {
                 (AlertKind::MotionAlert, Subject::Unit(u)) => {
                     rules.motion.restore_active(u.clone(), now)
@@ -120,28 +122,34 @@ impl Lifecycle {
             active.insert((a.kind, a.subject.clone()), a);
         }
         let mut due = Vec::new();
-        for (key, v) in store.automation_load(AutomationSet::Timers)? {
-            let t: StoredTimer = match serde_json::from_value(v) {
-                Ok(t) => t,
-                Err(e) => anyhow::bail!("automation timer `{key}` is damaged: {e}"),
-            };
+        let mut timers = HashSet::new();
+        let mut gone = Vec::new();
+        for (key, t) in store.automation_load::<StoredTimer>(AutomationSet::Timers)? {
             let by_lived = t.off_lived_ms.saturating_sub(now);
             let by_wall = u64::try_from((t.off_at - wall).num_milliseconds()).unwrap_or(0);
             let left = by_lived.min(by_wall);
             let device: Arc<str> = Arc::from(t.device.as_str());
             if left == 0 {
-                store.automation_remove(AutomationSet::Timers, &key)?;
+                gone.push(AutomationWrite {
+                    set: AutomationSet::Timers,
+                    key,
+                    value: None,
+                });
                 due.push(RelayOp::Off {
                     device,
                     channel: t.channel,
                 });
             } else {
+                timers.insert((device.clone(), t.channel));
                 rules.zone.restore(device, t.channel, now + left);
             }
         }
+        // Removed without a flush: a crash before the next one switches them off again.
+        store.automation_write(&gone, Vec::new(), false)?;
         Ok((
             Lifecycle {
                 active,
+                timers,
                 id_prefix,
                 next: 1,
             },
@@ -156,6 +164,14 @@ impl Lifecycle {
 
     /// Carries out the rules' actions: alerts through the store and the event log (at most one
     /// active per kind and subject), relay timers stored; returns the relay operations to run.
+    ///
+    /// One store write per call (no flush), its events through the group commit, and one flush only when a
+    /// relay goes from off to on (its off time on disk before the relay is switched;
+    /// [`Store::automation_write`]). An alert's record is written before its event, and the
+    /// event is visible only after a flush that carries both. An extension of
+    /// a relay already on (a later off time) and a relay's removal after its off are written
+    /// without a flush: a crash loses at most that change, and the restart then switches the
+    /// relay off at the earlier stored time, or switches an off relay off again.
     pub fn apply(
         &mut self,
         store: &Store,
@@ -164,6 +180,9 @@ impl Lifecycle {
         wall: DateTime<Utc>,
     ) -> anyhow::Result<Vec<RelayOp>> {
         let mut ops = Vec::new();
+        let mut writes = Vec::new();
+        let mut events = Vec::new();
+        let mut flush = false;
         for a in actions {
             match a {
                 Action::Raise {
@@ -184,23 +203,24 @@ impl Lifecycle {
                     };
                     self.next += 1;
                     let v = serde_json::to_value(&alert)?;
-                    store.automation_put(
-                        AutomationSet::Alerts,
-                        &alert_key(kind, &alert.subject),
-                        &v,
-                    )?;
-                    store.record_flushed(EventKind::AlertRaised, v)?;
+                    writes.push(AutomationWrite {
+                        set: AutomationSet::Alerts,
+                        key: alert_key(kind, &alert.subject),
+                        value: Some(v.clone()),
+                    });
+                    events.push((EventKind::AlertRaised, v));
                     self.active.insert(slot, alert);
                 }
                 Action::Clear { kind, subject } => {
                     let Some(alert) = self.active.remove(&(kind, subject)) else {
                         continue;
                     };
-                    store.automation_remove(
-                        AutomationSet::Alerts,
-                        &alert_key(kind, &alert.subject),
-                    )?;
-                    store.record_flushed(
+                    writes.push(AutomationWrite {
+                        set: AutomationSet::Alerts,
+                        key: alert_key(kind, &alert.subject),
+                        value: None,
+                    });
+                    events.push((
                         EventKind::AlertCleared,
                         json!({
                             "id": alert.id,
@@ -209,7 +229,7 @@ impl Lifecycle {
                             "raised_at": alert.raised_at,
                             "cleared_at": wall,
                         }),
-                    )?;
+                    ));
                 }
                 Action::Suppressed {
                     kind,
@@ -232,15 +252,23 @@ impl Lifecycle {
                                 i64::try_from(off_at.saturating_sub(now)).unwrap_or(i64::MAX / 2),
                             ),
                     };
-                    store.automation_put(
-                        AutomationSet::Timers,
-                        &timer_key(&device, channel),
-                        &serde_json::to_value(&t)?,
-                    )?;
+                    if self.timers.insert((device.clone(), channel)) {
+                        flush = true;
+                    }
+                    writes.push(AutomationWrite {
+                        set: AutomationSet::Timers,
+                        key: timer_key(&device, channel),
+                        value: Some(serde_json::to_value(&t)?),
+                    });
                     ops.push(RelayOp::On { device, channel });
                 }
                 Action::RelayOff { device, channel } => {
-                    store.automation_remove(AutomationSet::Timers, &timer_key(&device, channel))?;
+                    self.timers.remove(&(device.clone(), channel));
+                    writes.push(AutomationWrite {
+                        set: AutomationSet::Timers,
+                        key: timer_key(&device, channel),
+                        value: None,
+                    });
                     ops.push(RelayOp::Off { device, channel });
                 }
                 Action::RelayPulse {
@@ -256,6 +284,7 @@ impl Lifecycle {
                 }
             }
         }
+        store.automation_write(&writes, events, flush)?;
         Ok(ops)
     }
 }

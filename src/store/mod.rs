@@ -52,7 +52,7 @@ mod handles;
 mod health;
 mod lived;
 
-pub use alerts::AutomationSet;
+pub use alerts::{AutomationSet, AutomationWrite};
 pub use codekey::read as read_code_key;
 pub use commands::{Claim, CommandLog, SeenCommand};
 pub use events::{

@@ -17,7 +17,7 @@ use serde_json::json;
 use gatehouse::automation::lifecycle::Lifecycle;
 use gatehouse::automation::{Action, AlertKind, RawFact, Rules, Settings, Subject, resolve};
 use gatehouse::events::EventKind;
-use gatehouse::store::{AutomationSet, Store};
+use gatehouse::store::{AutomationSet, AutomationWrite, Store};
 use gatehouse::sync;
 
 const UNITS: usize = 10_000;
@@ -137,19 +137,25 @@ pub fn run() -> anyhow::Result<()> {
     {
         let store = Store::open(dir2.path(), 10_000)?;
         store.apply(&site())?;
+        let mut writes = Vec::with_capacity(2 * RESTORE);
         for u in 0..RESTORE {
             let a = json!({"id": format!("x-{u}"), "kind": AlertKind::MotionAlert,
                            "subject": Subject::Unit(format!("U{u}").into()),
                            "raised_at": Utc::now(), "detail": {}});
-            store.automation_put(
-                AutomationSet::Alerts,
-                &format!("motion_alert/unit/U{u}"),
-                &a,
-            )?;
+            writes.push(AutomationWrite {
+                set: AutomationSet::Alerts,
+                key: format!("motion_alert/unit/U{u}"),
+                value: Some(a),
+            });
             let t = json!({"device": format!("board-{u}"), "channel": 1,
                            "off_lived_ms": 3_600_000u64, "off_at": Utc::now() + chrono::Duration::hours(1)});
-            store.automation_put(AutomationSet::Timers, &format!("00001/board-{u}"), &t)?;
+            writes.push(AutomationWrite {
+                set: AutomationSet::Timers,
+                key: format!("00001/board-{u}"),
+                value: Some(t),
+            });
         }
+        store.automation_write(&writes, Vec::new(), true)?;
     }
     let t = Instant::now();
     let store = Store::open(dir2.path(), 10_000)?;
