@@ -15,6 +15,7 @@ pub mod fsperm;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
+pub mod pairing;
 pub mod policy;
 pub mod preflight;
 pub mod profiles;
