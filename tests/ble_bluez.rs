@@ -454,8 +454,11 @@ async fn padlock_faults_through_bluer_and_a_mock_bluez() {
 
     // It goes to sleep (0x64, its idle timeout) after the session read, before anything is
     // written, while the gateway waits for the cloud: the command is queued at once, and
-    // carried out when it wakes.
-    bluez.send(json!({"op": "config", "mac": LOCK_A101, "falls_asleep": {"shutdown": true}}));
+    // carried out when it wakes. It says so at once, before BlueZ answers StartNotify: in the
+    // gap before bluer listens, so the gateway must catch it up from the `Value` property.
+    bluez.send(
+        json!({"op": "config", "mac": LOCK_A101, "falls_asleep": {"shutdown": true, "ms": 0}}),
+    );
     let writes_before = bluez.events().iter().filter(|e| e["ev"] == "write").count();
     cloud.command("unlock", "u-sleepy", "A-101", 120).await;
     cloud.request(1).await;

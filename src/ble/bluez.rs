@@ -26,7 +26,9 @@
 //!   Then, bounded by [`SETUP_TIMEOUT`]: wait for `ServicesResolved`, find the lock service and
 //!   its three characteristics by UUID ([`noke::SERVICE_UUID`] …), `ReadValue` the session
 //!   characteristic and `StartNotify` the notify characteristic (bluer's `notify()` stream of
-//!   `Value` changes) before the link is handed out, so no answer can be missed.
+//!   `Value` changes) before the link is handed out, so no answer can be missed. bluer subscribes
+//!   only after `StartNotify` returns; a notification in that gap is taken from the `Value`
+//!   property, read before and after (`caught_up`).
 //! - **Writing** ([`Link::write`]): `WriteValue` with type `command` (write without response).
 //! - **Notifications** ([`Link::notification`]): the next `Value` of the notify
 //!   characteristic. bluer's stream does not end when the link drops (BlueZ keeps the GATT
@@ -290,15 +292,39 @@ async fn setup(
         ))
     })?;
 
+    // bluer's `notify()` sends `StartNotify` and only then subscribes to the characteristic's
+    // property changes: a notification the lock sends in between (one that goes to sleep at
+    // once) never reaches the stream, but BlueZ keeps it as the characteristic's `Value`. So
+    // `Value` is read before and after: a change is delivered first ([`caught_up`]).
+    let before = notify_char.cached_value().await.unwrap_or_default();
     let notify = notify_char
         .notify()
         .await
         .map_err(|e| gatt_error(mac, "enabling notifications", e))?;
+    let after = notify_char.cached_value().await.unwrap_or_default();
+    let missed = (after != before && !after.is_empty()).then_some(after);
     Ok(Ready {
         write_char,
         session,
-        notify: notify.boxed(),
+        notify: caught_up(missed, notify.boxed()),
     })
+}
+
+/// `stream` with `missed` (a notification that came before the subscription) first. Should the
+/// subscription have caught it after all, it is the stream's first item (D-Bus signals from one
+/// sender arrive in order), and that copy is skipped.
+fn caught_up(missed: Option<Vec<u8>>, stream: BoxStream<Vec<u8>>) -> BoxStream<Vec<u8>> {
+    let Some(missed) = missed else {
+        return stream;
+    };
+    let mut skip = Some(missed.clone());
+    let rest = stream.filter(move |v| {
+        let dup = skip.take().is_some_and(|m| &m == v);
+        std::future::ready(!dup)
+    });
+    futures::stream::once(std::future::ready(missed))
+        .chain(rest)
+        .boxed()
 }
 
 /// A connection to one lock through BlueZ. Dropping it without [`Link::disconnect`] still
@@ -880,5 +906,30 @@ mod tests {
             gatt_error("m", "read", not_connected),
             BleError::Disconnected(_)
         ));
+    }
+
+    fn collect(missed: Option<&[u8]>, items: &[&[u8]]) -> Vec<Vec<u8>> {
+        let items: Vec<Vec<u8>> = items.iter().map(|v| v.to_vec()).collect();
+        let stream = futures::stream::iter(items).boxed();
+        futures::executor::block_on(caught_up(missed.map(<[u8]>::to_vec), stream).collect())
+    }
+
+    #[test]
+    fn a_notification_before_the_subscription_comes_first_and_once() {
+        // Lost by the subscription: delivered first.
+        assert_eq!(
+            collect(Some(b"sleep"), &[b"a"]),
+            vec![b"sleep".to_vec(), b"a".to_vec()]
+        );
+        // Caught by the subscription after all: not twice.
+        assert_eq!(
+            collect(Some(b"sleep"), &[b"sleep", b"sleep"]),
+            vec![b"sleep".to_vec(), b"sleep".to_vec()]
+        );
+        // Nothing missed: the stream as it is.
+        assert_eq!(
+            collect(None, &[b"a", b"b"]),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
     }
 }

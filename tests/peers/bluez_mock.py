@@ -145,8 +145,9 @@ STDIN: one JSON object per line, handled in order. Every op may carry "id" (echo
         [,"falls_asleep":{"shutdown":true,"ms":0}|null][,"refuse_packets":["hex40",...]]}
       "session" fixes the session of the current and later connections (null = random again).
       "clock_offset_s": this padlock's clock runs that far from the others (a battery change
-      reset it). "falls_asleep": on the next connection, "ms" after notifications are started,
-      the padlock goes to sleep before anything is written (its idle timeout): notification
+      reset it). "falls_asleep": on the next connection, "ms" after notifications are started
+      (0: at once, before the StartNotify reply is sent), the padlock goes to sleep before
+      anything is written (its idle timeout): notification
       51 64 01 00 unless "shutdown" is false, event "fell_asleep", then the link drops (event
       "disconnected" by "sleep"); once. "refuse_packets": packets it answers 51 61 (see the
       write rules, 0.).
@@ -1124,7 +1125,12 @@ class Mock:
         emit("notify_state", d.mac, char="0003", on=True, sender=sender)
         if d.falls_asleep is not None:
             fa, d.falls_asleep = d.falls_asleep, None
-            self.loop.after(max(fa["ms"], 1), lambda: self.fall_asleep(d, fa["shutdown"]))
+            if fa["ms"] == 0:
+                # At once: the notification goes out before StartNotify's reply, in the gap
+                # before a client that subscribes after StartNotify (bluer does) listens.
+                self.fall_asleep(d, fa["shutdown"])
+            else:
+                self.loop.after(fa["ms"], lambda: self.fall_asleep(d, fa["shutdown"]))
 
     def fall_asleep(self, d, shutdown):
         """The padlock's idle timeout: it goes to sleep (0x64 with the timeout flag, unless
