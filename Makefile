@@ -74,8 +74,10 @@ deb: cargo-deb
 ## installed with dpkg -i on this machine, check-config run from the installed files, purged.
 ## For speed it packages the debug binary that cargo-test built (the packaging is what is tested;
 ## cargo-deb 3.8 warns that it prefers release profiles, which is why its version is pinned).
+## `build --all-targets` is a no-op after cargo-test: `build --bin` alone would resolve other
+## dependency features than the tests did and rebuild a share of the dependencies.
 deb-check: cargo-deb
-	$(CARGO) build --bin gatehouse
+	$(CARGO) build --all-targets
 	$(CARGO) deb --no-build --profile dev --fast --output target/debian-check/gatehouse-check.deb
 	tests/deb_check.sh target/debian-check/gatehouse-check.deb
 
