@@ -1,0 +1,464 @@
+//! Install mode on BLE, through bluer and the mock BlueZ (`tests/peers/bluez_mock.py`) on a
+//! private D-Bus: unknown padlocks, BTHome sensors (plain and encrypted) and fobs become
+//! candidates only while a [`Scan`] says install mode is active; known devices never do;
+//! adoption through the manager's `Provisioner` (a sensor with its bind key checked and stored,
+//! a padlock only to the unit whose site-database lock has its MAC, with an offline test
+//! unlock); adopted devices run, and run again after a restart from the registered set.
+//!
+//! bluer finds the system bus through `DBUS_SYSTEM_BUS_ADDRESS`, read from the environment of
+//! the process. A test must not change its own environment while threads run, so each test
+//! runs its body in a child process of this test binary started with the variable set to the
+//! socket the mock will listen on (`--bus-dir`): [`in_child`].
+
+#[path = "support/peers.rs"]
+mod peers;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use gatehouse::access::AccessEngine;
+use gatehouse::ble::bluez::Bluez;
+use gatehouse::ble::config::BleConfig;
+use gatehouse::ble::rpc::CloudRpc;
+use gatehouse::ble::{Ble, Manager};
+use gatehouse::devstate::DeviceStates;
+use gatehouse::pairing::{AdoptSpec, Candidate, Family, Provisioner, Scan, ScanOptions};
+use gatehouse::store::Store;
+use peers::{Peer, wait_event};
+
+const WAIT: Duration = Duration::from_secs(30);
+const BUS_DIR: &str = "GATEHOUSE_TEST_PAIRING_BLE_BUS";
+
+// Known to the demo site database.
+const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
+const SENSOR_HALL: &str = "3C:2E:F5:00:00:A1";
+// Unknown.
+const NEW_LOCK: &str = "D0:1F:A6:44:B3:21";
+const NEW_LOCK_KEY: &str = "A0A1A2A3A4A5A6A7A8A9AAABACADAEAF";
+const NEW_PLAIN: &str = "3C:2E:F5:00:00:C1";
+const NEW_ENC: &str = "3C:2E:F5:00:00:C2";
+const BIND_KEY: &str = "00112233445566778899AABBCCDDEEFF";
+const NEW_FOB: &str = "C0:FF:EE:00:00:F1";
+
+/// Runs the test `name` in a child process whose `DBUS_SYSTEM_BUS_ADDRESS` names the bus the
+/// mock will make in a fresh directory, and checks that it passed. In that child, returns the
+/// directory: the test body runs there.
+fn in_child(name: &str) -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os(BUS_DIR) {
+        return Some(PathBuf::from(d));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(BUS_DIR, dir.path())
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            format!("unix:path={}/system_bus_socket", dir.path().display()),
+        )
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{name} failed in its child process (its output is above)"
+    );
+    None
+}
+
+/// Install mode as the pairing module would say it: on or off, and what was reported.
+#[derive(Default)]
+struct TestScan {
+    active: AtomicBool,
+    found: Mutex<Vec<Candidate>>,
+}
+
+impl Scan for TestScan {
+    fn active(&self) -> Option<ScanOptions> {
+        self.active
+            .load(Ordering::SeqCst)
+            .then(ScanOptions::default)
+    }
+    fn discovered(&self, candidate: Candidate) {
+        self.found.lock().unwrap().push(candidate);
+    }
+    fn progress(&self, _source: &str, _done: u32, _total: u32) {}
+}
+
+impl TestScan {
+    fn found(&self) -> Vec<Candidate> {
+        self.found.lock().unwrap().clone()
+    }
+    fn candidate(&self, mac: &str) -> Candidate {
+        let id = Candidate::ble_id(mac);
+        peers::eventually(&format!("candidate {id}"), WAIT, || {
+            self.found().into_iter().rev().find(|c| c.id == id)
+        })
+    }
+}
+
+/// The BLE manager over bluer on the mock's bus, on the demo site's store.
+struct Gateway {
+    rt: tokio::runtime::Runtime,
+    store: Arc<Store>,
+    manager: Arc<Manager<Bluez>>,
+    stop: tokio_util::sync::CancellationToken,
+    ble: Option<Ble<Bluez>>,
+}
+
+impl Gateway {
+    fn start(store: Arc<Store>, scan: Arc<TestScan>) -> Gateway {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (manager, ble) = rt.block_on(async {
+            let radio = Bluez::open(Some("hci0")).await.expect("the mock's adapter");
+            let engine = Arc::new(AccessEngine::new(store.clone(), None));
+            let m = Manager::new(
+                radio,
+                BleConfig::default(),
+                engine,
+                Arc::new(DeviceStates::new()),
+                Arc::new(CloudRpc::new()),
+            );
+            m.set_scan(scan);
+            let ble = Ble::start(m.clone(), stop.clone());
+            (m, ble)
+        });
+        Gateway {
+            rt,
+            store,
+            manager,
+            stop,
+            ble: Some(ble),
+        }
+    }
+
+    fn adopt(&self, c: &Candidate, spec: Value) -> Result<gatehouse::pairing::Registered, String> {
+        let spec: AdoptSpec = serde_json::from_value(spec).unwrap();
+        self.rt.block_on(self.manager.adopt(c, &spec))
+    }
+
+    /// Stops scanning and the advert thread; gives the store back.
+    fn stop(mut self) -> Arc<Store> {
+        self.stop.cancel();
+        if let Some(b) = self.ble.take() {
+            b.join();
+        }
+        let store = self.store.clone();
+        drop(self.manager);
+        self.rt.shutdown_timeout(Duration::from_secs(5));
+        store
+    }
+}
+
+fn mock(dir: &std::path::Path, devices: &[String]) -> Peer {
+    let mut args = vec![format!("--bus-dir={}", dir.display())];
+    args.extend_from_slice(devices);
+    Peer::start_with("bluez_mock.py", &args)
+}
+
+fn discovering(bluez: &Peer, n: usize) {
+    peers::eventually("discovery started", WAIT, || {
+        let starts = bluez
+            .events()
+            .iter()
+            .filter(|e| e["ev"] == "discovery" && e["state"] == "started")
+            .count();
+        (starts >= n).then_some(())
+    });
+}
+
+#[test]
+fn unknown_ble_devices_are_candidates_in_install_mode_and_an_adopted_sensor_reports() {
+    let Some(bus) = in_child(
+        "unknown_ble_devices_are_candidates_in_install_mode_and_an_adopted_sensor_reports",
+    ) else {
+        return;
+    };
+    let mut bluez = mock(
+        &bus,
+        &[
+            format!("--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"),
+            format!("--sensor={SENSOR_HALL}"),
+        ],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let store = peers::demo_store(data.path());
+    let scan = Arc::new(TestScan::default());
+    let gw = Gateway::start(store.clone(), scan.clone());
+    discovering(&bluez, 1);
+    wait_event(&store, 0, "device_online", WAIT, |p| {
+        p["device"] == "sensor-hall-a"
+    });
+
+    // Install mode off: unknown devices are only counted.
+    let unknown_before = gw.manager.counters().unknown;
+    bluez.send(json!({"op": "add", "kind": "padlock",
+        "spec": format!("{NEW_LOCK}::{NEW_LOCK_KEY}")}));
+    bluez.send(json!({"op": "add", "kind": "sensor", "spec": NEW_PLAIN}));
+    bluez.send(json!({"op": "add", "kind": "sensor",
+        "spec": format!("{NEW_ENC}:bindkey={BIND_KEY}")}));
+    bluez.send(json!({"op": "add", "kind": "fob", "spec": NEW_FOB}));
+    peers::eventually("unknown adverts handled", WAIT, || {
+        (gw.manager.counters().unknown >= unknown_before + 3).then_some(())
+    });
+    assert!(
+        scan.found().is_empty(),
+        "reported outside install mode: {:?}",
+        scan.found()
+    );
+
+    // Install mode on: each unknown device of a known family is a candidate.
+    scan.active.store(true, Ordering::SeqCst);
+    for mac in [NEW_LOCK, NEW_FOB, LOCK_A101] {
+        bluez.send(json!({"op": "advert", "mac": mac, "force": true}));
+    }
+    // Packet 2: 23.00 °C.
+    bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400002016402FC08"}));
+    bluez.send(json!({"op": "sensor", "mac": SENSOR_HALL, "hex": "400002016402FC08"}));
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "0164026608"}));
+    let lock = scan.candidate(NEW_LOCK);
+    assert_eq!(lock.family, Family::BleLock);
+    assert_eq!(lock.mac.as_deref(), Some(NEW_LOCK));
+    assert!(lock.rssi.is_some(), "{lock:?}");
+    assert_eq!(lock.identity["hardware"], "3P", "{lock:?}");
+    let plain = scan.candidate(NEW_PLAIN);
+    assert_eq!(plain.family, Family::BleSensor);
+    assert_eq!(plain.identity["service"], "bthome");
+    assert_eq!(plain.identity["encrypted"], false);
+    let enc = scan.candidate(NEW_ENC);
+    assert_eq!(enc.family, Family::BleSensor);
+    assert_eq!(enc.identity["encrypted"], true, "{enc:?}");
+    let fob = scan.candidate(NEW_FOB);
+    assert_eq!(fob.family, Family::BleFob);
+    // Known devices are untouched: never candidates, and the site's sensor still reports.
+    wait_event(&store, 0, "sensor_reading", WAIT, |p| {
+        p["device"] == "sensor-hall-a" && p["value"] == 23.0
+    });
+    let known = [Candidate::ble_id(LOCK_A101), Candidate::ble_id(SENSOR_HALL)];
+    assert!(
+        scan.found().iter().all(|c| !known.contains(&c.id)),
+        "{:?}",
+        scan.found()
+    );
+
+    // Bad adoptions fail with a reason and change nothing.
+    let enc_id = "sensor-3c2ef50000c2";
+    let wrong = "FFEEDDCCBBAA99887766554433221100";
+    let e = gw
+        .adopt(
+            &enc,
+            json!({"candidate": enc.id, "unit": "A-103", "bind_key": wrong}),
+        )
+        .unwrap_err();
+    assert!(e.contains("does not decrypt"), "{e}");
+    assert!(!e.to_uppercase().contains(wrong), "the key echoed: {e}");
+    let e = gw
+        .adopt(&enc, json!({"candidate": enc.id, "unit": "A-103"}))
+        .unwrap_err();
+    assert!(e.contains("bind_key"), "{e}");
+    let e = gw
+        .adopt(
+            &enc,
+            json!({"candidate": enc.id, "unit": "Z-999", "bind_key": BIND_KEY}),
+        )
+        .unwrap_err();
+    assert!(e.contains("`Z-999` is not in the site database"), "{e}");
+    let e = gw
+        .adopt(
+            &plain,
+            json!({"candidate": plain.id, "zone": "zone-a", "bind_key": BIND_KEY}),
+        )
+        .unwrap_err();
+    assert!(e.contains("plain data"), "{e}");
+    let e = gw.adopt(&fob, json!({"candidate": fob.id})).unwrap_err();
+    assert!(e.contains("fob credential"), "{e}");
+    let e = gw
+        .adopt(
+            &enc,
+            json!({"candidate": enc.id, "unit": "A-103", "entry": "gate-1",
+            "bind_key": BIND_KEY}),
+        )
+        .unwrap_err();
+    assert!(e.contains("`entry` does not apply"), "{e}");
+    assert_eq!(store.ble_key(enc_id).unwrap(), None);
+
+    // The right key: checked against the advert, stored in the store, not in the settings.
+    let reg = gw
+        .adopt(
+            &enc,
+            json!({"candidate": enc.id, "unit": "A-103", "bind_key": BIND_KEY}),
+        )
+        .unwrap();
+    assert_eq!(reg.id, enc_id);
+    assert_eq!(reg.family, Family::BleSensor);
+    assert_eq!(reg.candidate, enc.id);
+    let settings = reg.settings.to_string();
+    assert!(
+        !settings.to_uppercase().contains(BIND_KEY),
+        "the key is in the settings: {settings}"
+    );
+    assert_eq!(reg.settings["unit"], "A-103");
+    assert_eq!(reg.settings["encrypted"], true);
+    assert_eq!(
+        store.ble_key(enc_id).unwrap().map(hex::encode_upper),
+        Some(BIND_KEY.to_string())
+    );
+    let reg_plain = gw
+        .adopt(
+            &plain,
+            json!({"candidate": plain.id, "zone": "zone-a", "device": "hall-2"}),
+        )
+        .unwrap();
+    assert_eq!(reg_plain.settings["zone"], "zone-a");
+    gw.manager.run(&[reg.clone(), reg_plain.clone()]).unwrap();
+
+    // Run: its encrypted readings become events, with where it is. 25.20 °C.
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "02D809"}));
+    let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == enc_id
+    });
+    assert_eq!(r.payload["value"], 25.2);
+    assert_eq!(r.payload["unit"], "A-103");
+    bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400003016402D809"}));
+    let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "hall-2"
+    });
+    assert_eq!(r.payload["zone"], "zone-a");
+
+    // A restart: the store reopened, a new manager given the registered set.
+    drop(store);
+    drop(gw.stop());
+    let store = peers::eventually("the store reopens", WAIT, || {
+        Store::open(&data.path().join("data"), 100_000).ok()
+    });
+    let store = Arc::new(store);
+    let scan = Arc::new(TestScan::default());
+    scan.active.store(true, Ordering::SeqCst);
+    let gw = Gateway::start(store.clone(), scan.clone());
+    gw.manager.run(&[reg.clone(), reg_plain]).unwrap();
+    discovering(&bluez, 2);
+    let from = peers::last_seq(&store);
+    // 19.00 °C (0x076C), decrypted with the key the store kept.
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "026C07"}));
+    let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == enc_id && p["value"] == 19.0
+    });
+    assert_eq!(r.payload["unit"], "A-103");
+    // Adopted devices are known: not candidates again.
+    assert!(
+        scan.found()
+            .iter()
+            .all(|c| c.id != enc.id && c.id != plain.id),
+        "{:?}",
+        scan.found()
+    );
+    // Removed (the set without it): its key is forgotten, it is unknown again.
+    gw.manager.run(&[]).unwrap();
+    assert_eq!(store.ble_key(enc_id).unwrap(), None);
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "0164"}));
+    scan.candidate(NEW_ENC);
+    gw.stop();
+    bluez.send(json!({"op": "quit"}));
+}
+
+#[test]
+fn a_padlock_is_adopted_only_to_the_unit_whose_lock_has_its_mac_with_a_test_unlock() {
+    let Some(bus) =
+        in_child("a_padlock_is_adopted_only_to_the_unit_whose_lock_has_its_mac_with_a_test_unlock")
+    else {
+        return;
+    };
+    let mut bluez = mock(
+        &bus,
+        &[format!(
+            "--padlock={LOCK_A101}::000102030405060708090A0B0C0D0E0F"
+        )],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let store = peers::demo_store(data.path());
+    let scan = Arc::new(TestScan::default());
+    scan.active.store(true, Ordering::SeqCst);
+    let gw = Gateway::start(store.clone(), scan.clone());
+    discovering(&bluez, 1);
+    bluez.send(json!({"op": "add", "kind": "padlock",
+        "spec": format!("{NEW_LOCK}::{NEW_LOCK_KEY}")}));
+    let c = scan.candidate(NEW_LOCK);
+
+    // Unit A-101's lock in the site database is another padlock; A-103 has none.
+    let e = gw
+        .adopt(&c, json!({"candidate": c.id, "unit": "A-101"}))
+        .unwrap_err();
+    assert!(e.contains("not the unit's lock"), "{e}");
+    let e = gw
+        .adopt(&c, json!({"candidate": c.id, "unit": "A-103"}))
+        .unwrap_err();
+    assert!(e.contains("names no padlock"), "{e}");
+    let e = gw.adopt(&c, json!({"candidate": c.id})).unwrap_err();
+    assert!(e.contains("`unit`"), "{e}");
+
+    // The cloud assigns the new padlock to A-103 (with its keys): now it is the unit's lock,
+    // and the installer's offline test unlock opens it.
+    let v = store.stats().version;
+    store
+        .apply(&gatehouse::sync::SyncMessage::Delta(Box::new(
+            serde_json::from_value(json!({
+                "schema_version": 1, "kind": "delta", "base_version": v, "version": v + 1,
+                "upsert": {
+                    "devices": [{"id": "lock-a103", "kind": "padlock", "mac": NEW_LOCK,
+                        "offline_key": NEW_LOCK_KEY,
+                        "unlock_command": "7E100230A230000000001122334455667788990D"}],
+                    "units": [{"id": "A-103", "status": "occupied", "tenant": "bob",
+                        "zone": "zone-a", "controller": "lock-a103"}]
+                }
+            }))
+            .unwrap(),
+        )))
+        .unwrap();
+    let e = gw
+        .adopt(
+            &c,
+            json!({"candidate": c.id, "unit": "A-103", "device": "other"}),
+        )
+        .unwrap_err();
+    assert!(e.contains("lock-a103"), "{e}");
+    let reg = gw
+        .adopt(
+            &c,
+            json!({"candidate": c.id, "unit": "A-103", "test_unlock": true}),
+        )
+        .unwrap();
+    assert_eq!(reg.id, "lock-a103");
+    assert_eq!(reg.family, Family::BleLock);
+    assert_eq!(reg.settings["unit"], "A-103");
+    assert_eq!(reg.settings["mac"], NEW_LOCK);
+    assert!(
+        reg.settings.get("offline_key").is_none(),
+        "{}",
+        reg.settings
+    );
+    bluez.wait_for("the test unlock", WAIT, |e| {
+        e["ev"] == "unlocked" && e["mac"] == NEW_LOCK && e["via"] == "offline"
+    });
+    gw.manager.run(&[reg]).unwrap();
+
+    // A test unlock the padlock refuses (its key was changed behind the site's back): failed.
+    bluez.send(json!({"op": "config", "mac": NEW_LOCK, "offline_key": "00".repeat(16)}));
+    let e = gw
+        .adopt(
+            &c,
+            json!({"candidate": c.id, "unit": "A-103", "test_unlock": true}),
+        )
+        .unwrap_err();
+    assert!(e.contains("test unlock failed"), "{e}");
+    gw.stop();
+    bluez.send(json!({"op": "quit"}));
+}
