@@ -111,6 +111,10 @@ struct Gateway {
 
 impl Gateway {
     fn start(store: Arc<Store>, scan: Arc<TestScan>) -> Gateway {
+        Gateway::start_with(store, scan, BleConfig::default())
+    }
+
+    fn start_with(store: Arc<Store>, scan: Arc<TestScan>, cfg: BleConfig) -> Gateway {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -122,7 +126,7 @@ impl Gateway {
             let engine = Arc::new(AccessEngine::new(store.clone(), None));
             let m = Manager::new(
                 radio,
-                BleConfig::default(),
+                cfg,
                 engine,
                 Arc::new(DeviceStates::new()),
                 Arc::new(CloudRpc::new()),
@@ -459,6 +463,183 @@ fn a_padlock_is_adopted_only_to_the_unit_whose_lock_has_its_mac_with_a_test_unlo
         )
         .unwrap_err();
     assert!(e.contains("test unlock failed"), "{e}");
+    gw.stop();
+    bluez.send(json!({"op": "quit"}));
+}
+
+/// `[ble]` with these `[[ble.device]]` tables.
+fn ble_config(extra: &str, devices: &[(&str, &str, &str)]) -> String {
+    let mut s = format!("[ble]\nadapter = \"hci0\"\n{extra}");
+    for (id, mac, rest) in devices {
+        s.push_str(&format!(
+            "[[ble.device]]\nid = \"{id}\"\nkind = \"sensor\"\nmac = \"{mac}\"\n{rest}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing() {
+    use gatehouse::reload::{Outcome, Reloader};
+    let Some(bus) =
+        in_child("a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing")
+    else {
+        return;
+    };
+    let mut bluez = mock(
+        &bus,
+        &[
+            format!("--sensor={NEW_PLAIN}"),
+            format!("--sensor={NEW_ENC}:bindkey={BIND_KEY}"),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = peers::demo_store(dir.path());
+    let write = |body: &str| peers::config(dir.path(), body);
+    let cfg = write(&ble_config("", &[("porch", NEW_PLAIN, "unit = \"A-103\"")]));
+    let scan = Arc::new(TestScan::default());
+    scan.active.store(true, Ordering::SeqCst);
+    let gw = Gateway::start_with(store.clone(), scan.clone(), cfg.ble.clone().unwrap());
+    let engine = Arc::new(AccessEngine::new(store.clone(), None));
+    let rs485 = Arc::new(gatehouse::rs485::Rs485::start(&[], engine.clone()).unwrap());
+    let supervisor = Arc::new(gatehouse::cloud::supervisor::LinkSupervisor::new(
+        gatehouse::cloud::supervisor::LinkParts {
+            site: cfg.site_id.clone(),
+            gateway: cfg.gateway_id.clone(),
+            store: store.clone(),
+            states: Arc::new(DeviceStates::new()),
+            units: Arc::new(gatehouse::cloud::commands::NoDevices),
+            relays: Arc::new(gatehouse::cloud::commands::NoDevices),
+            devices: None,
+            metrics: engine.metrics().clone(),
+            drain: Duration::from_secs(1),
+        },
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    ));
+    let reloader = Reloader::new(cfg, store.clone(), None, rs485, supervisor);
+    let control: Arc<dyn gatehouse::ble::manager::Control> = gw.manager.clone();
+    reloader.add_part(Arc::new(gatehouse::ble::manager::LivePart(control)));
+    discovering(&bluez, 1);
+    // The configured sensor reports, with its unit; the other is a candidate.
+    let r = wait_event(&store, 0, "sensor_reading", WAIT, |p| {
+        p["device"] == "porch"
+    });
+    assert_eq!(r.payload["unit"], "A-103");
+    scan.candidate(NEW_ENC);
+
+    // Reload: `porch` removed, the encrypted sensor added with its key, in a zone.
+    write(&ble_config(
+        "",
+        &[(
+            "vault",
+            NEW_ENC,
+            &format!("zone = \"zone-b\"\nkey = \"{BIND_KEY}\""),
+        )],
+    ));
+    let out = gw.rt.block_on(reloader.reload());
+    assert_eq!(
+        out,
+        Outcome::Reloaded {
+            changed: vec!["ble.device".into()],
+            restart_needed: vec![]
+        }
+    );
+    scan.found.lock().unwrap().clear();
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400002016402FC08"}));
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "02D809"}));
+    let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "vault"
+    });
+    assert_eq!(r.payload["zone"], "zone-b");
+    assert_eq!(r.payload["value"], 25.2);
+    // The removed one is unknown again: a candidate, its reading not recorded.
+    scan.candidate(NEW_PLAIN);
+    assert!(
+        scan.found()
+            .iter()
+            .all(|c| c.id != Candidate::ble_id(NEW_ENC)),
+        "{:?}",
+        scan.found()
+    );
+
+    // Invalid files are refused whole, without quoting a key, and change nothing.
+    let bad_key = "0123456789ABCDEF0123456789ABCDEX";
+    for (body, key) in [
+        (
+            ble_config(
+                "fob_min_rssi = -70\n",
+                &[("vault", "3C:2E:F5:00:00", "zone = \"zone-b\"")],
+            ),
+            "not a MAC address",
+        ),
+        (
+            ble_config(
+                "",
+                &[(
+                    "vault",
+                    NEW_ENC,
+                    &format!("zone = \"zone-b\"\nkey = \"{bad_key}\""),
+                )],
+            ),
+            "not a bind key",
+        ),
+        (
+            ble_config("", &[("vault", NEW_ENC, "")]),
+            "exactly one of `unit` or `zone`",
+        ),
+    ] {
+        std::fs::write(dir.path().join("gatehouse.toml"), format!(
+            "[site]\nid = \"test-site\"\ngateway_id = \"gw\"\n[storage]\ndata_dir = \"data\"\n{body}"
+        ))
+        .unwrap();
+        match gw.rt.block_on(reloader.reload()) {
+            Outcome::Refused { reason } => {
+                assert!(reason.contains(key), "{reason}");
+                assert!(reason.contains("gatehouse.toml:"), "{reason}");
+                assert!(!reason.contains("0123456789"), "a key quoted: {reason}");
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+    assert_eq!(gw.manager.cfg().fob_min_rssi, -80);
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "026C07"}));
+    wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "vault" && p["value"] == 19.0
+    });
+
+    // Settings apply live; the adapter waits for a restart.
+    write(&ble_config(
+        "fob_min_rssi = -70\n",
+        &[(
+            "vault",
+            NEW_ENC,
+            &format!("zone = \"zone-b\"\nkey = \"{BIND_KEY}\""),
+        )],
+    ));
+    let out = gw.rt.block_on(reloader.reload());
+    assert_eq!(
+        out,
+        Outcome::Reloaded {
+            changed: vec!["ble.fob_min_rssi".into()],
+            restart_needed: vec![]
+        }
+    );
+    assert_eq!(gw.manager.cfg().fob_min_rssi, -70);
+    let body = ble_config("", &[]).replace("hci0", "hci1");
+    write(&body);
+    match gw.rt.block_on(reloader.reload()) {
+        Outcome::Reloaded {
+            changed,
+            restart_needed,
+        } => {
+            assert_eq!(restart_needed, vec!["ble.adapter".to_string()]);
+            assert!(changed.contains(&"ble.device".to_string()), "{changed:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     gw.stop();
     bluez.send(json!({"op": "quit"}));
 }
