@@ -236,7 +236,7 @@ fn check_devices(raw: &[RawBleDevice], err: &ErrFn) -> Result<Vec<BleDevice>, Co
                 d.id.span(),
                 &key("id"),
                 format!(
-                    "`{}` is not a device id (letters, digits, - _ .)",
+                    "{} is not a device id (letters, digits, - _ .)",
                     crate::redact::excerpt(id)
                 ),
             ));
@@ -257,7 +257,7 @@ fn check_devices(raw: &[RawBleDevice], err: &ErrFn) -> Result<Vec<BleDevice>, Co
                     d.kind.span(),
                     &key("kind"),
                     format!(
-                        "`{}` is not a kind here (expected sensor, padlock or controller; fobs \
+                        "{} is not a kind here (expected sensor, padlock or controller; fobs \
                          are credentials in the site database)",
                         crate::redact::excerpt(other)
                     ),

@@ -222,12 +222,13 @@ impl<R: Radio> Manager<R> {
     /// devices change.
     fn device_by_mac(&self, mac: &str) -> Option<Arc<Device>> {
         let tables = self.store.site().tables.clone();
-        let (gen_, extra) = {
-            let e = lock(&self.extra);
-            (e.generation, e.devices())
-        };
+        let gen_ = lock(&self.extra).generation;
         let mut idx = lock(&self.index);
         if !idx.tables.as_ref().is_some_and(|t| Arc::ptr_eq(t, &tables)) || idx.extra_gen != gen_ {
+            let (gen_, extra) = {
+                let e = lock(&self.extra);
+                (e.generation, e.devices())
+            };
             let mut by_mac: HashMap<String, Arc<Device>> = HashMap::new();
             for d in extra {
                 by_mac.insert(d.mac.to_ascii_uppercase(), Arc::new(d));
@@ -603,14 +604,21 @@ impl<R: Radio> Manager<R> {
         let tables = self.store.site().tables.clone();
         let cfg = self.cfg();
         // The site database's devices, then the extra ones it does not name.
-        let mut devices: HashMap<String, Device> = lock(&self.extra)
+        let extra: Vec<Device> = lock(&self.extra)
             .devices()
             .into_iter()
-            .map(|d| (d.id.clone(), d))
+            .filter(|d| !tables.devices.contains_key(&d.id))
             .collect();
-        for (id, d) in &tables.devices {
-            devices.insert(id.clone(), d.clone());
-        }
+        let devices = tables
+            .devices
+            .iter()
+            .chain(extra.iter().map(|d| (&d.id, d)));
+        let get = |id: &str| {
+            tables
+                .devices
+                .get(id)
+                .or_else(|| extra.iter().find(|d| d.id == id))
+        };
         let after_of = |dev: &Device| {
             dev.offline_after_s
                 .map(Duration::from_secs)
@@ -620,7 +628,7 @@ impl<R: Radio> Manager<R> {
         {
             let mut live = lock(&self.live);
             // A device not heard since the gateway started counts as silent since then.
-            for (id, dev) in &devices {
+            for (id, dev) in devices {
                 if !live.contains_key(id) {
                     let after = after_of(dev);
                     if after.is_some_and(|a| now.saturating_duration_since(self.started) > a) {
@@ -636,7 +644,7 @@ impl<R: Radio> Manager<R> {
                 }
             }
             for (id, l) in live.iter_mut() {
-                let Some(dev) = devices.get(id) else {
+                let Some(dev) = get(id) else {
                     continue;
                 };
                 if let (Some(after), Some(seen), Some(true)) =
