@@ -8,19 +8,20 @@
 //! bluer finds the system bus through `DBUS_SYSTEM_BUS_ADDRESS`, read from the environment of
 //! the process. A test must not change its own environment while threads run, so each test
 //! runs its body in a child process of this test binary started with the variable set to the
-//! socket the mock will listen on (`--bus-dir`): [`in_child`].
+//! socket the mock will listen on (`--bus-dir`): `tests/support/bluez.rs`, `in_child`.
 
+#[path = "support/bluez.rs"]
+mod bluez;
 #[path = "support/peers.rs"]
 mod peers;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use bluez::{discovering, in_child, mock};
 use gatehouse::access::AccessEngine;
 use gatehouse::ble::bluez::Bluez;
 use gatehouse::ble::config::BleConfig;
@@ -29,10 +30,9 @@ use gatehouse::ble::{Ble, Manager};
 use gatehouse::devstate::DeviceStates;
 use gatehouse::pairing::{AdoptSpec, Candidate, Family, Provisioner, Scan, ScanOptions};
 use gatehouse::store::Store;
-use peers::{Peer, wait_event};
+use peers::wait_event;
 
 const WAIT: Duration = Duration::from_secs(30);
-const BUS_DIR: &str = "GATEHOUSE_TEST_PAIRING_BLE_BUS";
 
 // Known to the demo site database.
 const LOCK_A101: &str = "D0:1F:A6:44:B3:01";
@@ -44,30 +44,6 @@ const NEW_PLAIN: &str = "3C:2E:F5:00:00:C1";
 const NEW_ENC: &str = "3C:2E:F5:00:00:C2";
 const BIND_KEY: &str = "00112233445566778899AABBCCDDEEFF";
 const NEW_FOB: &str = "C0:FF:EE:00:00:F1";
-
-/// Runs the test `name` in a child process whose `DBUS_SYSTEM_BUS_ADDRESS` names the bus the
-/// mock will make in a fresh directory, and checks that it passed. In that child, returns the
-/// directory: the test body runs there.
-fn in_child(name: &str) -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os(BUS_DIR) {
-        return Some(PathBuf::from(d));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(BUS_DIR, dir.path())
-        .env(
-            "DBUS_SYSTEM_BUS_ADDRESS",
-            format!("unix:path={}/system_bus_socket", dir.path().display()),
-        )
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "{name} failed in its child process (its output is above)"
-    );
-    None
-}
 
 /// Install mode as the pairing module would say it: on or off, and what was reported.
 #[derive(Default)]
@@ -160,23 +136,6 @@ impl Gateway {
         self.rt.shutdown_timeout(Duration::from_secs(5));
         store
     }
-}
-
-fn mock(dir: &std::path::Path, devices: &[String]) -> Peer {
-    let mut args = vec![format!("--bus-dir={}", dir.display())];
-    args.extend_from_slice(devices);
-    Peer::start_with("bluez_mock.py", &args)
-}
-
-fn discovering(bluez: &Peer, n: usize) {
-    peers::eventually("discovery started", WAIT, || {
-        let starts = bluez
-            .events()
-            .iter()
-            .filter(|e| e["ev"] == "discovery" && e["state"] == "started")
-            .count();
-        (starts >= n).then_some(())
-    });
 }
 
 #[test]
