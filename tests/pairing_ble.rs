@@ -290,7 +290,8 @@ fn unknown_ble_devices_are_candidates_in_install_mode_and_an_adopted_sensor_repo
         p["device"] == enc_id
     });
     assert_eq!(r.payload["value"], 25.2);
-    assert_eq!(r.payload["unit"], "A-103");
+    assert_eq!(r.payload["unit"], "celsius");
+    assert_eq!(r.payload["unit_id"], "A-103");
     bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400003016402D809"}));
     let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
         p["device"] == "hall-2"
@@ -315,7 +316,7 @@ fn unknown_ble_devices_are_candidates_in_install_mode_and_an_adopted_sensor_repo
     let r = wait_event(&store, from, "sensor_reading", WAIT, |p| {
         p["device"] == enc_id && p["value"] == 19.0
     });
-    assert_eq!(r.payload["unit"], "A-103");
+    assert_eq!(r.payload["unit_id"], "A-103");
     // Adopted devices are known: not candidates again.
     assert!(
         scan.found()
@@ -484,7 +485,7 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
     let r = wait_event(&store, 0, "sensor_reading", WAIT, |p| {
         p["device"] == "porch"
     });
-    assert_eq!(r.payload["unit"], "A-103");
+    assert_eq!(r.payload["unit_id"], "A-103");
     scan.candidate(NEW_ENC);
 
     // Reload: `porch` removed, the encrypted sensor added with its key, in a zone.

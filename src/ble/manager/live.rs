@@ -42,11 +42,12 @@ impl Extra {
         self.all().find(|d| d.id == id).map(as_device)
     }
 
-    /// Where an extra device is: `("unit", id)` or `("zone", id)`.
+    /// Where an extra device is, as its events say it: `("unit_id", id)` (`unit` is a
+    /// reading's unit of measure) or `("zone", id)`.
     pub(super) fn place(&self, id: &str) -> Option<(&'static str, String)> {
         let d = self.all().find(|d| d.id == id)?;
         match (&d.unit, &d.zone) {
-            (Some(u), _) => Some(("unit", u.clone())),
+            (Some(u), _) => Some(("unit_id", u.clone())),
             (_, Some(z)) => Some(("zone", z.clone())),
             _ => None,
         }

@@ -281,7 +281,10 @@ impl<R: Radio> Manager<R> {
         if place.is_none()
             && let Some(old) = &spec.replaces
         {
-            place = lock(&self.extra).place(old);
+            place = lock(&self.extra).place(old).map(|(what, at)| match what {
+                "zone" => ("zone", at),
+                _ => ("unit", at),
+            });
         }
         let Some((what, at)) = place else {
             return fail("a sensor is adopted to a `unit` or a `zone`");
