@@ -492,6 +492,9 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
     ));
     let reloader = Reloader::new(cfg, store.clone(), None, rs485, supervisor);
     let control: Arc<dyn gatehouse::ble::manager::Control> = gw.manager.clone();
+    // What the daemon hands the pairing module: the same manager, as a provisioner.
+    let provisioner: Arc<dyn Provisioner> = control.clone();
+    assert!(provisioner.families().contains(&Family::BleSensor));
     reloader.add_part(Arc::new(gatehouse::ble::manager::LivePart(control)));
     discovering(&bluez, 1);
     // The configured sensor reports, with its unit; the other is a candidate.
@@ -576,6 +579,31 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
             other => panic!("{body}: {other:?}"),
         }
     }
+    // A table naming an adopted device's MAC: refused, naming both.
+    let adopted = gatehouse::pairing::Registered {
+        id: "adopted-porch".into(),
+        candidate: Candidate::ble_id(NEW_PLAIN),
+        family: Family::BleSensor,
+        bus: None,
+        settings: json!({"id": "adopted-porch", "kind": "sensor", "mac": NEW_PLAIN,
+            "zone": "zone-a", "encrypted": false}),
+        adopted_at: chrono::Utc::now(),
+        adopted_by: "local:installer".into(),
+    };
+    provisioner.run(std::slice::from_ref(&adopted)).unwrap();
+    write(&ble_config("", &[("porch", NEW_PLAIN, "unit = \"A-103\"")]));
+    match gw.rt.block_on(reloader.reload()) {
+        Outcome::Refused { reason } => {
+            assert!(reason.contains("adopted device `adopted-porch`"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400004016402D809"}));
+    wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "adopted-porch" && p["zone"] == "zone-a"
+    });
+    provisioner.run(&[]).unwrap();
     assert_eq!(gw.manager.cfg().fob_min_rssi, -80);
     let from = peers::last_seq(&store);
     bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "026C07"}));

@@ -675,6 +675,7 @@ pub trait Control: UnitControllers + crate::pairing::Provisioner {
     fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>);
     fn set_scan(&self, scan: Arc<dyn Scan>);
     fn apply_config(&self, cfg: &BleConfig) -> Vec<String>;
+    fn config_conflict(&self, devices: &[super::config::BleDevice]) -> Option<String>;
 }
 
 impl<R: Radio> Control for Manager<R> {
@@ -689,6 +690,9 @@ impl<R: Radio> Control for Manager<R> {
     }
     fn apply_config(&self, cfg: &BleConfig) -> Vec<String> {
         Manager::apply_config(self, cfg)
+    }
+    fn config_conflict(&self, devices: &[super::config::BleDevice]) -> Option<String> {
+        Manager::config_conflict(self, devices)
     }
 }
 

@@ -112,6 +112,27 @@ impl<R: Radio> Manager<R> {
         changed
     }
 
+    /// A `[[ble.device]]` that names an adopted device's id or MAC: the reason, naming both.
+    pub fn config_conflict(&self, devices: &[BleDevice]) -> Option<String> {
+        let extra = lock(&self.extra);
+        for c in devices {
+            if let Some(r) = extra
+                .registered()
+                .iter()
+                .find(|r| r.id == c.id || r.mac == c.mac)
+            {
+                let what = if r.id == c.id { "id" } else { "MAC" };
+                return Some(format!(
+                    "[[ble.device]] `{}` ({}) has the {what} of the adopted device `{}` (the \
+                     gateway's registry): remove one of them (`gatehouse pair remove`, or the \
+                     table)",
+                    c.id, c.mac, r.id
+                ));
+            }
+        }
+        None
+    }
+
     /// Runs the `[[ble.device]]` devices of the running configuration (at start, and when a
     /// reload changed them).
     pub(super) fn load_configured(&self) {
@@ -181,6 +202,22 @@ impl<R: Radio> Manager<R> {
 pub struct LivePart(pub Arc<dyn Control>);
 
 impl crate::reload::Part for LivePart {
+    /// Refuses a `[[ble.device]]` that names an adopted device's id or MAC.
+    fn check(
+        &self,
+        _old: &crate::config::Config,
+        new: &crate::config::Config,
+    ) -> anyhow::Result<()> {
+        match new
+            .ble
+            .as_ref()
+            .and_then(|b| self.0.config_conflict(&b.devices))
+        {
+            Some(why) => Err(anyhow::anyhow!("{}: {why}", new.path.display())),
+            None => Ok(()),
+        }
+    }
+
     fn apply(
         &self,
         old: &crate::config::Config,
