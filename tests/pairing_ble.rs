@@ -594,7 +594,10 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
     write(&ble_config("", &[("porch", NEW_PLAIN, "unit = \"A-103\"")]));
     match gw.rt.block_on(reloader.reload()) {
         Outcome::Refused { reason } => {
-            assert!(reason.contains("adopted device `adopted-porch`"), "{reason}")
+            assert!(
+                reason.contains("adopted device `adopted-porch`"),
+                "{reason}"
+            )
         }
         other => panic!("{other:?}"),
     }

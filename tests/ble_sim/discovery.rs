@@ -94,6 +94,8 @@ fn candidates_are_known_families_of_unknown_devices_reported_once_a_second() {
     let found = scan.found.lock().unwrap().clone();
     assert_eq!(found[0].family, Family::BleLock);
     assert_eq!(found[0].identity["hardware"], "3E");
+    assert_eq!(found[0].identity["kind"], "controller");
+    assert_eq!(found[0].identity["profile"], "noke-unit-controller");
     assert_eq!(found[1].family, Family::BleSensor);
     assert_eq!(found[1].identity["encrypted"], false);
     // A second later: seen again (RSSI, last_seen).
@@ -101,14 +103,14 @@ fn candidates_are_known_families_of_unknown_devices_reported_once_a_second() {
         .on_advert(&lock, t0 + Duration::from_millis(1000), wall);
     assert_eq!(scan.ids().len(), 3);
 
-    // Not candidates: the site's own devices, a keypad, an unknown name, BTHome v1 data, a
-    // device with neither a name nor data.
+    // Not candidates: the site's own devices, a hardware code no profile lists, an unknown
+    // name, BTHome v1 data, a device with neither a name nor data.
     scan.found.lock().unwrap().clear();
     let t1 = t0 + Duration::from_secs(10);
     for seen in [
         named(LOCK_A101, "NOKE3P_D01FA644B301"),
         bthome_seen(SENSOR_PLAIN, bthome::encode_plain(&[0x01, 0x64], false)),
-        named("D0:1F:A6:44:B3:31", "NOKE3K_D01FA644B331"),
+        named("D0:1F:A6:44:B3:31", "NOKE9Z_D01FA644B331"),
         named("11:22:33:44:55:66", "Someone's phone"),
         bthome_seen("3C:2E:F5:00:00:C3", vec![0x20, 0x01, 0x64]),
         Seen {

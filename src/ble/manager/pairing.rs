@@ -3,8 +3,8 @@
 //!
 //! - **Discovery** ([`Manager::discover`]): while [`Scan::active`] says so, an advert from a MAC
 //!   that neither the site database, `[[ble.device]]` nor the adopted devices name, and that is
-//!   of a known family — a lock, controller or fob by its name (`NOKE…`, `FOB…`), a BTHome v2
-//!   sensor by its service data — is reported as a candidate `ble:<MAC>` with its RSSI and
+//!   of a known family — a lock, controller or fob by the hardware code in its name (`NOKE3P_…`,
+//!   `FOB…`) that a BLE profile lists, a BTHome v2 sensor by its service data — is reported as a candidate `ble:<MAC>` with its RSSI and
 //!   identity (name, service, whether its data is encrypted), at most once a second per MAC.
 //!   The last BTHome data of each is kept (at most [`MAX_HEARD`] devices, forgotten when install
 //!   mode ends) to check a bind key against. Fobs the site knows as credentials are not new
@@ -75,15 +75,24 @@ fn classify(seen: &Seen) -> Option<(Family, Value, Option<Vec<u8>>)> {
     let name = seen.name.as_deref()?;
     let a = noke::parse_advert(name, first_manufacturer(seen), seen.rssi)?;
     let firmware = a.firmware.map(|(major, minor)| format!("{major}.{minor}"));
-    let (family, service) = match a.hardware {
-        noke::HardwareKind::Fob => (Family::BleFob, None),
-        noke::HardwareKind::Keypad | noke::HardwareKind::Screen => return None,
-        _ => (Family::BleLock, Some(noke::SERVICE_UUID)),
+    // The family profile whose hardware codes name it (devices/*.toml); a fob by its name.
+    let profile = crate::ble::profile::for_hardware_code(&a.hardware_code);
+    let (family, service, kind) = match (&a.hardware, profile.map(|p| p.kind)) {
+        (noke::HardwareKind::Fob, _) | (_, Some(DeviceKind::Fob)) => {
+            (Family::BleFob, None, DeviceKind::Fob)
+        }
+        (_, Some(k @ (DeviceKind::Padlock | DeviceKind::Controller))) => {
+            (Family::BleLock, Some(noke::SERVICE_UUID), k)
+        }
+        // Codes no profile lists are not driven, so not adopted.
+        _ => return None,
     };
     let identity = json!({
         "name": name,
         "service": service,
         "hardware": a.hardware_code,
+        "kind": kind,
+        "profile": profile.map(|p| p.id.as_str()),
         "firmware": firmware,
         "encrypted": false,
     });
