@@ -207,6 +207,7 @@ impl<R: Radio> Manager<R> {
             bus: None,
             settings,
             adopted_at: Utc::now(),
+            // Who asked is the pairing module's to say (it has the command id or local user).
             adopted_by: String::new(),
         })
     }
