@@ -141,6 +141,9 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         link.clone(),
     );
     reloader.add_part(endpoint);
+    if let Some(b) = &ble {
+        reloader.add_part(Arc::new(crate::ble::manager::LivePart(b.control.clone())));
+    }
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {

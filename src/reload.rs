@@ -7,7 +7,7 @@
 //!   value that could be a code or a key) is logged and recorded as `config_reload_refused`;
 //! - valid: what can change live changes — log level and format, RS-485 buses (added, removed,
 //!   changed: only a changed bus restarts), the cloud link (new settings: it reconnects), and
-//!   whatever registered a [`Part`] (the metrics listener hooks in here) — and
+//!   whatever registered a [`Part`] (the metrics listener and the BLE manager hook in here) — and
 //!   `config_reloaded` is recorded with what changed and what waits for a restart.
 //!
 //! Decisions go on throughout: the store, the access engine and the buses a reload does not
@@ -93,8 +93,18 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if old.drain_timeout != new.drain_timeout {
         v.push("shutdown.drain_timeout_secs".to_string());
     }
-    if differs(&old.ble, &new.ble) {
-        v.push("ble".to_string());
+    // The rest of `[ble]` is applied live (`ble::manager::LivePart`).
+    match (&old.ble, &new.ble) {
+        (None, None) => {}
+        (Some(o), Some(n)) => {
+            if o.adapter != n.adapter {
+                v.push("ble.adapter".to_string());
+            }
+            if o.max_connections != n.max_connections {
+                v.push("ble.max_connections".to_string());
+            }
+        }
+        _ => v.push("ble".to_string()),
     }
     if old.simulate_devices != new.simulate_devices
         || differs(&old.demo_attempts, &new.demo_attempts)

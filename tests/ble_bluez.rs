@@ -41,6 +41,11 @@ impl Drop for Daemon {
 }
 
 fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> PathBuf {
+    write_config_with(dir, b, signer, "")
+}
+
+/// The test config, with `ble_extra` at the end of its `[ble]` section.
+fn write_config_with(dir: &Path, b: &Broker, signer: &SigningKey, ble_extra: &str) -> PathBuf {
     let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo-snapshot.json");
     b.write_gateway_config(
         dir,
@@ -50,7 +55,7 @@ fn write_config(dir: &Path, b: &Broker, signer: &SigningKey) -> PathBuf {
         &format!(
             "[access]\ninitial_snapshot = \"{}\"\n[log]\nlevel = \"debug\"\n[ble]\n\
              adapter = \"hci0\"\nfob_entries = [\"gate-1\"]\nfob_min_rssi = -80\n\
-             online_unlock_timeout_ms = 2000\n",
+             online_unlock_timeout_ms = 2000\n{ble_extra}",
             snapshot.display()
         ),
     )
@@ -497,5 +502,78 @@ async fn padlock_faults_through_bluer_and_a_mock_bluez() {
     bluez.wait_for("refused for its time", WAIT, |e| {
         e["ev"] == "invalid_packet" && e["reason"] == "time"
     });
+    bluez.send(json!({"op": "quit"}));
+}
+
+/// SIGHUP to the daemon: the `[[ble.device]]` of the new file run at once (no restart, the
+/// scanner untouched), an invalid one refused with nothing changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_applies_ble_devices_live() {
+    const PORCH: &str = "3C:2E:F5:00:00:C1";
+    let site = start(&[format!("--sensor={PORCH}")]).await;
+    let (mut bluez, cloud) = (site.bluez, site.cloud);
+    let dir = site._dir.path().to_path_buf();
+    let pid = site._daemon.0.id();
+    bluez.wait_for("discovery", WAIT, |e| {
+        e["ev"] == "discovery" && e["state"] == "started"
+    });
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    let device = format!(
+        "[[ble.device]]\nid = \"porch\"\nkind = \"sensor\"\nmac = \"{PORCH}\"\nzone = \"zone-a\"\n"
+    );
+    write_config_with(&dir, &site._broker, &cloud.signer, &device);
+    hup();
+    let reloaded = cloud
+        .event("config_reloaded", |p| {
+            p["changed"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|x| x == "ble.device"))
+        })
+        .await;
+    assert_eq!(
+        reloaded["payload"]["restart_needed"],
+        json!([]),
+        "{reloaded}"
+    );
+    // Packet 2: 23.00 °C, now the configured sensor's.
+    bluez.send(json!({"op": "sensor", "mac": PORCH, "hex": "400002016402FC08"}));
+    let r = cloud
+        .event("sensor_reading", |p| {
+            p["device"] == "porch" && p["value"] == 23.0
+        })
+        .await;
+    assert_eq!(r["payload"]["zone"], "zone-a", "{r}");
+
+    // A bad MAC: refused, and the sensor goes on.
+    write_config_with(
+        &dir,
+        &site._broker,
+        &cloud.signer,
+        &device.replace(PORCH, "3C:2E:F5:00:00"),
+    );
+    hup();
+    let refused = cloud.event("config_reload_refused", |_| true).await;
+    assert!(
+        refused["payload"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a MAC address"),
+        "{refused}"
+    );
+    // Packet 3: 25.20 °C.
+    bluez.send(json!({"op": "sensor", "mac": PORCH, "hex": "400003016402D809"}));
+    cloud
+        .event("sensor_reading", |p| {
+            p["device"] == "porch" && p["value"] == 25.2
+        })
+        .await;
     bluez.send(json!({"op": "quit"}));
 }

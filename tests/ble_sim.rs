@@ -4,6 +4,8 @@
 //! commands; the cloud's side of an online unlock is played by the test through the rpc
 //! channel the cloud link would serve.
 
+#[path = "ble_sim/discovery.rs"]
+mod discovery;
 #[path = "ble_sim/lock_faults.rs"]
 mod lock_faults;
 #[path = "support/peers.rs"]

@@ -194,6 +194,70 @@ fn a_bad_ble_section_is_refused_with_its_line() {
 }
 
 #[test]
+fn ble_devices_in_the_config_are_checked_and_a_bad_key_is_never_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gatehouse.toml");
+    let dev = |rest: &str| {
+        format!("[ble]\n[[ble.device]]\nid = \"s-1\"\nkind = \"sensor\"\nzone = \"zone-a\"\n{rest}")
+    };
+    let secret = "0123456789abcdef0123456789abcdeZ";
+    for (body, expect) in [
+        (
+            dev("mac = \"3C:2E:F5:00:00\"\n"),
+            ":9: key `ble.device[0].mac`: not a MAC address (expected AA:BB:CC:DD:EE:FF)",
+        ),
+        (
+            dev(&format!(
+                "mac = \"3C:2E:F5:00:00:C1\"\nkey = \"{secret}\"\n"
+            )),
+            ":10: key `ble.device[0].key`: not a bind key (expected 32 hex digits)",
+        ),
+        (
+            format!("{}unit = \"A-101\"\n", dev("mac = \"3C:2E:F5:00:00:C1\"\n")),
+            "key `ble.device[0].unit`: a sensor needs exactly one of `unit` or `zone`",
+        ),
+        (
+            "[ble]\n[[ble.device]]\nid = \"f\"\nkind = \"fob\"\nmac = \"C0:FF:EE:00:00:F1\"\n"
+                .to_string(),
+            "key `ble.device[0].kind`: `fob` is not a kind here",
+        ),
+        (
+            "[ble]\n[[ble.device]]\nid = \"l\"\nkind = \"padlock\"\nunit = \"A-101\"\n\
+             mac = \"D0:1F:A6:44:B3:21\"\nkey = \"00112233445566778899AABBCCDDEEFF\"\n"
+                .to_string(),
+            "only an encrypted sensor has a `key`",
+        ),
+        (
+            format!(
+                "{}[[ble.device]]\nid = \"s-1\"\nkind = \"sensor\"\nzone = \"z\"\nmac = \"3C:2E:F5:00:00:C2\"\n",
+                dev("mac = \"3C:2E:F5:00:00:C1\"\n")
+            ),
+            "key `ble.device[1].id`: `s-1` is used by another [[ble.device]]",
+        ),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!("[site]\nid = \"s1\"\ngateway_id = \"g1\"\n{body}"),
+        )
+        .unwrap();
+        let o = gatehouse(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert!(!o.status.success(), "{body}");
+        assert!(stderr(&o).contains(expect), "{body}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("0123456789"), "{}", stderr(&o));
+    }
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n{}",
+            dev("mac = \"3c:2e:f5:00:00:c1\"\nkey = \"00112233445566778899AABBCCDDEEFF\"\n")
+        ),
+    )
+    .unwrap();
+    let o = gatehouse(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn a_bad_metrics_section_is_refused_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gatehouse.toml");

@@ -31,6 +31,89 @@ pub struct RawBle {
     /// the offline unlock.
     #[serde(default)]
     pub online_unlock_timeout_ms: Option<Spanned<u64>>,
+    /// BLE devices the gateway runs besides the site database's `devices[]` (BTHome sensors
+    /// put in by an installer; what `gatehouse devices export` prints for adopted devices).
+    #[serde(default)]
+    pub device: Vec<RawBleDevice>,
+}
+
+/// One `[[ble.device]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBleDevice {
+    pub id: Spanned<String>,
+    /// `sensor` (BTHome), `padlock` or `controller` (driven with the site database's keys for
+    /// that MAC; the table only binds it to its unit).
+    pub kind: Spanned<String>,
+    pub mac: Spanned<String>,
+    #[serde(default)]
+    pub unit: Option<Spanned<String>>,
+    #[serde(default)]
+    pub zone: Option<Spanned<String>>,
+    /// Encrypted BTHome sensor: its bind key (32 hex digits). A secret: never quoted back.
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    /// Marks an encrypted sensor whose key is kept in the gateway's database (an adopted
+    /// sensor; `key` is then absent).
+    #[serde(default)]
+    pub encrypted: Option<bool>,
+    #[serde(default)]
+    pub offline_after_s: Option<Spanned<u64>>,
+}
+
+/// A checked `[[ble.device]]`: a BLE device run besides the site database's.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BleDevice {
+    pub id: String,
+    pub kind: crate::sync::DeviceKind,
+    /// Upper case.
+    pub mac: String,
+    pub unit: Option<String>,
+    pub zone: Option<String>,
+    /// Encrypted sensor: the bind key (hex, upper case), when known here.
+    pub key: Option<String>,
+    /// Encrypted sensor whose key is in the store (`Store::ble_key`).
+    pub stored_key: bool,
+    pub offline_after_s: Option<u64>,
+}
+
+impl std::fmt::Debug for BleDevice {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BleDevice")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("mac", &self.mac)
+            .field("unit", &self.unit)
+            .field("zone", &self.zone)
+            .field("key", &self.key.as_ref().map(|k| key_fingerprint(k)))
+            .field("stored_key", &self.stored_key)
+            .field("offline_after_s", &self.offline_after_s)
+            .finish()
+    }
+}
+
+/// A short fingerprint of a key (so that a change shows in a diff, never the key).
+pub fn key_fingerprint(key: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    format!("sha256:{}", hex::encode(&d[..4]))
+}
+
+/// `AA:BB:CC:DD:EE:FF` (any case) upper-cased, or `None`.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let s = s.trim();
+    let parts: Vec<&str> = s.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then(|| s.to_ascii_uppercase())
+}
+
+/// A 16-byte key in hex (32 digits), or `None`.
+pub fn parse_key(s: &str) -> Option<[u8; 16]> {
+    hex::decode(s.trim()).ok()?.try_into().ok()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +134,8 @@ pub struct BleConfig {
     pub online_unlock_timeout: Duration,
     /// The profile each device kind gets (built in, or replaced from the profiles directory).
     pub profiles: super::profile::KindProfiles,
+    /// `[[ble.device]]`: devices run besides the site database's.
+    pub devices: Vec<BleDevice>,
 }
 
 impl Default for BleConfig {
@@ -63,6 +148,7 @@ impl Default for BleConfig {
             fob_repeat: Duration::from_secs(10),
             online_unlock_timeout: Duration::from_secs(5),
             profiles: Default::default(),
+            devices: Vec::new(),
         }
     }
 }
@@ -131,5 +217,138 @@ pub fn check(
         100,
         60_000,
     )?);
+    c.devices = check_devices(&raw.device, err)?;
     Ok(c)
+}
+
+fn check_devices(raw: &[RawBleDevice], err: &ErrFn) -> Result<Vec<BleDevice>, ConfigError> {
+    use crate::sync::DeviceKind;
+    let mut out: Vec<BleDevice> = Vec::new();
+    for (i, d) in raw.iter().enumerate() {
+        let key = |k: &str| format!("ble.device[{i}].{k}");
+        let id = d.id.get_ref().trim();
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(err(
+                d.id.span(),
+                &key("id"),
+                format!(
+                    "{} is not a device id (letters, digits, - _ .)",
+                    crate::redact::excerpt(id)
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.id == id) {
+            return Err(err(
+                d.id.span(),
+                &key("id"),
+                format!("`{id}` is used by another [[ble.device]]"),
+            ));
+        }
+        let kind = match d.kind.get_ref().as_str() {
+            "sensor" => DeviceKind::Sensor,
+            "padlock" => DeviceKind::Padlock,
+            "controller" => DeviceKind::Controller,
+            other => {
+                return Err(err(
+                    d.kind.span(),
+                    &key("kind"),
+                    format!(
+                        "{} is not a kind here (expected sensor, padlock or controller; fobs \
+                         are credentials in the site database)",
+                        crate::redact::excerpt(other)
+                    ),
+                ));
+            }
+        };
+        let Some(mac) = normalize_mac(d.mac.get_ref()) else {
+            return Err(err(
+                d.mac.span(),
+                &key("mac"),
+                "not a MAC address (expected AA:BB:CC:DD:EE:FF)".into(),
+            ));
+        };
+        if let Some(o) = out.iter().find(|o| o.mac == mac) {
+            return Err(err(
+                d.mac.span(),
+                &key("mac"),
+                format!("{mac} is also the MAC of `{}`", o.id),
+            ));
+        }
+        let text = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().trim().to_string());
+        let (unit, zone) = (text(&d.unit), text(&d.zone));
+        match kind {
+            DeviceKind::Sensor if unit.is_some() == zone.is_some() => {
+                return Err(err(
+                    d.id.span(),
+                    &key("unit"),
+                    "a sensor needs exactly one of `unit` or `zone`".into(),
+                ));
+            }
+            DeviceKind::Padlock | DeviceKind::Controller if unit.is_none() || zone.is_some() => {
+                return Err(err(
+                    d.id.span(),
+                    &key("unit"),
+                    "a padlock or controller needs its `unit` (and no `zone`)".into(),
+                ));
+            }
+            _ => {}
+        }
+        let bind = match &d.key {
+            None => None,
+            Some(_) if kind != DeviceKind::Sensor => {
+                return Err(err(
+                    d.id.span(),
+                    &key("key"),
+                    "only an encrypted sensor has a `key` (a lock's keys come from the site \
+                     database)"
+                        .into(),
+                ));
+            }
+            // Never quoted: a key.
+            Some(k) => match parse_key(k.get_ref()) {
+                Some(_) => Some(k.get_ref().trim().to_ascii_uppercase()),
+                None => {
+                    return Err(err(
+                        k.span(),
+                        &key("key"),
+                        "not a bind key (expected 32 hex digits)".into(),
+                    ));
+                }
+            },
+        };
+        let stored_key = d.encrypted == Some(true) && bind.is_none();
+        if stored_key && kind != DeviceKind::Sensor {
+            return Err(err(
+                d.id.span(),
+                &key("encrypted"),
+                "only a sensor is encrypted".into(),
+            ));
+        }
+        let offline_after_s = match &d.offline_after_s {
+            Some(_) => Some(crate::config::in_range(
+                err,
+                &d.offline_after_s,
+                &key("offline_after_s"),
+                0,
+                10,
+                7 * 86_400,
+            )?),
+            None => None,
+        };
+        out.push(BleDevice {
+            id: id.to_string(),
+            kind,
+            mac,
+            unit,
+            zone,
+            key: bind,
+            stored_key,
+            offline_after_s,
+        });
+    }
+    Ok(out)
 }

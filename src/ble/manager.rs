@@ -29,15 +29,19 @@ use super::profile::Profile;
 use super::transport::{BleError, Link, Radio, Seen};
 use super::{bthome, rpc::CloudRpc};
 
+mod live;
 mod ops;
+mod pairing;
 use crate::access::{AccessEngine, Attempt};
 use crate::cloud::commands::{Execution, Online, RelayOp, Relays, UnitAction, UnitControllers};
 use crate::devstate::DeviceStates;
 use crate::events::EventKind;
+use crate::pairing::{NoScan, Scan};
 use crate::policy::{Direction, Presented, Request, Target};
 use crate::site::Tables;
 use crate::store::Store;
 use crate::sync::{Device, DeviceKind};
+pub use live::LivePart;
 
 /// A safety net only: every step of a lock operation is bounded on its own (connection
 /// attempts, the cloud's answer, each packet's answer, the notifications a lock may send).
@@ -81,9 +85,11 @@ struct Live {
     offline_worked: Option<(u64, DateTime<Utc>)>,
 }
 
-/// The site's BLE devices by MAC, rebuilt when the site database changes.
+/// The site's BLE devices by MAC, rebuilt when the site database or the extra devices change:
+/// the site database's first, then `[[ble.device]]` and adopted ones.
 struct Index {
     tables: Option<Arc<Tables>>,
+    extra_gen: u64,
     by_mac: HashMap<String, Arc<Device>>,
 }
 
@@ -99,7 +105,7 @@ pub struct Counters {
 pub struct Manager<R: Radio> {
     me: std::sync::Weak<Manager<R>>,
     radio: R,
-    cfg: BleConfig,
+    cfg: std::sync::RwLock<Arc<BleConfig>>,
     store: Arc<Store>,
     engine: Arc<AccessEngine>,
     states: Arc<DeviceStates>,
@@ -112,6 +118,12 @@ pub struct Manager<R: Radio> {
     serial: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pool: tokio::sync::Semaphore,
     counters: Mutex<Counters>,
+    /// Devices run besides the site database's: `[[ble.device]]` and adopted ones.
+    extra: Mutex<live::Extra>,
+    /// Install mode, as the pairing module says it (discovery of unknown devices).
+    scan: std::sync::RwLock<Arc<dyn Scan>>,
+    /// Unknown devices heard in install mode (bounded; cleared when it ends).
+    heard: Mutex<HashMap<String, pairing::Heard>>,
     handle: tokio::runtime::Handle,
     started: Instant,
 }
@@ -126,10 +138,10 @@ impl<R: Radio> Manager<R> {
         rpc: Arc<CloudRpc>,
     ) -> Arc<Self> {
         let max = cfg.max_connections;
-        Arc::new_cyclic(|me| Manager {
+        let m = Arc::new_cyclic(|me| Manager {
             me: me.clone(),
             radio,
-            cfg,
+            cfg: std::sync::RwLock::new(Arc::new(cfg)),
             store: engine.store().clone(),
             engine,
             states,
@@ -139,15 +151,21 @@ impl<R: Radio> Manager<R> {
             live: Mutex::new(HashMap::new()),
             index: Mutex::new(Index {
                 tables: None,
+                extra_gen: 0,
                 by_mac: HashMap::new(),
             }),
+            extra: Mutex::new(live::Extra::default()),
+            scan: std::sync::RwLock::new(Arc::new(NoScan)),
+            heard: Mutex::new(HashMap::new()),
             fobs: Mutex::new(HashMap::new()),
             serial: Mutex::new(HashMap::new()),
             pool: tokio::sync::Semaphore::new(max),
             counters: Mutex::new(Counters::default()),
             handle: tokio::runtime::Handle::current(),
             started: Instant::now(),
-        })
+        });
+        m.load_configured();
+        m
     }
 
     pub fn radio(&self) -> &R {
@@ -168,9 +186,23 @@ impl<R: Radio> Manager<R> {
         *lock(&self.wakes) = Some(tx);
     }
 
+    /// The configuration running now (`[ble]`; a reload replaces it: [`Self::apply_config`]).
+    pub fn cfg(&self) -> Arc<BleConfig> {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Install mode's view for discovery (default: never active).
+    pub fn set_scan(&self, scan: Arc<dyn Scan>) {
+        *self.scan.write().unwrap_or_else(|e| e.into_inner()) = scan;
+    }
+
+    fn scan(&self) -> Arc<dyn Scan> {
+        self.scan.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Links open now (operations in progress, or draining the lock's last server packets).
     pub fn links_open(&self) -> usize {
-        self.cfg
+        self.cfg()
             .max_connections
             .saturating_sub(self.pool.available_permits())
     }
@@ -186,23 +218,37 @@ impl<R: Radio> Manager<R> {
         self.store.record(kind, payload);
     }
 
-    /// The site device with this MAC (upper case), from an index rebuilt when the site changes.
+    /// The device with this MAC (upper case), from an index rebuilt when the site or the extra
+    /// devices change.
     fn device_by_mac(&self, mac: &str) -> Option<Arc<Device>> {
         let tables = self.store.site().tables.clone();
+        let gen_ = lock(&self.extra).generation;
         let mut idx = lock(&self.index);
-        if !idx.tables.as_ref().is_some_and(|t| Arc::ptr_eq(t, &tables)) {
-            idx.by_mac = tables
-                .devices
-                .values()
-                .map(|d| (d.mac.to_ascii_uppercase(), Arc::new(d.clone())))
-                .collect();
+        if !idx.tables.as_ref().is_some_and(|t| Arc::ptr_eq(t, &tables)) || idx.extra_gen != gen_ {
+            let (gen_, extra) = {
+                let e = lock(&self.extra);
+                (e.generation, e.devices())
+            };
+            let mut by_mac: HashMap<String, Arc<Device>> = HashMap::new();
+            for d in extra {
+                by_mac.insert(d.mac.to_ascii_uppercase(), Arc::new(d));
+            }
+            for d in tables.devices.values() {
+                by_mac.insert(d.mac.to_ascii_uppercase(), Arc::new(d.clone()));
+            }
+            idx.by_mac = by_mac;
             idx.tables = Some(tables);
+            idx.extra_gen = gen_;
         }
         idx.by_mac.get(mac).cloned()
     }
 
+    /// A device by id: the site database's, else an extra one.
     fn device(&self, id: &str) -> Option<Device> {
-        self.store.site().tables.devices.get(id).cloned()
+        if let Some(d) = self.store.site().tables.devices.get(id) {
+            return Some(d.clone());
+        }
+        lock(&self.extra).device(id)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -217,7 +263,8 @@ impl<R: Radio> Manager<R> {
             self.on_unknown(&mac, seen, now, wall);
             return;
         };
-        let prof = self.cfg.profiles.get(dev.kind);
+        let cfg = self.cfg();
+        let prof = cfg.profiles.get(dev.kind);
         let (was_online, woke, publish_seen) = {
             let mut live = lock(&self.live);
             let l = live.entry(dev.id.clone()).or_default();
@@ -272,6 +319,7 @@ impl<R: Radio> Manager<R> {
     }
 
     fn on_unknown(&self, mac: &str, seen: &Seen, now: Instant, wall: DateTime<Utc>) {
+        self.discover(mac, seen, now, wall);
         let advert = seen
             .name
             .as_deref()
@@ -438,7 +486,12 @@ impl<R: Radio> Manager<R> {
         if !state.is_empty() {
             self.states.set(&dev.id, &state);
         }
-        for (k, p) in events {
+        // An installer's sensor (not named by the site database's units) says where it is.
+        let place = lock(&self.extra).place(&dev.id);
+        for (k, mut p) in events {
+            if let Some((what, id)) = &place {
+                p[*what] = json!(id);
+            }
             self.record(k, p);
         }
     }
@@ -453,7 +506,8 @@ impl<R: Radio> Manager<R> {
         now: Instant,
         wall: DateTime<Utc>,
     ) {
-        if self.cfg.fob_entries.is_empty() || rssi.is_some_and(|r| r < self.cfg.fob_min_rssi) {
+        let cfg = self.cfg();
+        if cfg.fob_entries.is_empty() || rssi.is_some_and(|r| r < cfg.fob_min_rssi) {
             return;
         }
         // Only fobs the site knows (a device, a credential, a blacklist entry) are decided: the
@@ -470,7 +524,7 @@ impl<R: Radio> Manager<R> {
             lock(&self.counters).unknown += 1;
             return;
         }
-        for entry in &self.cfg.fob_entries {
+        for entry in &cfg.fob_entries {
             {
                 let mut fobs = lock(&self.fobs);
                 let key = (tracking_id.to_string(), entry.clone());
@@ -483,7 +537,7 @@ impl<R: Radio> Manager<R> {
                 if fobs.len() >= MAX_FOB_MEMORY {
                     continue;
                 }
-                fobs.insert(key, now + self.cfg.fob_repeat);
+                fobs.insert(key, now + cfg.fob_repeat);
             }
             let attempt = Attempt {
                 request: Request {
@@ -502,7 +556,7 @@ impl<R: Radio> Manager<R> {
                     tracing::info!(fob = tracking_id, entry, reason = %d.reason, "BLE fob denied");
                     // A refused fob lingering near the gate is decided again less often: each
                     // refusal is a security event that is never dropped from the outbox.
-                    let next = now + self.cfg.fob_repeat.max(DENIED_FOB_REPEAT);
+                    let next = now + cfg.fob_repeat.max(DENIED_FOB_REPEAT);
                     lock(&self.fobs).insert((tracking_id.to_string(), entry.clone()), next);
                 }
                 Err(e) => tracing::error!("fob decision not recorded: {e:#}"),
@@ -548,17 +602,35 @@ impl<R: Radio> Manager<R> {
     /// second or so.
     pub fn check_availability(&self, now: Instant) {
         let tables = self.store.site().tables.clone();
+        let cfg = self.cfg();
+        // The site database's devices, then the extra ones it does not name.
+        let extra: Vec<Device> = lock(&self.extra)
+            .devices()
+            .into_iter()
+            .filter(|d| !tables.devices.contains_key(&d.id))
+            .collect();
+        let devices = tables
+            .devices
+            .iter()
+            .chain(extra.iter().map(|d| (&d.id, d)));
+        let get = |id: &str| {
+            tables
+                .devices
+                .get(id)
+                .or_else(|| extra.iter().find(|d| d.id == id))
+        };
+        let after_of = |dev: &Device| {
+            dev.offline_after_s
+                .map(Duration::from_secs)
+                .or(cfg.profiles.get(dev.kind).offline_after)
+        };
         let mut gone = Vec::new();
         {
             let mut live = lock(&self.live);
             // A device not heard since the gateway started counts as silent since then.
-            for (id, dev) in &tables.devices {
+            for (id, dev) in devices {
                 if !live.contains_key(id) {
-                    let after = dev.offline_after_s.map(Duration::from_secs).or(self
-                        .cfg
-                        .profiles
-                        .get(dev.kind)
-                        .offline_after);
+                    let after = after_of(dev);
                     if after.is_some_and(|a| now.saturating_duration_since(self.started) > a) {
                         live.insert(
                             id.clone(),
@@ -572,15 +644,11 @@ impl<R: Radio> Manager<R> {
                 }
             }
             for (id, l) in live.iter_mut() {
-                let Some(dev) = tables.devices.get(id) else {
+                let Some(dev) = get(id) else {
                     continue;
                 };
-                let after = dev.offline_after_s.map(Duration::from_secs).or(self
-                    .cfg
-                    .profiles
-                    .get(dev.kind)
-                    .offline_after);
-                if let (Some(after), Some(seen), Some(true)) = (after, l.last_seen, l.online)
+                if let (Some(after), Some(seen), Some(true)) =
+                    (after_of(dev), l.last_seen, l.online)
                     && now.saturating_duration_since(seen) > after
                 {
                     l.online = Some(false);
@@ -599,10 +667,15 @@ impl<R: Radio> Manager<R> {
     }
 }
 
-/// What the daemon needs of a manager, whatever its radio.
-pub trait Control: UnitControllers {
+/// What the daemon needs of a manager, whatever its radio: commands for locks, install mode
+/// (discovery through [`Control::set_scan`], adoption as a [`crate::pairing::Provisioner`]) and
+/// reloads ([`Control::apply_config`]).
+pub trait Control: UnitControllers + crate::pairing::Provisioner {
     fn set_relays(&self, relays: Arc<dyn Relays>);
     fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>);
+    fn set_scan(&self, scan: Arc<dyn Scan>);
+    fn apply_config(&self, cfg: &BleConfig) -> Vec<String>;
+    fn config_conflict(&self, devices: &[super::config::BleDevice]) -> Option<String>;
 }
 
 impl<R: Radio> Control for Manager<R> {
@@ -611,6 +684,15 @@ impl<R: Radio> Control for Manager<R> {
     }
     fn set_wakes(&self, tx: tokio::sync::mpsc::Sender<String>) {
         Manager::set_wakes(self, tx)
+    }
+    fn set_scan(&self, scan: Arc<dyn Scan>) {
+        Manager::set_scan(self, scan)
+    }
+    fn apply_config(&self, cfg: &BleConfig) -> Vec<String> {
+        Manager::apply_config(self, cfg)
+    }
+    fn config_conflict(&self, devices: &[super::config::BleDevice]) -> Option<String> {
+        Manager::config_conflict(self, devices)
     }
 }
 

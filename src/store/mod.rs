@@ -44,6 +44,7 @@ use crate::site::{
 use crate::sync::{self, SyncMessage};
 
 mod alerts;
+mod blekeys;
 mod codekey;
 mod commands;
 pub mod commit;

@@ -114,6 +114,10 @@ COMMAND LINE
     --fob MAC[:NAME][:k=v]...      advertising only, non-connectable. NAME default
         FOB1F_<MAC hex>. k=v: company=, mfg= (default none), rssi=-65, type=...
     (MAC = AA:BB:CC:DD:EE:FF, any case; reported upper-case. Positional fields may be empty.)
+        bindkey=<32 hex>: an encrypted sensor (AES-CCM under this key, counter= first
+        counter, default 1; objects=<hex> the first advert's plain objects, default 0164026608).
+    --bus-dir DIR: the bus socket is DIR/system_bus_socket (the address is known before the
+        mock starts: a test process can be started with DBUS_SYSTEM_BUS_ADDRESS set to it)
     --connect-ms 30  --resolve-ms 20  --connect-timeout-ms 1000  --discover-delay-ms 50
     --notify-delay-ms 10  --adv-interval-ms 0  --time-window-s 300  --mtu 23 (the MTU property;
     bluer's mtu() reports it minus 5)  --verbose (dbusmock's per-call log and the dbus-daemon's
@@ -129,6 +133,11 @@ STDIN: one JSON object per line, handled in order. Every op may carry "id" (echo
       update the advertising data (given fields replace; null clears) and receive one
       advertisement (see DEVICES) -> event "advert".
   {"op":"sensor","mac":M,"hex":"40..."}   = advert with service_data {0000fcd2-...: hex}.
+  {"op":"sensor","mac":M,"objects":"hex"}   = the same with BTHome v2 data made from these
+      plain objects: encrypted under the sensor's bindkey (next counter) when it has one.
+  {"op":"add","kind":"padlock"|"sensor"|"fob","spec":"MAC[:...]"}   a device appears (the
+      --padlock/--sensor/--fob SPEC forms) and advertises at once -> event "added" (with the
+      "advert" fields). An unknown device for install mode.
   {"op":"sleep","mac":M[,"shutdown":true,"lock_state":1,"timeout_flag":1]}
       padlock stops advertising and is not connectable. If connected: notification
       51 64 <lock_state> <timeout_flag> 00.. (when "shutdown", default true), then the
@@ -518,6 +527,9 @@ class Dev:
         self.clock_offset = 0.0  # this padlock's clock minus the mock's, seconds
         self.falls_asleep = None  # None, or {"shutdown": bool, "ms": n}: once, at StartNotify
         self.refuse = []  # packets answered 51 61 (invalid key) at once, before any other check
+        # BTHome sensor
+        self.bind_key = None  # 16 bytes: the sensor encrypts its objects (AES-CCM)
+        self.counter = 1  # the next encryption counter
 
     @property
     def notifying(self):
@@ -567,7 +579,15 @@ def build_device(kind, spec):
     elif kind == "sensor":
         mac, pos, kv = parse_spec(kind, spec, ["name"])
         d = Dev(kind, mac, pos["name"] or "BTH_" + mac.replace(":", "")[-4:])
-        d.service_data = {BTHOME_UUID: bytes.fromhex(kv.pop("data", "4000010164026608"))}
+        if "bindkey" in kv:
+            d.bind_key = bytes.fromhex(kv.pop("bindkey"))
+            if len(d.bind_key) != 16:
+                raise ValueError(f"--sensor {spec!r}: bindkey must be 16 bytes")
+            d.counter = int(kv.pop("counter", "1"), 0)
+            data = bthome_data(d, bytes.fromhex(kv.pop("objects", "0164026608")))
+        else:
+            data = bytes.fromhex(kv.pop("data", "4000010164026608"))
+        d.service_data = {BTHOME_UUID: data}
         d.rssi = int(kv.pop("rssi", "-70"), 0)
     else:
         mac, pos, kv = parse_spec(kind, spec, ["name"])
@@ -582,6 +602,21 @@ def build_device(kind, spec):
     if kv:
         raise ValueError(f"--{kind} {spec!r}: unknown field(s) {sorted(kv)}")
     return d
+
+
+def bthome_data(d, objects):
+    """BTHome v2 service data for these objects: plain (info 0x40), or encrypted under the
+    sensor's bind key (info 0x41 | ciphertext | counter LE | 4-byte MIC; nonce = MAC in display
+    order + UUID16 LE + info + counter), the counter advancing by one each time."""
+    if d.bind_key is None:
+        return bytes([0x40]) + objects
+    info = 0x41
+    counter = struct.pack("<I", d.counter)
+    d.counter += 1
+    nonce = bytes.fromhex(d.mac.replace(":", "")) + bytes([0xD2, 0xFC, info]) + counter
+    c = AES.new(d.bind_key, AES.MODE_CCM, nonce=nonce, mac_len=4)
+    ct, tag = c.encrypt_and_digest(objects)
+    return bytes([info]) + ct + counter + tag
 
 
 def app_packet(*head):
@@ -1209,9 +1244,27 @@ class Mock:
             return False
         if op == "state":
             emit("state", None, **self.state(), **rid)
+        elif op == "add":
+            kind = req.get("kind")
+            if kind not in ("padlock", "sensor", "fob"):
+                raise OpError("kind must be padlock, sensor or fob")
+            try:
+                d = build_device(kind, str(req.get("spec", "")))
+            except ValueError as e:
+                raise OpError(str(e))
+            if d.mac in self.devices:
+                raise OpError(f"{d.mac} exists")
+            self.devices[d.mac] = d
+            res = self.advertise(d, report=False)
+            emit("added", d.mac, kind=kind, name=d.name, **res, **rid)
         elif op in ("advert", "sensor"):
             d = self.dev(req)
-            if op == "sensor":
+            if op == "sensor" and "objects" in req:
+                if d.kind != "sensor":
+                    raise OpError("not a sensor")
+                objects = parse_hex(req.get("objects"), "objects")
+                d.service_data = {BTHOME_UUID: bthome_data(d, objects)}
+            elif op == "sensor":
                 d.service_data = {BTHOME_UUID: parse_hex(req.get("hex"), "hex")}
             else:
                 self.apply_advert(d, req)
@@ -1597,6 +1650,7 @@ def main():
     ap.add_argument("--adv-interval-ms", type=int, default=0)
     ap.add_argument("--time-window-s", type=float, default=300.0)
     ap.add_argument("--mtu", type=int, default=23)
+    ap.add_argument("--bus-dir", default=None)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     VERBOSE = args.verbose
@@ -1610,12 +1664,17 @@ def main():
     if len({d.mac for d in devices}) != len(devices):
         ap.error("duplicate MAC")
 
-    tmpdir = tempfile.mkdtemp(prefix="bluez_mock.")
+    if args.bus_dir:
+        os.makedirs(args.bus_dir, exist_ok=True)
+        tmpdir = args.bus_dir
+    else:
+        tmpdir = tempfile.mkdtemp(prefix="bluez_mock.")
     try:
         bus_proc, address = start_bus(tmpdir)
     except (OSError, RuntimeError) as e:
         log(f"cannot start dbus-daemon: {e}")
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if not args.bus_dir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         return 1
 
     rc = 0
@@ -1691,7 +1750,14 @@ def main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_bus(bus_proc)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if args.bus_dir:
+            for f in ("system_bus_socket", "bus.conf"):
+                try:
+                    os.unlink(os.path.join(tmpdir, f))
+                except OSError:
+                    pass
+        else:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return rc
 
 

@@ -135,7 +135,8 @@ impl<R: Radio> Manager<R> {
         if !matches!(dev.kind, DeviceKind::Padlock | DeviceKind::Controller) {
             return Online::Unknown;
         }
-        let prof = self.cfg.profiles.get(dev.kind);
+        let cfg = self.cfg();
+        let prof = cfg.profiles.get(dev.kind);
         let (last, reported_offline) = lock(&self.live)
             .get(device)
             .map_or((None, false), |l| (l.last_seen, l.online == Some(false)));
@@ -218,7 +219,8 @@ impl<R: Radio> Manager<R> {
             ))));
             return;
         };
-        let prof = self.cfg.profiles.get(dev.kind);
+        let cfg = self.cfg();
+        let prof = cfg.profiles.get(dev.kind);
         let serial = lock(&self.serial)
             .entry(id.to_string())
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
@@ -320,7 +322,7 @@ impl<R: Radio> Manager<R> {
         action: UnitAction,
         offline_only: bool,
     ) -> Execution {
-        let sleeps = self.cfg.profiles.get(dev.kind).sleeps;
+        let sleeps = self.cfg().profiles.get(dev.kind).sleeps;
         let what = match action {
             UnitAction::Unlock => "unlocked",
             UnitAction::Lock => "locked",
@@ -579,11 +581,12 @@ impl<R: Radio> Manager<R> {
     ) -> Result<Packets, String> {
         // The cloud's wait ends early enough for the session to be still valid for the offline
         // unlock (a wake-to-answer lock's session lasts ~15 s).
-        let valid = self.cfg.profiles.get(dev.kind).session_valid;
+        let cfg = self.cfg();
+        let valid = cfg.profiles.get(dev.kind).session_valid;
         let left = valid
             .saturating_sub(read_at.elapsed())
             .saturating_sub(Duration::from_secs(1));
-        let wait = self.cfg.online_unlock_timeout.min(left);
+        let wait = cfg.online_unlock_timeout.min(left);
         let online_err = if offline_only {
             "offline unlock asked for".to_string()
         } else {
