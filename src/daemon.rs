@@ -47,6 +47,15 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
     };
+    // Installer pairing: the registry of adopted devices merged with the config (a conflict
+    // stops the start here, naming both places). Provisioners come from the drivers (RS-485,
+    // BLE) once they provide them; none yet.
+    let provisioners: Vec<Arc<dyn crate::pairing::Provisioner>> = Vec::new();
+    let pairing = crate::pairing::Pairing::open(
+        store.clone(),
+        crate::pairing::registry::configured(&cfg),
+        provisioners,
+    )?;
     let stats = store.stats();
     tracing::info!(
         site = %cfg.site_id,
@@ -128,6 +137,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             devices: bridge,
             metrics: engine.metrics().clone(),
             drain: cfg.drain_timeout,
+            pairing: Some(pairing.clone()),
         },
         link_stop.clone(),
         tracker.clone(),
@@ -141,6 +151,10 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         link.clone(),
     );
     reloader.add_part(endpoint);
+    // Install mode's timer and recorder; the drivers scan through `pairing` as their
+    // `Arc<dyn Scan>` once their constructors take one (until then they see no install mode).
+    tracker.spawn(pairing.clone().run(shutdown.child_token()));
+    start_control(&cfg, &pairing, &store, &shutdown, &tracker);
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
@@ -244,8 +258,9 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     }
     drop(sims);
     {
-        let store = store.clone();
+        let (store, pairing) = (store.clone(), pairing.clone());
         tokio::task::spawn_blocking(move || {
+            pairing.end(crate::pairing::EndReason::Shutdown, None);
             store.drain_recorded();
             store.record_flushed(EventKind::GatewayStopped, json!({}))
         })
@@ -269,6 +284,32 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     store.flush().context("final flush")?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The local control socket (`[control] socket`): a socket that cannot be bound is logged and
+/// the daemon goes on without it (the cloud and the devices do not depend on it).
+fn start_control(
+    cfg: &Config,
+    pairing: &Arc<crate::pairing::Pairing>,
+    store: &Arc<Store>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    use crate::pairing::control;
+    let path = cfg.control_socket.clone();
+    match control::bind(&path) {
+        Ok(listener) => {
+            tracing::info!(socket = %path.display(), "control socket open");
+            let c = Arc::new(control::Control {
+                pairing: pairing.clone(),
+                store: store.clone(),
+                site: cfg.site_id.clone(),
+                gateway: cfg.gateway_id.clone(),
+            });
+            tracker.spawn(control::serve(listener, path, c, shutdown.child_token()));
+        }
+        Err(e) => tracing::warn!("no local control (gatehouse status, install-mode, pair): {e:#}"),
+    }
 }
 
 /// The BLE module, running: its controls for the router and the daemon, and how to wait for

@@ -47,6 +47,7 @@ mod alerts;
 mod codekey;
 mod commands;
 pub mod commit;
+mod devices;
 mod events;
 mod handles;
 mod health;

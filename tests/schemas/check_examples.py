@@ -33,6 +33,8 @@ MQTT_SCHEMAS = [
     ("ble-unlock-request", "mqtt-ble-unlock-request.schema.json"),
     ("ble-unlock-response", "mqtt-ble-unlock-response.schema.json"),
     ("device-state-", "mqtt-device-state.schema.json"),
+    ("pairing-state", "mqtt-pairing-state.schema.json"),
+    ("pairing-discovered", "mqtt-pairing-discovered.schema.json"),
     ("event-", "mqtt-event.schema.json"),
     ("snapshot-chunk-", "mqtt-snapshot-chunk.schema.json"),
     ("sync-result-", "mqtt-sync-result.schema.json"),
