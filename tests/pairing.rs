@@ -559,7 +559,9 @@ async fn signed_install_mode_discovery_adoption_and_restart_over_mqtt() {
     let _ = tokio::time::timeout(WAIT, link_task).await;
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, timer).await;
-    drop(pairing);
+    drop((pairing, scan));
+    // The link's command threads let go of the store when they end.
+    wait_until("the store released", || Arc::strong_count(&store) == 1).await;
     drop(store);
 
     // Restart: the registry is still there and merged (run with it at start); install mode off.
