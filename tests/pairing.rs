@@ -918,3 +918,107 @@ fn a_registry_conflicting_with_the_config_stops_the_daemon_at_start() {
     );
     assert!(err.contains(&cfg.display().to_string()), "{err}");
 }
+
+/// The daemon itself: its control socket answers the CLI (`--config`), install mode started
+/// there ends with reason `shutdown` when the daemon stops, and is off after a restart.
+#[test]
+fn the_daemon_serves_the_control_socket_and_ends_install_mode_at_stop() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sock = dir.path().join("control.sock");
+    let cfg = dir.path().join("gatehouse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"{}\"\n\
+             [control]\nsocket = \"{}\"\n",
+            data.display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let config = cfg.to_str().unwrap();
+    let run = || {
+        let mut child = Process::new(gatehouse_bin())
+            .args(["run", "--config", config])
+            .env("RUST_LOG", "gatehouse=info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("waiting for SIGTERM") {
+                break;
+            }
+        }
+        // Keep reading its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        child
+    };
+    let stop = |child: &mut std::process::Child| {
+        let kill = Process::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        assert!(child.wait().unwrap().success());
+    };
+    let mut daemon = run();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let o = cli(&["status", "--config", config]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("gateway:       g1"),
+        "{out}"
+    );
+    let o = cli(&[
+        "install-mode",
+        "start",
+        "--minutes",
+        "30",
+        "--config",
+        config,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    stop(&mut daemon);
+    assert!(!sock.exists(), "the socket is removed at stop");
+    let o = cli(&["status", "--config", config]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("daemon is not running"));
+
+    let mut daemon = run();
+    let o = cli(&["status", "--config", config]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("install mode:  off"),
+        "not resumed after a restart: {out}"
+    );
+    stop(&mut daemon);
+    let store = Store::open(&data, 100_000).unwrap();
+    let ev = logged(&store);
+    let started = ev
+        .iter()
+        .position(|(k, _)| k == "install_mode_started")
+        .expect("started");
+    let ended = ev
+        .iter()
+        .position(|(k, v)| k == "install_mode_ended" && v["payload"]["reason"] == "shutdown")
+        .expect("ended at shutdown");
+    let stopped = ev
+        .iter()
+        .position(|(k, _)| k == "gateway_stopped")
+        .expect("stopped");
+    assert!(started < ended && ended < stopped, "{ev:?}");
+    assert!(
+        ev[started].1["payload"]["started_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("local:")
+    );
+}
