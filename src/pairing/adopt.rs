@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde_json::json;
 
-use super::install::{PairError, PairReason, Pairing};
+use super::install::{Inner, PairError, PairReason, Pairing};
 use super::registry::{InUse, clash, clash_message, of_registered};
 use super::{AdoptSpec, Candidate, Family, Provisioner, Registered};
 use crate::events::EventKind;
@@ -40,12 +40,25 @@ impl Pairing {
             .cloned()
     }
 
-    /// What `mine` would clash with, outside `except` (the device it replaces).
-    fn in_use(&self, mine: &InUse, except: Option<&str>) -> Option<String> {
-        let registry: Vec<InUse> = self.lock().registry.iter().map(of_registered).collect();
+    /// What `mine` would clash with (the config, the registry outside `except` — the device it
+    /// replaces —, and the other adoptions under way, outside `candidate`'s own).
+    fn in_use(
+        &self,
+        g: &Inner,
+        mine: &InUse,
+        except: Option<&str>,
+        candidate: &str,
+    ) -> Option<String> {
+        let registry: Vec<InUse> = g.registry.iter().map(of_registered).collect();
         self.configured
             .iter()
             .chain(registry.iter().filter(|r| Some(r.id.as_str()) != except))
+            .chain(
+                g.adopting
+                    .iter()
+                    .filter(|(c, _)| c.as_str() != candidate)
+                    .map(|(_, u)| u),
+            )
             .find_map(|o| clash(o, mine).map(|what| clash_message(what, o, mine)))
     }
 
@@ -61,7 +74,7 @@ impl Pairing {
                 format!("candidate {cand} is adopted already"),
             );
         }
-        if g.adopting.contains(&spec.candidate) {
+        if g.adopting.contains_key(&spec.candidate) {
             return refuse(
                 PairReason::AlreadyAdopted,
                 format!("candidate {cand} is being adopted"),
@@ -116,18 +129,13 @@ impl Pairing {
                 Some(r.id.clone())
             }
         };
-        g.adopting.insert(spec.candidate.clone());
         drop(g);
-        let release = || {
-            self.lock().adopting.remove(&spec.candidate);
-        };
         let device = spec
             .device
             .clone()
             .or_else(|| replaced.clone())
             .unwrap_or_else(|| default_device_id(&candidate.id));
         if !crate::config::valid_id(&device) {
-            release();
             return refuse(
                 PairReason::BadSpec,
                 format!(
@@ -143,10 +151,18 @@ impl Pairing {
             mac: candidate.mac.as_ref().map(|m| m.to_ascii_uppercase()),
             place: format!("the adoption of {cand}"),
         };
-        if let Some(msg) = self.in_use(&mine, replaced.as_deref()) {
-            release();
+        // Checked and reserved under one lock: a concurrent adoption sees the reservation.
+        let mut g = self.lock();
+        if g.adopting.contains_key(&spec.candidate) {
+            return refuse(
+                PairReason::AlreadyAdopted,
+                format!("candidate {cand} is being adopted"),
+            );
+        }
+        if let Some(msg) = self.in_use(&g, &mine, replaced.as_deref(), &spec.candidate) {
             return refuse(PairReason::InUse, msg);
         }
+        g.adopting.insert(spec.candidate.clone(), mine);
         Ok((candidate, device))
     }
 
@@ -186,7 +202,16 @@ impl Pairing {
         record.adopted_by = by.to_string();
         record.adopted_at = Utc::now();
         // The record as the driver returned it must not clash either (a new address).
-        if let Some(msg) = self.in_use(&of_registered(&record), spec.replaces.as_deref()) {
+        let clash = {
+            let g = self.lock();
+            self.in_use(
+                &g,
+                &of_registered(&record),
+                spec.replaces.as_deref(),
+                &candidate.id,
+            )
+        };
+        if let Some(msg) = clash {
             return Err(PairError::new(PairReason::InUse, msg));
         }
         let replaced = spec
@@ -325,5 +350,157 @@ impl Pairing {
         }
         tracing::info!(device, by, "device removed");
         Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::pairing::{Scan as _, ScanOptions};
+    use crate::store::Store;
+
+    /// Waits in `adopt` until told to go on; `run` fails when asked to.
+    struct Gated {
+        entered: Mutex<Sender<()>>,
+        go: Mutex<Receiver<()>>,
+        fail_run: std::sync::atomic::AtomicBool,
+        runs: Mutex<Vec<usize>>,
+    }
+
+    impl Provisioner for Gated {
+        fn families(&self) -> &'static [Family] {
+            &[Family::ModbusDevice]
+        }
+        fn adopt<'a>(
+            &'a self,
+            c: &'a Candidate,
+            spec: &'a AdoptSpec,
+        ) -> BoxFuture<'a, Result<Registered, String>> {
+            Box::pin(async move {
+                let _ = self.entered.lock().unwrap().send(());
+                let _ = self
+                    .go
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+                Ok(Registered {
+                    id: spec.device.clone().unwrap_or_default(),
+                    candidate: c.id.clone(),
+                    family: c.family,
+                    bus: c.bus.clone(),
+                    settings: json!({"address": c.address, "profile": "p"}),
+                    adopted_at: Utc::now(),
+                    adopted_by: String::new(),
+                })
+            })
+        }
+        fn run(&self, registered: &[Registered]) -> Result<(), String> {
+            self.runs.lock().unwrap().push(registered.len());
+            if self.fail_run.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("the bus did not take it".into());
+            }
+            Ok(())
+        }
+    }
+
+    fn candidate(unit: u8) -> Candidate {
+        Candidate {
+            id: Candidate::modbus_id("bus-2", unit),
+            family: Family::ModbusDevice,
+            bus: Some("bus-2".into()),
+            address: Some(unit),
+            baud: None,
+            mac: None,
+            rssi: None,
+            identity: json!({}),
+            first_seen: Utc::now(),
+            last_seen: Utc::now(),
+        }
+    }
+
+    fn setup() -> (
+        tempfile::TempDir,
+        Arc<Store>,
+        Arc<Pairing>,
+        Arc<Gated>,
+        Receiver<()>,
+        Sender<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100_000).unwrap());
+        let (entered_tx, entered_rx) = channel();
+        let (go_tx, go_rx) = channel();
+        let prov = Arc::new(Gated {
+            entered: Mutex::new(entered_tx),
+            go: Mutex::new(go_rx),
+            fail_run: false.into(),
+            runs: Mutex::new(Vec::new()),
+        });
+        let p = Pairing::open(store.clone(), Vec::new(), vec![prov.clone()]).unwrap();
+        p.start_for(Duration::from_secs(600), "local:t", ScanOptions::default())
+            .unwrap();
+        for unit in [7, 8] {
+            p.discovered(candidate(unit));
+            p.record_found(&Candidate::modbus_id("bus-2", unit));
+        }
+        (dir, store, p, prov, entered_rx, go_tx)
+    }
+
+    fn spec(unit: u8, device: &str) -> AdoptSpec {
+        AdoptSpec {
+            candidate: Candidate::modbus_id("bus-2", unit),
+            device: Some(device.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn two_adoptions_at_once_cannot_take_the_same_device_id() {
+        let (_dir, store, p, _prov, entered, go) = setup();
+        let first = {
+            let p = p.clone();
+            std::thread::spawn(move || p.adopt(&spec(7, "board"), "local:a"))
+        };
+        entered.recv_timeout(Duration::from_secs(30)).unwrap();
+        // While the first provisions: the same id is reserved, the same candidate busy.
+        let e = p.adopt(&spec(8, "board"), "local:b").unwrap_err();
+        assert_eq!(e.reason, PairReason::InUse, "{e}");
+        let e = p.adopt(&spec(7, "other"), "local:b").unwrap_err();
+        assert_eq!(e.reason, PairReason::AlreadyAdopted, "{e}");
+        go.send(()).unwrap();
+        assert_eq!(first.join().unwrap().unwrap().id, "board");
+        assert_eq!(store.registry_list().unwrap().len(), 1);
+        // The reservation is gone with the adoption: another id works.
+        go.send(()).unwrap();
+        assert_eq!(
+            p.adopt(&spec(8, "board-8"), "local:b").unwrap().id,
+            "board-8"
+        );
+    }
+
+    #[test]
+    fn a_run_that_fails_undoes_the_adoption() {
+        let (_dir, store, p, prov, _entered, go) = setup();
+        prov.fail_run
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        go.send(()).unwrap();
+        let e = p.adopt(&spec(7, "board"), "local:a").unwrap_err();
+        assert_eq!(e.reason, PairReason::Provisioning, "{e}");
+        assert!(store.registry_list().unwrap().is_empty());
+        assert!(p.registered().is_empty());
+        // Run with the set (1), then again with the old one (0).
+        assert_eq!(*prov.runs.lock().unwrap(), vec![0, 1, 0]);
+        // The candidate can be adopted again once the bus takes it.
+        prov.fail_run
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        go.send(()).unwrap();
+        p.adopt(&spec(7, "board"), "local:a").unwrap();
+        assert_eq!(store.registry_list().unwrap().len(), 1);
     }
 }

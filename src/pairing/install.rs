@@ -14,7 +14,7 @@
 //! - The cloud link publishes [`Pairing::documents`] retained on `pairing/state` and
 //!   `pairing/discovered` when [`Pairing::take_changed`] says so, and after every reconnect.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -149,8 +149,9 @@ pub(super) struct Session {
 
 pub(super) struct Inner {
     pub(super) session: Option<Session>,
-    /// Candidates whose adoption is under way.
-    pub(super) adopting: HashSet<String>,
+    /// Adoptions under way: candidate id → the device id, address and MAC it will use (so two
+    /// adoptions at once cannot take the same ones).
+    pub(super) adopting: HashMap<String, InUse>,
     /// The store's registry, as last written.
     pub(super) registry: Vec<Registered>,
     dirty: bool,
@@ -198,7 +199,7 @@ impl Pairing {
         let p = Arc::new(Pairing {
             inner: Mutex::new(Inner {
                 session: None,
-                adopting: HashSet::new(),
+                adopting: HashMap::new(),
                 registry,
                 dirty: true,
             }),
@@ -407,7 +408,7 @@ impl Pairing {
         let _ = tokio::task::spawn_blocking(move || me.end(EndReason::Shutdown, None)).await;
     }
 
-    fn record_found(&self, id: &str) {
+    pub(super) fn record_found(&self, id: &str) {
         let candidate = {
             let mut g = self.lock();
             match g.live().and_then(|s| s.found.get(id)) {
@@ -524,6 +525,20 @@ impl Scan for Pairing {
             return;
         }
         candidate.identity = bounded_identity(std::mem::take(&mut candidate.identity));
+        // A configured device is never a candidate (a driver should not report one anyway).
+        let configured = self.configured.iter().any(|c| {
+            (c.bus.is_some() && c.bus == candidate.bus && c.address == candidate.address)
+                || (c.mac.is_some()
+                    && c.mac.as_deref()
+                        == candidate
+                            .mac
+                            .as_ref()
+                            .map(|m| m.to_ascii_uppercase())
+                            .as_deref())
+        });
+        if configured {
+            return;
+        }
         let mut g = self.lock();
         if g.registry.iter().any(|r| r.candidate == candidate.id) {
             return;
