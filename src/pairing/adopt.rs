@@ -424,14 +424,17 @@ mod tests {
         }
     }
 
-    fn setup() -> (
+    /// The directory, the store, pairing with two candidates, the provisioner, its gate.
+    type Rig = (
         tempfile::TempDir,
         Arc<Store>,
         Arc<Pairing>,
         Arc<Gated>,
         Receiver<()>,
         Sender<()>,
-    ) {
+    );
+
+    fn setup() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100_000).unwrap());
         let (entered_tx, entered_rx) = channel();
