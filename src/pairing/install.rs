@@ -273,8 +273,12 @@ impl Pairing {
         by: &str,
         options: ScanOptions,
     ) -> Result<DateTime<Utc>, PairError> {
-        let until =
-            Utc::now() + chrono::Duration::from_std(length).unwrap_or(chrono::Duration::MAX);
+        // One that ran out but whose timer has not fired yet ends first (`expired`).
+        self.expire_if_due();
+        let until = chrono::Duration::from_std(length)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let running = self.lock().live().is_some();
         // Durable before visible: the event is on disk before any driver scans.
         self.store
@@ -289,7 +293,9 @@ impl Pairing {
                     format!("install mode not started: recording it failed: {e:#}"),
                 )
             })?;
-        let deadline = Instant::now() + length;
+        let deadline = Instant::now()
+            .checked_add(length)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         {
             let mut g = self.lock();
             match g.live() {
