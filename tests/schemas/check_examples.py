@@ -211,6 +211,26 @@ def invalid_mqtt_documents():
     d["args"]["minutes"] = 241
     out.append(("install mode over 240 minutes", "mqtt-command.schema.json", d))
 
+    d = copy.deepcopy(ex["command-adopt.json"])
+    del d["args"]["candidate"]
+    out.append(("adopt without a candidate", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["command-adopt.json"])
+    d["args"]["pin"] = "1234"
+    out.append(("adopt with an unknown argument", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["command-remove.json"])
+    d["target"] = {"unit": "A-101"}
+    out.append(("remove with a target", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["pairing-discovered.json"])
+    d["candidates"][0]["id"] = "zigbee:1"
+    out.append(("candidate id of an unknown kind", "mqtt-pairing-discovered.schema.json", d))
+
+    d = copy.deepcopy(ex["pairing-state.json"])
+    del d["until"]
+    out.append(("active pairing state without until", "mqtt-pairing-state.schema.json", d))
+
     d = copy.deepcopy(ex["command-ping.json"])
     d["target"] = {"unit": "A-101"}
     out.append(("ping with a target", "mqtt-command.schema.json", d))
