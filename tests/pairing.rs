@@ -434,13 +434,21 @@ async fn signed_install_mode_discovery_adoption_and_restart_over_mqtt() {
         "nothing adopted by a refusal"
     );
 
+    let a8 = sign(&command("adopt", "a-8", adopt_args.clone(), 0), &signer);
     // The adoption: done, in the registry (on disk), run, recorded with who asked.
-    send(
-        "adopt",
-        sign(&command("adopt", "a-8", adopt_args.clone(), 0), &signer),
-    );
+    send("adopt", a8.clone());
     let r = result_of("a-8").await;
     assert_eq!(r["status"], "done", "{r}");
+    // The same signed message again (a replay, a redelivery): answered with the stored result,
+    // not executed twice.
+    send("adopt", a8);
+    results
+        .wait_for(
+            |m| m.iter().filter(|x| x.json()["id"] == "a-8").count() == 2,
+            WAIT,
+        )
+        .await;
+    assert_eq!(prov.adopted.lock().unwrap().len(), 1, "provisioned once");
     let reg = store.registry_list().unwrap();
     assert_eq!(reg.len(), 1);
     assert_eq!(reg[0].id, "keypad-2");
