@@ -48,13 +48,12 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
     };
     // Installer pairing: the registry of adopted devices merged with the config (a conflict
-    // stops the start here, naming both places). Provisioners come from the drivers (RS-485,
-    // BLE) once they provide them; none yet.
-    let provisioners: Vec<Arc<dyn crate::pairing::Provisioner>> = Vec::new();
+    // stops the start here, naming both places, before anything runs). The drivers, started
+    // below, register their provisioners (`Pairing::register`) once they provide them; none yet.
     let pairing = crate::pairing::Pairing::open(
         store.clone(),
         crate::pairing::registry::configured(&cfg),
-        provisioners,
+        Vec::new(),
     )?;
     let stats = store.stats();
     tracing::info!(

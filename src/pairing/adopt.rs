@@ -35,6 +35,8 @@ impl Drop for Adopting<'_> {
 impl Pairing {
     fn provisioner(&self, family: Family) -> Option<Arc<dyn Provisioner>> {
         self.provisioners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|p| p.families().contains(&family))
             .cloned()

@@ -173,7 +173,7 @@ impl Inner {
 pub struct Pairing {
     pub(super) inner: Mutex<Inner>,
     pub(super) store: Arc<Store>,
-    pub(super) provisioners: Vec<Arc<dyn Provisioner>>,
+    pub(super) provisioners: std::sync::RwLock<Vec<Arc<dyn Provisioner>>>,
     pub(super) configured: Vec<InUse>,
     changed: Notify,
     timer: Notify,
@@ -204,7 +204,7 @@ impl Pairing {
                 dirty: true,
             }),
             store,
-            provisioners,
+            provisioners: std::sync::RwLock::new(Vec::new()),
             configured,
             changed: Notify::new(),
             timer: Notify::new(),
@@ -212,11 +212,23 @@ impl Pairing {
             found_rx: Mutex::new(Some(found_rx)),
             rt: tokio::runtime::Handle::try_current().ok(),
         });
-        for prov in &p.provisioners {
-            p.run_provisioner(prov.as_ref())
+        for prov in provisioners {
+            p.register(prov)
                 .map_err(|e| anyhow::anyhow!("starting the adopted devices: {e}"))?;
         }
         Ok(p)
+    }
+
+    /// Adds a driver's provisioner (a driver started after [`Pairing::open`], which checked the
+    /// registry against the config before anything started) and hands it the adopted devices of
+    /// its families.
+    pub fn register(&self, prov: Arc<dyn Provisioner>) -> Result<(), String> {
+        self.run_provisioner(prov.as_ref())?;
+        self.provisioners
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(prov);
+        Ok(())
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
