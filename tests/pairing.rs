@@ -215,6 +215,33 @@ fn last_on(sub: &Subscriber, topic: &str) -> Option<Value> {
         .map(|m| m.json())
 }
 
+/// Validates `doc` against `docs/schemas/<schema>` with the test venv's jsonschema.
+fn check_schema(schema: &str, doc: &Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "no venv at {}: run `make venv`",
+        python.display()
+    );
+    let o = Process::new(python)
+        .args([
+            "-c",
+            "import json, sys\n\
+             from jsonschema import Draft202012Validator\n\
+             Draft202012Validator(json.load(open(sys.argv[1]))).validate(json.loads(sys.argv[2]))",
+        ])
+        .arg(root.join("docs/schemas").join(schema))
+        .arg(doc.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{schema}: {doc}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn signed_install_mode_discovery_adoption_and_restart_over_mqtt() {
     let b = Broker::start();
@@ -344,6 +371,15 @@ async fn signed_install_mode_discovery_adoption_and_restart_over_mqtt() {
             WAIT,
         )
         .await;
+    // What the gateway publishes matches the documented schemas.
+    check_schema(
+        "mqtt-pairing-state.schema.json",
+        &last_on(&pair_sub, &state_topic).unwrap(),
+    );
+    check_schema(
+        "mqtt-pairing-discovered.schema.json",
+        &last_on(&pair_sub, &disc_topic).unwrap(),
+    );
     let discovered = logged(&store)
         .into_iter()
         .filter(|(k, _)| k == "device_discovered")
