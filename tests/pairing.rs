@@ -889,6 +889,9 @@ async fn the_control_socket_and_the_cli_do_the_same_flow() {
     assert!(!ok && err.contains("configured"), "{err}");
     let (ok, _, out, _) = cli_async(args(&["install-mode", "stop"], &sock)).await;
     assert!(ok && out.contains("install mode stopped"), "{out}");
+    // The live table ends by itself once install mode is off.
+    let (ok, _, out, _) = cli_async(args(&["pair", "list", "--watch"], &sock)).await;
+    assert!(ok && out.contains("install mode:  off"), "{out}");
     stop.cancel();
 }
 

@@ -58,6 +58,9 @@ pub(super) enum PairCommand {
         /// The daemon's answer as JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh every 2 s (a live table) until install mode ends or Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Adopt a candidate (its id from `pair list`).
     Adopt(Box<AdoptArgs>),
@@ -204,7 +207,11 @@ pub(super) fn install_mode(cmd: InstallModeCommand) -> anyhow::Result<ExitCode> 
 
 pub(super) fn pair(cmd: PairCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PairCommand::List { socket, json } => {
+        PairCommand::List {
+            socket,
+            json,
+            watch,
+        } => loop {
             let a = match answered(ask(&socket, json!({"op": "list"}))?) {
                 Ok(a) => a,
                 Err(code) => return Ok(code),
@@ -213,39 +220,16 @@ pub(super) fn pair(cmd: PairCommand) -> anyhow::Result<ExitCode> {
                 println!("{a}");
                 return Ok(ExitCode::SUCCESS);
             }
-            print_install_mode(&a["state"]);
-            for s in a["state"]["scans"].as_array().into_iter().flatten() {
-                println!(
-                    "scan {:<28} {:>4}/{:<4}",
-                    s["source"].as_str().unwrap_or("?"),
-                    s["done"],
-                    s["total"]
-                );
+            if watch {
+                // Clear the terminal, then the table from the top.
+                print!("\x1b[2J\x1b[H");
             }
-            println!(
-                "{:<28} {:<14} {:>5}  IDENTITY",
-                "CANDIDATE", "FAMILY", "RSSI"
-            );
-            for c in a["candidates"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<28} {:<14} {:>5}  {}",
-                    c["id"].as_str().unwrap_or("?"),
-                    c["family"].as_str().unwrap_or("?"),
-                    c["rssi"].as_i64().map_or("-".into(), |r| r.to_string()),
-                    c["identity"]
-                );
+            print_table(&a);
+            if !watch || a["state"]["active"] != true {
+                return Ok(ExitCode::SUCCESS);
             }
-            for r in a["registered"].as_array().into_iter().flatten() {
-                println!(
-                    "adopted {:<20} {:<14} from {} by {}",
-                    r["id"].as_str().unwrap_or("?"),
-                    r["family"].as_str().unwrap_or("?"),
-                    r["candidate"].as_str().unwrap_or("?"),
-                    r["adopted_by"].as_str().unwrap_or("?")
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        },
         PairCommand::Adopt(args) => {
             let mut inputs = Vec::new();
             for i in &args.inputs {
@@ -299,6 +283,41 @@ pub(super) fn pair(cmd: PairCommand) -> anyhow::Result<ExitCode> {
             println!("removed `{}`", a["removed"].as_str().unwrap_or("?"));
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `pair list` as a table: install mode, scans, candidates, adopted devices.
+fn print_table(a: &Value) {
+    print_install_mode(&a["state"]);
+    for s in a["state"]["scans"].as_array().into_iter().flatten() {
+        println!(
+            "scan {:<28} {:>4}/{:<4}",
+            s["source"].as_str().unwrap_or("?"),
+            s["done"],
+            s["total"]
+        );
+    }
+    println!(
+        "{:<28} {:<14} {:>5}  IDENTITY",
+        "CANDIDATE", "FAMILY", "RSSI"
+    );
+    for c in a["candidates"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:<14} {:>5}  {}",
+            c["id"].as_str().unwrap_or("?"),
+            c["family"].as_str().unwrap_or("?"),
+            c["rssi"].as_i64().map_or("-".into(), |r| r.to_string()),
+            c["identity"]
+        );
+    }
+    for r in a["registered"].as_array().into_iter().flatten() {
+        println!(
+            "adopted {:<20} {:<14} from {} by {}",
+            r["id"].as_str().unwrap_or("?"),
+            r["family"].as_str().unwrap_or("?"),
+            r["candidate"].as_str().unwrap_or("?"),
+            r["adopted_by"].as_str().unwrap_or("?")
+        );
     }
 }
 
