@@ -15,6 +15,8 @@ use crate::policy::{Direction, Presented, Request, Target};
 use crate::store::{Applied, Store};
 use crate::sync::{self, Card};
 
+mod pair;
+
 #[derive(Parser)]
 #[command(
     name = "gatehouse",
@@ -47,6 +49,17 @@ enum Command {
     /// Device profiles (embedded, and the files of the profiles directory).
     #[command(subcommand)]
     Profiles(ProfilesCommand),
+    /// The running daemon: site, outbox, storage, install mode (over the control socket).
+    Status(pair::SocketArg),
+    /// Install mode: discovery of new devices, for installers.
+    #[command(subcommand)]
+    InstallMode(pair::InstallModeCommand),
+    /// Candidates found in install mode: list, adopt, remove.
+    #[command(subcommand)]
+    Pair(pair::PairCommand),
+    /// The registry of adopted devices.
+    #[command(subcommand)]
+    Devices(pair::DevicesCommand),
 }
 
 #[derive(Subcommand)]
@@ -177,6 +190,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(crate::daemon::run(cfg, logging))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(socket) => pair::status(socket),
+        Command::InstallMode(cmd) => pair::install_mode(cmd),
+        Command::Pair(cmd) => pair::pair(cmd),
+        Command::Devices(cmd) => pair::devices(cmd),
         Command::Profiles(ProfilesCommand::List { config }) => {
             let set = match config {
                 Some(c) => Config::load(&c)?.profiles,

@@ -46,6 +46,17 @@ pub struct RawConfig {
     /// Where device profiles are read from, on top of the embedded ones.
     #[serde(default)]
     pub profiles: RawProfiles,
+    /// The local control socket for installers (docs/pairing.md).
+    #[serde(default)]
+    pub control: RawControl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// Default `/run/gatehouse/control.sock`; relative to the config file's directory.
+    #[serde(default)]
+    pub socket: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -279,6 +290,8 @@ pub struct Config {
     /// The device profiles: embedded, and the profiles directory's files on top.
     pub profiles: std::sync::Arc<crate::profiles::Profiles>,
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// The local control socket (`[control] socket`).
+    pub control_socket: PathBuf,
 }
 
 /// A configuration error: `file:line: key `k`: message`.
@@ -549,6 +562,17 @@ impl Config {
             Some(m) => crate::metrics::check(m, &err)?,
             None => None,
         };
+        let control_socket = match &raw.control.socket {
+            Some(p) if p.get_ref().trim().is_empty() => {
+                return Err(err(
+                    p.span(),
+                    "control.socket",
+                    "is empty (expected a path)".into(),
+                ));
+            }
+            Some(p) => resolve(p.get_ref()),
+            None => PathBuf::from(crate::pairing::control::DEFAULT_SOCKET),
+        };
         let log_limits = crate::store::LogLimits {
             max_events: *me.get_ref(),
             max_bytes: budget_mb << 20,
@@ -573,6 +597,7 @@ impl Config {
             ble,
             profiles: std::sync::Arc::new(profiles),
             metrics,
+            control_socket,
         })
     }
 }

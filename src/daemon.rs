@@ -47,6 +47,14 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg)).await??
     };
+    // Installer pairing: the registry of adopted devices merged with the config (a conflict
+    // stops the start here, naming both places, before anything runs). The drivers, started
+    // below, register their provisioners (`Pairing::register`).
+    let pairing = crate::pairing::Pairing::open(
+        store.clone(),
+        crate::pairing::registry::configured(&cfg),
+        Vec::new(),
+    )?;
     let stats = store.stats();
     tracing::info!(
         site = %cfg.site_id,
@@ -128,6 +136,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             devices: bridge,
             metrics: engine.metrics().clone(),
             drain: cfg.drain_timeout,
+            pairing: Some(pairing.clone()),
         },
         link_stop.clone(),
         tracker.clone(),
@@ -144,6 +153,16 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     if let Some(b) = &ble {
         reloader.add_part(Arc::new(crate::ble::manager::LivePart(b.control.clone())));
     }
+    // Install mode's timer and recorder; the drivers scan through `pairing` (`Arc<dyn Scan>`)
+    // and adopt through their provisioners, which take the registered devices at once.
+    tracker.spawn(pairing.clone().run(shutdown.child_token()));
+    if let Some(b) = &ble {
+        b.control.set_scan(pairing.clone());
+        if let Err(e) = pairing.register(b.control.clone()) {
+            tracing::error!("adopted BLE devices not started: {e}");
+        }
+    }
+    start_control(&cfg, &pairing, &store, &shutdown, &tracker);
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
@@ -247,8 +266,9 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     }
     drop(sims);
     {
-        let store = store.clone();
+        let (store, pairing) = (store.clone(), pairing.clone());
         tokio::task::spawn_blocking(move || {
+            pairing.end(crate::pairing::EndReason::Shutdown, None);
             store.drain_recorded();
             store.record_flushed(EventKind::GatewayStopped, json!({}))
         })
@@ -272,6 +292,32 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     store.flush().context("final flush")?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The local control socket (`[control] socket`): a socket that cannot be bound is logged and
+/// the daemon goes on without it (the cloud and the devices do not depend on it).
+fn start_control(
+    cfg: &Config,
+    pairing: &Arc<crate::pairing::Pairing>,
+    store: &Arc<Store>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    use crate::pairing::control;
+    let path = cfg.control_socket.clone();
+    match control::bind(&path) {
+        Ok(listener) => {
+            tracing::info!(socket = %path.display(), "control socket open");
+            let c = Arc::new(control::Control {
+                pairing: pairing.clone(),
+                store: store.clone(),
+                site: cfg.site_id.clone(),
+                gateway: cfg.gateway_id.clone(),
+            });
+            tracker.spawn(control::serve(listener, path, c, shutdown.child_token()));
+        }
+        Err(e) => tracing::warn!("no local control (gatehouse status, install-mode, pair): {e:#}"),
+    }
 }
 
 /// The BLE module, running: its controls for the router and the daemon, and how to wait for

@@ -27,8 +27,23 @@ pub enum EventKind {
     OverrideUnlock,
     /// A command from the cloud was refused or malformed (payload: the result).
     CommandRefused,
-    /// Install (pairing) mode was started or stopped from the cloud.
+    /// Install (pairing) mode was started or stopped from the cloud (kept for the record;
+    /// the state itself is `install_mode_started` / `install_mode_ended`).
     InstallModeRequested,
+    /// Install mode started, or its end moved (payload: until, started_by, seconds, extended).
+    InstallModeStarted,
+    /// Install mode ended (payload: reason `expired`/`stopped`/`shutdown`, started_by,
+    /// candidates, adopted, stopped_by).
+    InstallModeEnded,
+    /// A driver found a device not configured nor adopted, during install mode (payload: the
+    /// candidate).
+    DeviceDiscovered,
+    /// A candidate was adopted (payload: device, candidate, family, bus, settings, adopted_by,
+    /// replaces). A security event.
+    DeviceAdopted,
+    /// An adopted device was removed or replaced (payload: device, family, removed_by,
+    /// replaced_by). A security event.
+    DeviceRemoved,
     /// A device (OSDP reader, Modbus board or sensor) answers again / stopped answering.
     DeviceOnline,
     DeviceOffline,
@@ -104,6 +119,11 @@ impl EventKind {
             EventKind::OverrideUnlock => "override_unlock",
             EventKind::CommandRefused => "command_refused",
             EventKind::InstallModeRequested => "install_mode_requested",
+            EventKind::InstallModeStarted => "install_mode_started",
+            EventKind::InstallModeEnded => "install_mode_ended",
+            EventKind::DeviceDiscovered => "device_discovered",
+            EventKind::DeviceAdopted => "device_adopted",
+            EventKind::DeviceRemoved => "device_removed",
             EventKind::DeviceOnline => "device_online",
             EventKind::DeviceOffline => "device_offline",
             EventKind::DeviceError => "device_error",
@@ -140,7 +160,8 @@ impl EventKind {
 }
 
 /// Security events are kept in the outbox even when it is over its bounds: refusals, lockouts,
-/// forced entry, override unlocks, tamper, and the record of what was dropped.
+/// forced entry, override unlocks, tamper, devices adopted or removed, and the record of what
+/// was dropped.
 pub fn is_security_kind(kind: &str) -> bool {
     matches!(
         kind,
@@ -154,5 +175,7 @@ pub fn is_security_kind(kind: &str) -> bool {
             | "outbox_overflow"
             | "command_refused"
             | "storage_failed"
+            | "device_adopted"
+            | "device_removed"
     )
 }

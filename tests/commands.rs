@@ -689,6 +689,23 @@ fn bad_args_are_refused() {
             json!({"reason": "other", "note": 5}),
         ),
         ("ping", Value::Null, json!({"x": 1})),
+        ("adopt", Value::Null, Value::Null),
+        ("adopt", Value::Null, json!({})),
+        ("adopt", Value::Null, json!({"candidate": ""})),
+        ("adopt", Value::Null, json!({"candidate": 5})),
+        (
+            "adopt",
+            Value::Null,
+            json!({"candidate": "osdp:b:5", "pin": "1"}),
+        ),
+        (
+            "adopt",
+            Value::Null,
+            json!({"candidate": "osdp:b:5", "address": 300}),
+        ),
+        ("remove", Value::Null, json!({})),
+        ("remove", Value::Null, json!({"device": ""})),
+        ("remove", Value::Null, json!({"device": "d", "why": 1})),
     ];
     for (i, (name, target, args)) in cases.into_iter().enumerate() {
         let id = format!("c-ba-{i}");
@@ -902,6 +919,34 @@ fn ping_resync_and_install_mode_are_handled_by_the_router() {
         json!({"action": "stop"}),
     ));
     assert_eq!(o.effects, vec![Effect::InstallMode { until: None }]);
+    assert!(f.nothing_executed());
+}
+
+#[test]
+fn adopt_and_remove_without_installer_pairing_are_refused() {
+    let f = fx();
+    let o = f.send(&command(
+        "c-ad",
+        "adopt",
+        Value::Null,
+        json!({"candidate": "osdp:bus-1:5", "entry": "gate-1"}),
+    ));
+    assert_result(&o, "refused", Some("not_in_install_mode"), Some("c-ad"));
+    let o = f.send(&command(
+        "c-rm",
+        "remove",
+        Value::Null,
+        json!({"device": "d"}),
+    ));
+    assert_result(&o, "refused", Some("not_in_install_mode"), Some("c-rm"));
+    let o = f.send(&command(
+        "c-ad-t",
+        "adopt",
+        json!({"unit": "A-101"}),
+        json!({"candidate": "osdp:bus-1:5"}),
+    ));
+    assert_result(&o, "refused", Some("bad_target"), Some("c-ad-t"));
+    assert!(o.effects.is_empty());
     assert!(f.nothing_executed());
 }
 

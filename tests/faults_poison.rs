@@ -31,7 +31,7 @@ const MAX_MESSAGE: usize = 4096;
 const INCOMING_LIMIT: usize = 32 << 20;
 /// Most parts a snapshot may announce.
 const MAX_PARTS: u64 = 65_536;
-const COMMANDS: [&str; 8] = [
+const COMMANDS: [&str; 10] = [
     "unlock",
     "emergency_unlock",
     "lock",
@@ -40,6 +40,8 @@ const COMMANDS: [&str; 8] = [
     "install_mode",
     "resync",
     "ping",
+    "adopt",
+    "remove",
 ];
 
 fn scale() -> usize {

@@ -47,9 +47,13 @@ enum Kind {
     BleUnlockResponse,
     DeviceState,
     Health,
+    PairingState,
+    PairingDiscovered,
 }
 
-const ALL_KINDS: [Kind; 11] = [
+const ALL_KINDS: [Kind; 13] = [
+    Kind::PairingState,
+    Kind::PairingDiscovered,
     Kind::Health,
     Kind::BleUnlockRequest,
     Kind::BleUnlockResponse,
@@ -65,7 +69,9 @@ const ALL_KINDS: [Kind; 11] = [
 
 /// File name -> message, by prefix, first match wins (same table as check_examples.py).
 fn kind_of(file_name: &str) -> Option<Kind> {
-    const PREFIXES: [(&str, Kind); 11] = [
+    const PREFIXES: [(&str, Kind); 13] = [
+        ("pairing-state", Kind::PairingState),
+        ("pairing-discovered", Kind::PairingDiscovered),
         ("status-", Kind::Status),
         ("health", Kind::Health),
         ("ble-unlock-request", Kind::BleUnlockRequest),
@@ -232,6 +238,28 @@ fn every_example_reads_as_its_message_type() {
                     .collect();
                 states.set(&device, &fields);
                 assert_eq!(states.get(&device).unwrap(), v, "{name}");
+            }
+            Kind::PairingState => {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                assert!(
+                    v["active"].is_boolean() && v["registered"].is_u64(),
+                    "{name}"
+                );
+                let total = v["candidates"]["total"].as_u64().unwrap();
+                let by: u64 = v["candidates"]["by_family"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|n| n.as_u64().unwrap())
+                    .sum();
+                assert_eq!(total, by, "{name}: total is the sum by family");
+            }
+            Kind::PairingDiscovered => {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                // The gateway's own candidate type reads each one.
+                let c: Vec<gatehouse::pairing::Candidate> =
+                    serde_json::from_value(v["candidates"].clone()).expect(name);
+                assert!(!c.is_empty(), "{name}");
             }
             Kind::Command => {
                 let c: Command = read_as(name, text);

@@ -73,11 +73,19 @@
 //! | `locate`           | `unit`               | none                                                   |
 //! | `relay`            | `device` + `channel` | `action`: `pulse` (`ms` 100..=60000, default 3000), `on`, `off` |
 //! | `install_mode`     | none                 | `action`: `start` with `minutes` 1..=240, or `stop`    |
+//! | `adopt`            | none                 | an [`AdoptSpec`] (`candidate`, `device`, `entry`, …; `replaces` for a replacement) |
+//! | `remove`           | none                 | `device`: an adopted device's id                       |
 //! | `resync`           | none                 | none                                                   |
 //! | `ping`             | none                 | none                                                   |
 //!
 //! `args` is absent, `null` or an object; keys other than those listed are refused
 //! (`bad_args`). An entry is unlocked by pulsing its relay for the entry's `pulse_ms`.
+//!
+//! With installer pairing ([`Router::with_pairing`]), `install_mode` starts and stops
+//! [`Pairing`]'s install mode (which records `install_mode_started`/`install_mode_ended`), and
+//! `adopt`/`remove` go to [`Pairing::adopt`]/[`Pairing::remove`]: their refusals (`refused`) and
+//! failures (`failed`) carry the reasons of [`crate::pairing::PairReason`]. Without it, `adopt`
+//! and `remove` are refused as `not_in_install_mode`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -93,6 +101,7 @@ use serde_json::Value;
 use super::messages::{
     COMMAND_CONTEXT, COMMAND_VERSION, Command, CommandResult, CommandTarget, SignedCommand,
 };
+use crate::pairing::{AdoptSpec, PairError, Pairing, ScanOptions};
 use crate::site::Tables;
 use crate::store::{Claim, Store};
 
@@ -484,10 +493,12 @@ pub enum CommandName {
     InstallMode,
     Resync,
     Ping,
+    Adopt,
+    Remove,
 }
 
 impl CommandName {
-    pub const ALL: [CommandName; 8] = [
+    pub const ALL: [CommandName; 10] = [
         CommandName::Unlock,
         CommandName::EmergencyUnlock,
         CommandName::Lock,
@@ -496,6 +507,8 @@ impl CommandName {
         CommandName::InstallMode,
         CommandName::Resync,
         CommandName::Ping,
+        CommandName::Adopt,
+        CommandName::Remove,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -508,6 +521,8 @@ impl CommandName {
             CommandName::InstallMode => "install_mode",
             CommandName::Resync => "resync",
             CommandName::Ping => "ping",
+            CommandName::Adopt => "adopt",
+            CommandName::Remove => "remove",
         }
     }
 
@@ -603,7 +618,7 @@ pub enum InstallMode {
 }
 
 /// A command's name, target and arguments, checked for shape (not yet against the site).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// `unlock`, or `emergency_unlock` when `emergency` is set.
     Unlock {
@@ -624,6 +639,12 @@ pub enum Request {
     InstallMode(InstallMode),
     Resync,
     Ping,
+    /// `adopt` (a replacement when `replaces` is set).
+    Adopt(Box<AdoptSpec>),
+    /// `remove` an adopted device.
+    Remove {
+        device: String,
+    },
 }
 
 enum Shape<'a> {
@@ -813,11 +834,33 @@ pub fn parse(cmd: &Command) -> Result<Request, Refusal> {
             args_object(&cmd.args, &[], &cmd.id)?;
             Request::Ping
         }
+        CommandName::Adopt => {
+            no_target()?;
+            if !cmd.args.is_object() {
+                return Err(bad_args("args must be an object with `candidate`"));
+            }
+            let spec: AdoptSpec = serde_path_to_error::deserialize(&cmd.args)
+                .map_err(|e| bad_args(&crate::redact::serde_with_path(&e)))?;
+            if spec.candidate.is_empty() {
+                return Err(bad_args("candidate must not be empty"));
+            }
+            Request::Adopt(Box::new(spec))
+        }
+        CommandName::Remove => {
+            no_target()?;
+            let args = args_object(&cmd.args, &["device"], &cmd.id)?;
+            match args.get("device").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => Request::Remove {
+                    device: d.to_string(),
+                },
+                _ => return Err(bad_args("device must be a non-empty string")),
+            }
+        }
     })
 }
 
 /// A request resolved against the site: the device to act on, or work for the router itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
     /// For a unit controller (padlock); `device` is the unit's `controller`.
     Unit {
@@ -833,6 +876,10 @@ pub enum Plan {
     InstallMode(InstallMode),
     Resync,
     Ping,
+    Adopt(Box<AdoptSpec>),
+    Remove {
+        device: String,
+    },
 }
 
 /// Checks a request's unit or entry against the site and finds its device.
@@ -891,6 +938,10 @@ pub fn resolve(request: &Request, tables: &Tables, id: &str) -> Result<Plan, Ref
         Request::InstallMode(m) => Plan::InstallMode(*m),
         Request::Resync => Plan::Resync,
         Request::Ping => Plan::Ping,
+        Request::Adopt(spec) => Plan::Adopt(spec.clone()),
+        Request::Remove { device } => Plan::Remove {
+            device: device.clone(),
+        },
     })
 }
 
@@ -1082,6 +1133,7 @@ pub struct Router {
     units: Arc<dyn UnitControllers>,
     relays: Arc<dyn Relays>,
     pending: Mutex<Vec<Job>>,
+    pairing: Option<Arc<Pairing>>,
 }
 
 impl Router {
@@ -1090,7 +1142,64 @@ impl Router {
             units,
             relays,
             pending: Mutex::new(Vec::new()),
+            pairing: None,
         }
+    }
+
+    /// Installer pairing: `install_mode`, `adopt` and `remove` go to it.
+    pub fn with_pairing(mut self, pairing: Arc<Pairing>) -> Self {
+        self.pairing = Some(pairing);
+        self
+    }
+
+    /// `install_mode`, `adopt`, `remove` with installer pairing (blocking: flushes, the
+    /// provisioner's work).
+    fn pairing_plan(&self, cmd: &Command, plan: &Plan, now: DateTime<Utc>) -> Option<Outcome> {
+        let by = format!("command:{}", cmd.id);
+        let failed = |e: PairError| {
+            Outcome::of(result(
+                &cmd.id,
+                &cmd.name,
+                e.reason.status(),
+                Some(e.reason.as_str()),
+                Some(e.detail),
+                now,
+            ))
+        };
+        let done = |detail: String| {
+            Outcome::of(result(&cmd.id, &cmd.name, "done", None, Some(detail), now))
+        };
+        let Some(p) = &self.pairing else {
+            return match plan {
+                Plan::Adopt(_) | Plan::Remove { .. } => Some(failed(PairError::new(
+                    crate::pairing::PairReason::NotInInstallMode,
+                    "this gateway has no installer pairing",
+                ))),
+                _ => None,
+            };
+        };
+        Some(match plan {
+            Plan::InstallMode(InstallMode::Start { minutes }) => {
+                match p.start(*minutes, &by, ScanOptions::default()) {
+                    Ok(until) => done(format!("install mode until {}", until.to_rfc3339())),
+                    Err(e) => failed(e),
+                }
+            }
+            Plan::InstallMode(InstallMode::Stop) => done(if p.stop(&by) {
+                "install mode stopped".into()
+            } else {
+                "install mode was not active".into()
+            }),
+            Plan::Adopt(spec) => match p.adopt(spec, &by) {
+                Ok(r) => done(format!("adopted as `{}`", r.id)),
+                Err(e) => failed(e),
+            },
+            Plan::Remove { device } => match p.remove(device, &by) {
+                Ok(r) => done(format!("removed `{}`", r.id)),
+                Err(e) => failed(e),
+            },
+            _ => return None,
+        })
     }
 
     /// Parses, resolves against `tables` and executes an authentic command (no store involved:
@@ -1121,7 +1230,21 @@ impl Router {
             effects: vec![effect],
             duplicate: false,
         };
+        if let Some(o) = self.pairing_plan(cmd, &plan, now) {
+            return o;
+        }
         let (device, op) = match plan {
+            // Answered by `pairing_plan` (always): a guard, never reached.
+            Plan::Adopt(_) | Plan::Remove { .. } => {
+                return Outcome::of(result(
+                    &cmd.id,
+                    &cmd.name,
+                    "failed",
+                    Some("no_provisioner"),
+                    None,
+                    now,
+                ));
+            }
             Plan::Ping => {
                 return Outcome::of(result(
                     &cmd.id,

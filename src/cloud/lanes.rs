@@ -24,6 +24,11 @@ fn lane_of(job: &CmdJob, c: &Commands) -> String {
         CmdJob::Wake(device) => format!("device:{device}"),
         CmdJob::Message(name, bytes) => {
             match commands::verify(bytes, name, &c.cfg, Utc::now()) {
+                // Installer pairing has its own lane: an adoption provisions a device (seconds)
+                // without holding up `ping` or `resync`.
+                Ok(cmd) if matches!(cmd.name.as_str(), "install_mode" | "adopt" | "remove") => {
+                    "pairing".into()
+                }
                 Ok(cmd) => match cmd.target {
                     Some(t) => match (t.unit, t.entry, t.device) {
                         (Some(u), _, _) => format!("unit:{u}"),

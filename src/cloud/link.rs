@@ -133,6 +133,7 @@ pub struct CloudLink {
     commands: Option<Arc<Commands>>,
     pub state: Arc<LinkState>,
     devices: Option<Arc<crate::devstate::DeviceStates>>,
+    pairing: Option<Arc<crate::pairing::Pairing>>,
     bridge: Option<Arc<DeviceBridge>>,
     /// Final command results reached while no session could publish them (a sleeping lock's
     /// unlock finished as the connection dropped): published first on the next session.
@@ -203,6 +204,7 @@ impl CloudLink {
             commands,
             state: Arc::new(LinkState::default()),
             devices: None,
+            pairing: None,
             bridge: None,
             unsent: Arc::default(),
             too_large: Default::default(),
@@ -235,6 +237,12 @@ impl CloudLink {
     /// Publishes the devices' states retained on `devices/<id>/state`.
     pub fn with_device_states(mut self, states: Arc<crate::devstate::DeviceStates>) -> Self {
         self.devices = Some(states);
+        self
+    }
+
+    /// Publishes installer pairing's `pairing/state` and `pairing/discovered` (retained).
+    pub fn with_pairing(mut self, pairing: Arc<crate::pairing::Pairing>) -> Self {
+        self.pairing = Some(pairing);
         self
     }
 
@@ -534,6 +542,10 @@ impl CloudLink {
             let all = d.all();
             self.publish_states(&client, &mut out, d, all);
         }
+        if let Some(p) = &self.pairing {
+            let _ = p.take_changed();
+            self.publish_pairing(&client, &mut out, p, p.documents());
+        }
         let mut assembly: Option<Assembly> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut storage_ok = self.store.health().is_ok();
@@ -636,8 +648,26 @@ impl CloudLink {
                         self.publish_states(&client, &mut out, d, changed);
                     }
                 }
+                _ = async {
+                    match &self.pairing {
+                        Some(p) => p.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(p) = &self.pairing
+                        && let Some(docs) = p.take_changed()
+                    {
+                        self.publish_pairing(&client, &mut out, p, docs);
+                    }
+                }
                 _ = self.appended.notified() => {}
                 _ = tick.tick() => {
+                    // Pairing documents a full queue held back.
+                    if let Some(p) = &self.pairing
+                        && let Some(docs) = p.take_changed()
+                    {
+                        self.publish_pairing(&client, &mut out, p, docs);
+                    }
                     if storage_ok != self.store.health().is_ok() {
                         storage_ok = !storage_ok;
                         self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
@@ -758,6 +788,26 @@ impl CloudLink {
             out.requested.push_back(None);
         }
         d.mark_changed(left.map(|(id, _)| id));
+    }
+
+    /// Publishes `pairing/state` and `pairing/discovered` (retained); marked changed again
+    /// when rumqttc's queue does not take them.
+    fn publish_pairing(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        p: &crate::pairing::Pairing,
+        (state, discovered): (serde_json::Value, serde_json::Value),
+    ) {
+        for (topic, doc) in [
+            (self.topics.pairing_state(), state),
+            (self.topics.pairing_discovered(), discovered),
+        ] {
+            if self.publish(client, out, topic, true, &doc).is_err() {
+                p.mark_changed();
+                return;
+            }
+        }
     }
 
     fn publish<T: serde::Serialize>(

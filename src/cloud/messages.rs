@@ -31,6 +31,13 @@ impl Topics {
     pub fn events(&self) -> String {
         format!("{}/events", self.base)
     }
+    /// `pairing/state` and `pairing/discovered` (retained; docs/pairing.md).
+    pub fn pairing_state(&self) -> String {
+        format!("{}/pairing/state", self.base)
+    }
+    pub fn pairing_discovered(&self) -> String {
+        format!("{}/pairing/discovered", self.base)
+    }
     pub fn device_state(&self, device: &str) -> String {
         format!("{}/devices/{device}/state", self.base)
     }

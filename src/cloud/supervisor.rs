@@ -27,6 +27,8 @@ pub struct LinkParts {
     pub devices: Option<Arc<DeviceBridge>>,
     pub metrics: crate::metrics::Metrics,
     pub drain: Duration,
+    /// Installer pairing: its commands, and `pairing/*` published retained.
+    pub pairing: Option<Arc<crate::pairing::Pairing>>,
 }
 
 struct Current {
@@ -107,13 +109,18 @@ impl LinkSupervisor {
         };
         let p = &self.parts;
         let session = p.store.next_session()?;
-        let commands = command_router(
+        let mut commands = command_router(
             &p.site,
             &p.gateway,
             cloud,
             p.units.clone(),
             p.relays.clone(),
         );
+        if let Some(pairing) = &p.pairing {
+            commands.router = Arc::new(
+                Router::new(p.units.clone(), p.relays.clone()).with_pairing(pairing.clone()),
+            );
+        }
         let mut link = CloudLink::new(
             cloud.clone(),
             &p.site,
@@ -128,6 +135,9 @@ impl LinkSupervisor {
         .with_unsent(self.unsent.clone());
         if let Some(b) = &p.devices {
             link = link.with_device_bridge(b.clone());
+        }
+        if let Some(pairing) = &p.pairing {
+            link = link.with_pairing(pairing.clone());
         }
         tracing::info!(
             session,

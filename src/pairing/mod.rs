@@ -18,6 +18,14 @@
 
 use std::ops::RangeInclusive;
 
+mod adopt;
+pub mod control;
+mod install;
+pub mod registry;
+
+pub use adopt::default_device_id;
+pub use install::{EndReason, MAX_CANDIDATES, MINUTES, PairError, PairReason, Pairing};
+
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};

@@ -48,6 +48,7 @@ mod blekeys;
 mod codekey;
 mod commands;
 pub mod commit;
+mod devices;
 mod events;
 mod handles;
 mod health;

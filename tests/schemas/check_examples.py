@@ -33,6 +33,8 @@ MQTT_SCHEMAS = [
     ("ble-unlock-request", "mqtt-ble-unlock-request.schema.json"),
     ("ble-unlock-response", "mqtt-ble-unlock-response.schema.json"),
     ("device-state-", "mqtt-device-state.schema.json"),
+    ("pairing-state", "mqtt-pairing-state.schema.json"),
+    ("pairing-discovered", "mqtt-pairing-discovered.schema.json"),
     ("event-", "mqtt-event.schema.json"),
     ("snapshot-chunk-", "mqtt-snapshot-chunk.schema.json"),
     ("sync-result-", "mqtt-sync-result.schema.json"),
@@ -208,6 +210,26 @@ def invalid_mqtt_documents():
     d = copy.deepcopy(ex["command-install-mode.json"])
     d["args"]["minutes"] = 241
     out.append(("install mode over 240 minutes", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["command-adopt.json"])
+    del d["args"]["candidate"]
+    out.append(("adopt without a candidate", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["command-adopt.json"])
+    d["args"]["pin"] = "1234"
+    out.append(("adopt with an unknown argument", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["command-remove.json"])
+    d["target"] = {"unit": "A-101"}
+    out.append(("remove with a target", "mqtt-command.schema.json", d))
+
+    d = copy.deepcopy(ex["pairing-discovered.json"])
+    d["candidates"][0]["id"] = "zigbee:1"
+    out.append(("candidate id of an unknown kind", "mqtt-pairing-discovered.schema.json", d))
+
+    d = copy.deepcopy(ex["pairing-state.json"])
+    del d["until"]
+    out.append(("active pairing state without until", "mqtt-pairing-state.schema.json", d))
 
     d = copy.deepcopy(ex["command-ping.json"])
     d["target"] = {"unit": "A-101"}
