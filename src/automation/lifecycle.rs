@@ -87,6 +87,8 @@ pub struct Lifecycle {
     timers: HashSet<(Arc<str>, u16)>,
     id_prefix: String,
     next: u64,
+    /// Raises and clears so far (the runner publishes the set when it moves).
+    changes: u64,
 }
 
 impl Lifecycle {
@@ -152,9 +154,15 @@ impl Lifecycle {
                 timers,
                 id_prefix,
                 next: 1,
+                changes: 0,
             },
             due,
         ))
+    }
+
+    /// How many raises and clears this lifecycle has applied (grows on each).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The active alerts, in kind and subject order.
@@ -210,11 +218,13 @@ impl Lifecycle {
                     });
                     events.push((EventKind::AlertRaised, v));
                     self.active.insert(slot, alert);
+                    self.changes += 1;
                 }
                 Action::Clear { kind, subject } => {
                     let Some(alert) = self.active.remove(&(kind, subject)) else {
                         continue;
                     };
+                    self.changes += 1;
                     writes.push(AutomationWrite {
                         set: AutomationSet::Alerts,
                         key: alert_key(kind, &alert.subject),

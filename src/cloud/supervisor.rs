@@ -27,6 +27,8 @@ pub struct LinkParts {
     pub devices: Option<Arc<DeviceBridge>>,
     pub metrics: crate::metrics::Metrics,
     pub drain: Duration,
+    /// The active alerts, published retained on `alerts` (None: automation not running).
+    pub alerts: Option<Arc<crate::automation::runner::AlertBoard>>,
 }
 
 struct Current {
@@ -128,6 +130,9 @@ impl LinkSupervisor {
         .with_unsent(self.unsent.clone());
         if let Some(b) = &p.devices {
             link = link.with_device_bridge(b.clone());
+        }
+        if let Some(a) = &p.alerts {
+            link = link.with_alerts(a.clone());
         }
         tracing::info!(
             session,
