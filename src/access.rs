@@ -199,12 +199,13 @@ impl AccessEngine {
                 Target::Entry(e) => (Some(e.to_string()), None),
                 Target::Unit(u) => (None, Some(u.to_string())),
             };
-            self.facts().send(crate::automation::facts::Observed::Granted {
-                user: decision.user.clone(),
-                entry,
-                unit,
-                leaving: req.direction == Direction::Out,
-            });
+            self.facts()
+                .send(crate::automation::facts::Observed::Granted {
+                    user: decision.user.clone(),
+                    entry,
+                    unit,
+                    leaving: req.direction == Direction::Out,
+                });
         }
         self.metrics.decision(
             decision.reason.as_str(),

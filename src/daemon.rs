@@ -81,7 +81,11 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     // Always there (maybe with no bus): a reload can add buses.
     let rs485 = Arc::new(crate::rs485::Rs485::start(&buses, engine.clone())?);
     let typed = sims.type_demo_codes(&cfg.demo_attempts);
-    sims.hold_door_open(0, std::time::Duration::from_secs(20), std::time::Duration::from_secs(15));
+    sims.hold_door_open(
+        0,
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_secs(15),
+    );
     let direct: Vec<_> = cfg
         .demo_attempts
         .iter()

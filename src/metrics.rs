@@ -304,7 +304,11 @@ impl Metrics {
             "Facts for automation dropped because its queue was full",
         );
         let automation = crate::automation::runner::RunnerCounters {
-            facts: counter(&mut r, "automation_facts", "Facts the automation runner took"),
+            facts: counter(
+                &mut r,
+                "automation_facts",
+                "Facts the automation runner took",
+            ),
             unknown: counter(
                 &mut r,
                 "automation_facts_unknown",

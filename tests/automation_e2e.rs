@@ -193,7 +193,7 @@ async fn a_door_held_open_raises_once_across_a_restart_and_clears_at_close() {
     gw.kill().unwrap();
     gw.wait().unwrap();
     let from = sub.messages().len();
-    let mut gw = daemon(&cfg);
+    let gw = daemon(&cfg);
     wait_msgs(&sub, "gateway_started again", |m| {
         let starts = events_of(m, &t, "gateway_started");
         (starts.len() >= 2).then_some(())
@@ -218,11 +218,7 @@ async fn a_door_held_open_raises_once_across_a_restart_and_clears_at_close() {
     .await;
     assert_eq!(cleared["payload"]["id"], id.as_str());
     wait_msgs(&sub, "an empty set after the clear", |m| {
-        alert_sets(m, &t, from)
-            .into_iter()
-            .rev()
-            .next()
-            .filter(|s| s["total"] == 0)
+        alert_sets(m, &t, from).pop().filter(|s| s["total"] == 0)
     })
     .await;
     let raises = events_of(&sub.messages(), &t, "alert_raised");
@@ -265,7 +261,12 @@ async fn a_zone_trigger_relay_goes_off_on_time_also_after_a_restart() {
     );
     let without = write_config(dir.path(), &broker, &link, false);
     let gw = daemon(&without);
-    eventually_peer(&dev, seen_off, "trigger relay off after the restart", coil(1, 5, false));
+    eventually_peer(
+        &dev,
+        seen_off,
+        "trigger relay off after the restart",
+        coil(1, 5, false),
+    );
     stop(gw);
 }
 

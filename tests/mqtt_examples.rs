@@ -13,8 +13,8 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey};
 use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use gatehouse::cloud::commands::{self, CommandName, EmergencyReason};
 use gatehouse::cloud::messages::{
-    AlertsMessage, COMMAND_CONTEXT, MAX_PUBLISHED_ALERTS, Command, CommandResult, EventMessage, Health, SignedCommand, SnapshotChunk,
-    Status, SyncResult,
+    AlertsMessage, COMMAND_CONTEXT, Command, CommandResult, EventMessage, Health,
+    MAX_PUBLISHED_ALERTS, SignedCommand, SnapshotChunk, Status, SyncResult,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -160,10 +160,18 @@ fn every_example_reads_as_its_message_type() {
             }
             Kind::Alerts => {
                 let a: AlertsMessage = read_as(name, text);
-                assert!(a.alerts.len() as u64 <= a.total, "{name}: listed within total");
-                assert!(a.alerts.len() <= MAX_PUBLISHED_ALERTS, "{name}: at most the limit");
                 assert!(
-                    a.alerts.windows(2).all(|w| w[0].raised_at <= w[1].raised_at),
+                    a.alerts.len() as u64 <= a.total,
+                    "{name}: listed within total"
+                );
+                assert!(
+                    a.alerts.len() <= MAX_PUBLISHED_ALERTS,
+                    "{name}: at most the limit"
+                );
+                assert!(
+                    a.alerts
+                        .windows(2)
+                        .all(|w| w[0].raised_at <= w[1].raised_at),
                     "{name}: oldest raise first"
                 );
             }

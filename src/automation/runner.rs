@@ -208,8 +208,9 @@ impl Runner {
         self.counters.facts.inc();
         let (t, s) = self.tables();
         let fact = match f {
-            Observed::UnlockCommanded { device } => unit_of_device(&t, device, None)
-                .map(|u| Fact::RemoteUnlock { unit: Arc::from(u) }),
+            Observed::UnlockCommanded { device } => {
+                unit_of_device(&t, device, None).map(|u| Fact::RemoteUnlock { unit: Arc::from(u) })
+            }
             other => other.raw().and_then(|raw| resolve(&t, &raw)),
         };
         let Some(fact) = fact else {
@@ -265,7 +266,11 @@ impl Runner {
                 }
                 Execution::Queued | Execution::Failed(_) if what == RelayOp::Off => {
                     tracing::warn!(device = %device, channel, "zone trigger relay off failed; retrying");
-                    if !self.retry.iter().any(|(d, c)| d == &device && *c == channel) {
+                    if !self
+                        .retry
+                        .iter()
+                        .any(|(d, c)| d == &device && *c == channel)
+                    {
                         self.retry.push((device, channel));
                     }
                 }

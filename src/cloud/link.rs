@@ -788,7 +788,12 @@ impl CloudLink {
     }
 
     /// Publishes the active alerts (retained) when the board moved past `sent`.
-    fn publish_alerts(&self, client: &Client, out: &mut Outbox, sent: &mut u64) -> anyhow::Result<()> {
+    fn publish_alerts(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        sent: &mut u64,
+    ) -> anyhow::Result<()> {
         let Some(b) = &self.alerts else {
             return Ok(());
         };

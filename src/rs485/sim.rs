@@ -529,12 +529,19 @@ impl DemoSims {
         };
         std::thread::spawn(move || {
             let set = |on: bool| {
-                if let Some(i) = inputs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(channel) {
+                if let Some(i) = inputs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(channel)
+                {
                     *i = on;
                 }
             };
             std::thread::sleep(after);
-            tracing::info!(channel, "demo: the gate's door contact opens and is held open");
+            tracing::info!(
+                channel,
+                "demo: the gate's door contact opens and is held open"
+            );
             set(true);
             std::thread::sleep(held);
             tracing::info!(channel, "demo: the gate's door contact closes");
