@@ -278,3 +278,133 @@ fn eventually_peer(dev: &Peer, from: usize, what: &str, pred: impl Fn(&Value) ->
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The BTHome sensor of unit A-103 on the demo site (`sensor-hall-a`).
+const SENSOR: &str = "3C:2E:F5:00:00:A1";
+
+/// BTHome v2 service data, plain: packet id `pid`, motion on or off.
+fn bthome_motion(pid: u8, on: bool) -> String {
+    format!("4000{pid:02x}21{:02x}", u8::from(on))
+}
+
+/// The demo site (motion: 2 events in 1 minute, cleared after 1 quiet minute; A-103's motion
+/// sensor is `sensor-hall-a`) with BLE through BlueZ at `dbus` (the mock).
+fn write_ble_config(dir: &Path, b: &Broker) -> PathBuf {
+    let signer = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo-snapshot.json");
+    b.write_gateway_config(
+        dir,
+        "data",
+        &signer.verifying_key(),
+        "reconnect_min_ms = 200\n",
+        &format!(
+            "[access]\ninitial_snapshot = \"{}\"\n[ble]\nadapter = \"hci0\"\n",
+            snapshot.display()
+        ),
+    )
+}
+
+fn ble_daemon(cfg: &Path, dbus: &str) -> Child {
+    Command::new(gatehouse_bin())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", dbus)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bthome_motion_sensor_raises_once_across_a_restart_and_clears_when_quiet() {
+    let mut bluez = Peer::start_with(
+        "bluez_mock.py",
+        &[format!("--sensor={SENSOR}"), "--adv-interval-ms=500".into()],
+    );
+    let dbus = bluez.events()[0]["address"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    let t = Topics::new("gatehouse", "site-1", "gw-1");
+    let sub = Subscriber::connect(&broker, "cloud", "gatehouse/site-1/gw-1/#").await;
+    let cfg = write_ble_config(dir.path(), &broker);
+    let mut gw = ble_daemon(&cfg, &dbus);
+    // The sensor is heard (its default advert: a temperature).
+    wait_msgs(&sub, "sensor-hall-a heard", |m| {
+        events_of(m, &t, "sensor_reading")
+            .into_iter()
+            .find(|e| e["payload"]["device"] == "sensor-hall-a")
+    })
+    .await;
+
+    // Motion, no motion, motion: two motion facts within a minute.
+    for (pid, on) in [(200, true), (201, false), (202, true)] {
+        bluez.send(json!({"op": "sensor", "mac": SENSOR, "hex": bthome_motion(pid, on)}));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let raised = wait_msgs(&sub, "motion_alert raised", |m| {
+        events_of(m, &t, "alert_raised")
+            .into_iter()
+            .find(|e| e["payload"]["kind"] == "motion_alert")
+    })
+    .await;
+    assert_eq!(
+        raised["payload"]["subject"],
+        json!({"type": "unit", "id": "A-103"})
+    );
+    let id = raised["payload"]["id"].as_str().unwrap().to_string();
+    wait_msgs(&sub, "the alert on `alerts`", |m| {
+        alert_sets(m, &t, 0).into_iter().find(|s| {
+            s["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["id"] == id.as_str())
+        })
+    })
+    .await;
+
+    // Killed while active, started again: the same alert comes back on `alerts`; more motion
+    // does not raise it again.
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+    let from = sub.messages().len();
+    let gw = ble_daemon(&cfg, &dbus);
+    let again = wait_msgs(&sub, "the alerts set after the restart", |m| {
+        alert_sets(m, &t, from).into_iter().next()
+    })
+    .await;
+    assert!(
+        again["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] == id.as_str() && a["kind"] == "motion_alert"),
+        "{again}"
+    );
+    for (pid, on) in [(203, false), (204, true)] {
+        bluez.send(json!({"op": "sensor", "mac": SENSOR, "hex": bthome_motion(pid, on)}));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    // One quiet minute (lived time) later: cleared with the original id.
+    let end = Instant::now() + Duration::from_secs(180);
+    let cleared = loop {
+        if let Some(c) = events_of(&sub.messages(), &t, "alert_cleared")
+            .into_iter()
+            .find(|e| e["payload"]["kind"] == "motion_alert")
+        {
+            break c;
+        }
+        assert!(
+            Instant::now() < end,
+            "motion_alert not cleared within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(cleared["payload"]["id"], id.as_str());
+    let raises: Vec<Value> = events_of(&sub.messages(), &t, "alert_raised")
+        .into_iter()
+        .filter(|e| e["payload"]["kind"] == "motion_alert")
+        .collect();
+    assert_eq!(raises.len(), 1, "one motion raise in all: {raises:?}");
+    stop(gw);
+}
