@@ -210,6 +210,7 @@ impl Lifecycle {
                         detail,
                     };
                     self.next += 1;
+                    tracing::info!(id = %alert.id, kind = kind.as_str(), subject = ?alert.subject, "alert raised");
                     let v = serde_json::to_value(&alert)?;
                     writes.push(AutomationWrite {
                         set: AutomationSet::Alerts,
@@ -225,6 +226,7 @@ impl Lifecycle {
                         continue;
                     };
                     self.changes += 1;
+                    tracing::info!(id = %alert.id, kind = kind.as_str(), subject = ?alert.subject, "alert cleared");
                     writes.push(AutomationWrite {
                         set: AutomationSet::Alerts,
                         key: alert_key(kind, &alert.subject),

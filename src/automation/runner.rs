@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::facts::Observed;
 use super::lifecycle::{ActiveAlert, Lifecycle, RelayOp as Op};
 use super::{Fact, Millis, Rules, Settings, resolve, unit_of_device};
-use crate::cloud::commands::{Execution, RelayOp, Relays};
+use crate::cloud::commands::{Execution, Online, RelayOp, Relays};
 use crate::site::Tables;
 use crate::store::Store;
 
@@ -263,6 +263,13 @@ impl Runner {
                 Execution::Done(_) => {
                     tracing::info!(device = %device, channel, op = ?what, "zone trigger relay");
                     self.retry.retain(|(d, c)| !(d == &device && *c == channel));
+                }
+                Execution::Queued | Execution::Failed(_)
+                    if what == RelayOp::Off && self.relays.online(&device) == Online::Unknown =>
+                {
+                    // Nothing drives such a device (a trigger naming a relay no bus has):
+                    // retrying cannot help.
+                    tracing::warn!(device = %device, channel, "zone trigger relay off failed: no bus has this device");
                 }
                 Execution::Queued | Execution::Failed(_) if what == RelayOp::Off => {
                     tracing::warn!(device = %device, channel, "zone trigger relay off failed; retrying");
