@@ -4,7 +4,10 @@
 //! on the same data) and checks the promise: no alert repeated, none lost, no relay left on.
 //!
 //! - A door contact held open on the IO board raises `door_held_open` once, the retained
-//!   `alerts` topic shows it (again after the restart, same id), and closing clears it.
+//!   `alerts` topic shows it (again after the restart, same id), and closing clears it; the
+//!   door's manual-release input raises `manual_unlock`, cleared once the door closed again.
+//! - A BTHome motion sensor on the mock BlueZ raises `motion_alert` once across a restart,
+//!   cleared after a quiet minute.
 //! - A grant into a zone switches the zone's trigger relay on the relay board, and it goes off
 //!   on time — also when the daemon was killed while it was on.
 
@@ -60,7 +63,8 @@ fn write_config(dir: &Path, b: &Broker, link: &Path, grant: bool) -> PathBuf {
          poll_interval_ms = 200\n\
          [[bus.device]]\nid = \"io-1\"\nprofile = \"waveshare-io-8ch\"\naddress = 3\n\
          poll_interval_ms = 50\n\
-         inputs = [ {{ channel = 0, role = \"door_contact\", entry = \"door-1\" }} ]\n",
+         inputs = [ {{ channel = 0, role = \"door_contact\", entry = \"door-1\" }},\n\
+                    {{ channel = 1, role = \"manual_release\", entry = \"door-1\" }} ]\n",
         snapshot(dir).display(),
         link.display()
     );
@@ -221,8 +225,35 @@ async fn a_door_held_open_raises_once_across_a_restart_and_clears_at_close() {
         alert_sets(m, &t, from).pop().filter(|s| s["total"] == 0)
     })
     .await;
-    let raises = events_of(&sub.messages(), &t, "alert_raised");
+    let raises: Vec<Value> = events_of(&sub.messages(), &t, "alert_raised")
+        .into_iter()
+        .filter(|e| e["payload"]["kind"] == "door_held_open")
+        .collect();
     assert_eq!(raises.len(), 1, "one raise in all: {raises:?}");
+
+    // The door's manual release (a key switch on input 1): `manual_unlock` on the entry,
+    // cleared when the door has opened and closed again.
+    dev.send(json!({"op": "input", "addr": 3, "index": 1, "on": true}));
+    let manual = wait_msgs(&sub, "manual_unlock raised", |m| {
+        events_of(m, &t, "alert_raised")
+            .into_iter()
+            .find(|e| e["payload"]["kind"] == "manual_unlock")
+    })
+    .await;
+    assert_eq!(
+        manual["payload"]["subject"],
+        json!({"type": "entry", "id": "door-1"})
+    );
+    dev.send(json!({"op": "input", "addr": 3, "index": 0, "on": true}));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dev.send(json!({"op": "input", "addr": 3, "index": 0, "on": false}));
+    let cleared = wait_msgs(&sub, "manual_unlock cleared", |m| {
+        events_of(m, &t, "alert_cleared")
+            .into_iter()
+            .find(|e| e["payload"]["kind"] == "manual_unlock")
+    })
+    .await;
+    assert_eq!(cleared["payload"]["id"], manual["payload"]["id"]);
     stop(gw);
 }
 
