@@ -93,7 +93,7 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// Restores the active alerts and the pending relay offs from the store into `rules`.
-    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<session>`); `now` is the
+    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<run>`, `Store::automation_run`); `now` is the
     /// lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
     /// list to switch off now.
     pub fn restore(
