@@ -93,8 +93,8 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// Restores the active alerts and the pending relay offs from the store into `rules`.
-    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<run>`, `Store::automation_run`); `now` is the
-    /// lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
+    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<run>`, the run from
+    /// `Store::automation_run`); `now` is the lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
     /// list to switch off now.
     pub fn restore(
         store: &Store,
