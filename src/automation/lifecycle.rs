@@ -191,6 +191,11 @@ impl Lifecycle {
         let mut writes = Vec::new();
         let mut events = Vec::new();
         let mut flush = false;
+        // What changed in memory, undone when the store refuses the write (disk full): the
+        // active set never holds an alert whose record and event were not written.
+        let mut inserted = Vec::new();
+        let mut removed = Vec::new();
+        let mut new_timers = Vec::new();
         for a in actions {
             match a {
                 Action::Raise {
@@ -218,13 +223,15 @@ impl Lifecycle {
                         value: Some(v.clone()),
                     });
                     events.push((EventKind::AlertRaised, v));
-                    self.active.insert(slot, alert);
+                    self.active.insert(slot.clone(), alert);
+                    inserted.push(slot);
                     self.changes += 1;
                 }
                 Action::Clear { kind, subject } => {
                     let Some(alert) = self.active.remove(&(kind, subject)) else {
                         continue;
                     };
+                    removed.push(alert.clone());
                     self.changes += 1;
                     tracing::info!(id = %alert.id, kind = kind.as_str(), subject = ?alert.subject, "alert cleared");
                     writes.push(AutomationWrite {
@@ -266,6 +273,7 @@ impl Lifecycle {
                     };
                     if self.timers.insert((device.clone(), channel)) {
                         flush = true;
+                        new_timers.push((device.clone(), channel));
                     }
                     writes.push(AutomationWrite {
                         set: AutomationSet::Timers,
@@ -296,7 +304,19 @@ impl Lifecycle {
                 }
             }
         }
-        store.automation_write(&writes, events, flush)?;
+        if let Err(e) = store.automation_write(&writes, events, flush) {
+            for slot in inserted {
+                self.active.remove(&slot);
+            }
+            for a in removed {
+                self.active.insert((a.kind, a.subject.clone()), a);
+            }
+            // Not on disk: the next switch-on flushes again.
+            for t in new_timers {
+                self.timers.remove(&t);
+            }
+            return Err(e);
+        }
         Ok(ops)
     }
 }
