@@ -173,3 +173,29 @@ fn a_full_fact_queue_drops_and_counts_without_blocking() {
     // never return at all.
     assert!(start.elapsed() < WAIT);
 }
+
+#[test]
+fn the_automation_counters_are_exported_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10_000).unwrap();
+    let m = gatehouse::metrics::Metrics::new();
+    let (sink, _rx) = FactSink::bounded(1, m.facts_dropped());
+    sink.send(Observed::LockLocked { device: "a".into() });
+    sink.send(Observed::LockLocked { device: "b".into() });
+    m.automation().unknown.inc();
+    m.automation().active.set(3);
+    let text = m.encode(&store);
+    for line in [
+        "gatehouse_automation_facts_dropped_total 1",
+        "gatehouse_automation_facts_unknown_total 1",
+        "gatehouse_automation_alerts_active 3",
+        "gatehouse_automation_facts_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    let h = m.health();
+    assert_eq!(
+        (h.facts_dropped, h.facts_unknown, h.alerts_active),
+        (1, 1, 3)
+    );
+}
