@@ -33,6 +33,8 @@ pub struct AccessEngine {
     digital_key_public: Option<KeyVerifier>,
     monotonic: MonotonicClock,
     metrics: crate::metrics::Metrics,
+    /// Where drivers and decisions hand facts to automation (set once by the daemon).
+    facts: std::sync::OnceLock<crate::automation::facts::FactSink>,
 }
 
 impl AccessEngine {
@@ -45,6 +47,7 @@ impl AccessEngine {
             digital_key_public,
             monotonic: Arc::new(Instant::now),
             metrics: crate::metrics::Metrics::new(),
+            facts: std::sync::OnceLock::new(),
         }
     }
 
@@ -62,6 +65,21 @@ impl AccessEngine {
     /// The daemon's metrics: drivers count through the engine they hold.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
+    }
+
+    /// The automation runner's fact sink (a silent one until [`Self::set_facts`]): drivers hand
+    /// it what they observe; it never blocks.
+    pub fn facts(&self) -> &crate::automation::facts::FactSink {
+        static NONE: std::sync::OnceLock<crate::automation::facts::FactSink> =
+            std::sync::OnceLock::new();
+        self.facts
+            .get()
+            .unwrap_or_else(|| NONE.get_or_init(crate::automation::facts::FactSink::none))
+    }
+
+    /// Connects the automation runner (once; a second call is ignored).
+    pub fn set_facts(&self, sink: crate::automation::facts::FactSink) {
+        let _ = self.facts.set(sink);
     }
 
     /// Decides an attempt without recording it (for `gatehouse access check`).
@@ -175,6 +193,19 @@ impl AccessEngine {
         if let Err(e) = self.store.events().append(&events) {
             self.store.report_error("recording an access decision");
             return Err(e);
+        }
+        if decision.granted {
+            let (entry, unit) = match req.target {
+                Target::Entry(e) => (Some(e.to_string()), None),
+                Target::Unit(u) => (None, Some(u.to_string())),
+            };
+            self.facts()
+                .send(crate::automation::facts::Observed::Granted {
+                    user: decision.user.clone(),
+                    entry,
+                    unit,
+                    leaving: req.direction == Direction::Out,
+                });
         }
         self.metrics.decision(
             decision.reason.as_str(),

@@ -78,11 +78,22 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         .digital_key_public
         .map(|k| crate::policy::digital_key::KeyVerifier::new(k, &cfg.site_id));
     let engine = Arc::new(AccessEngine::new(store.clone(), keys));
+    // Drivers hand facts to automation through the engine (bounded; full: dropped, counted).
+    let (facts, facts_rx) = crate::automation::facts::FactSink::bounded(
+        crate::automation::facts::FACT_QUEUE,
+        engine.metrics().facts_dropped(),
+    );
+    engine.set_facts(facts);
     // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
     let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
     // Always there (maybe with no bus): a reload can add buses.
     let rs485 = Arc::new(crate::rs485::Rs485::start(&buses, engine.clone())?);
     let typed = sims.type_demo_codes(&cfg.demo_attempts);
+    sims.hold_door_open(
+        0,
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_secs(15),
+    );
     let direct: Vec<_> = cfg
         .demo_attempts
         .iter()
@@ -118,6 +129,15 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         b.control.set_relays(relays.clone());
         b.control.set_wakes(wakes_tx);
     }
+    let alerts = crate::automation::runner::AlertBoard::new();
+    let automation = crate::automation::runner::start(
+        store.clone(),
+        relays.clone(),
+        facts_rx,
+        alerts.clone(),
+        engine.metrics().automation(),
+        shutdown.child_token(),
+    )?;
     let bridge =
         match rpc.take_requests() {
             Some(requests) if ble.is_some() => Some(Arc::new(
@@ -137,6 +157,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             metrics: engine.metrics().clone(),
             drain: cfg.drain_timeout,
             pairing: Some(pairing.clone()),
+            alerts: Some(alerts),
         },
         link_stop.clone(),
         tracker.clone(),
@@ -264,6 +285,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     if let Some(b) = ble {
         let _ = tokio::task::spawn_blocking(b.join).await;
     }
+    let _ = tokio::task::spawn_blocking(move || automation.join()).await;
     drop(sims);
     {
         let (store, pairing) = (store.clone(), pairing.clone());

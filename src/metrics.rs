@@ -103,6 +103,8 @@ struct Inner {
     online: Mutex<BTreeMap<String, (String, bool)>>,
     ble_adverts: Counter,
     ble_lock_ops: Family<ResultLabels, Counter>,
+    facts_dropped: Counter,
+    automation: crate::automation::runner::RunnerCounters,
 }
 
 /// One bus's counters, resolved once and kept by the bus thread.
@@ -158,6 +160,10 @@ pub struct HealthCounts {
     pub cloud_reconnects: u64,
     /// Per bus (`ble` for BLE devices): (online, known).
     pub buses: BTreeMap<String, (u32, u32)>,
+    /// Automation: facts dropped by a full queue, facts from unknown devices, active alerts.
+    pub facts_dropped: u64,
+    pub facts_unknown: u64,
+    pub alerts_active: u64,
 }
 
 impl Default for Metrics {
@@ -292,6 +298,28 @@ impl Metrics {
             "BLE lock operations by result (done, queued, failed)",
             ble_lock_ops.clone(),
         );
+        let facts_dropped = counter(
+            &mut r,
+            "automation_facts_dropped",
+            "Facts for automation dropped because its queue was full",
+        );
+        let automation = crate::automation::runner::RunnerCounters {
+            facts: counter(
+                &mut r,
+                "automation_facts",
+                "Facts the automation runner took",
+            ),
+            unknown: counter(
+                &mut r,
+                "automation_facts_unknown",
+                "Facts from a device, entry or unit the site does not know (ignored)",
+            ),
+            active: gauge(
+                &mut r,
+                "automation_alerts_active",
+                "Active alerts (as published on `alerts`)",
+            ),
+        };
         Metrics {
             inner: Arc::new(Inner {
                 registry: r,
@@ -318,6 +346,8 @@ impl Metrics {
                 online: Mutex::new(BTreeMap::new()),
                 ble_adverts,
                 ble_lock_ops,
+                facts_dropped,
+                automation,
             }),
         }
     }
@@ -406,6 +436,16 @@ impl Metrics {
             .inc();
     }
 
+    /// What a full automation queue counts ([`crate::automation::facts::FactSink::bounded`]).
+    pub fn facts_dropped(&self) -> Counter {
+        self.inner.facts_dropped.clone()
+    }
+
+    /// The automation runner's counters.
+    pub fn automation(&self) -> crate::automation::runner::RunnerCounters {
+        self.inner.automation.clone()
+    }
+
     /// Counters for the `health` message.
     pub fn health(&self) -> HealthCounts {
         let i = &self.inner;
@@ -421,6 +461,9 @@ impl Metrics {
             denied: i.denied.load(Ordering::Relaxed),
             cloud_reconnects: i.cloud_reconnects.get(),
             buses,
+            facts_dropped: i.facts_dropped.get(),
+            facts_unknown: i.automation.unknown.get(),
+            alerts_active: u64::try_from(i.automation.active.get()).unwrap_or(0),
         }
     }
 

@@ -13,8 +13,8 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey};
 use gatehouse::ble::rpc::{UnlockRequest, UnlockResponse};
 use gatehouse::cloud::commands::{self, CommandName, EmergencyReason};
 use gatehouse::cloud::messages::{
-    COMMAND_CONTEXT, Command, CommandResult, EventMessage, Health, SignedCommand, SnapshotChunk,
-    Status, SyncResult,
+    AlertsMessage, COMMAND_CONTEXT, Command, CommandResult, EventMessage, Health,
+    MAX_PUBLISHED_ALERTS, SignedCommand, SnapshotChunk, Status, SyncResult,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -49,12 +49,14 @@ enum Kind {
     Health,
     PairingState,
     PairingDiscovered,
+    Alerts,
 }
 
-const ALL_KINDS: [Kind; 13] = [
+const ALL_KINDS: [Kind; 14] = [
     Kind::PairingState,
     Kind::PairingDiscovered,
     Kind::Health,
+    Kind::Alerts,
     Kind::BleUnlockRequest,
     Kind::BleUnlockResponse,
     Kind::DeviceState,
@@ -69,11 +71,12 @@ const ALL_KINDS: [Kind; 13] = [
 
 /// File name -> message, by prefix, first match wins (same table as check_examples.py).
 fn kind_of(file_name: &str) -> Option<Kind> {
-    const PREFIXES: [(&str, Kind); 13] = [
+    const PREFIXES: [(&str, Kind); 14] = [
         ("pairing-state", Kind::PairingState),
         ("pairing-discovered", Kind::PairingDiscovered),
         ("status-", Kind::Status),
         ("health", Kind::Health),
+        ("alerts", Kind::Alerts),
         ("ble-unlock-request", Kind::BleUnlockRequest),
         ("ble-unlock-response", Kind::BleUnlockResponse),
         ("device-state-", Kind::DeviceState),
@@ -160,6 +163,23 @@ fn every_example_reads_as_its_message_type() {
                     "{name}: online within total"
                 );
                 assert_eq!(h.storage.state, "ok", "{name}");
+            }
+            Kind::Alerts => {
+                let a: AlertsMessage = read_as(name, text);
+                assert!(
+                    a.alerts.len() as u64 <= a.total,
+                    "{name}: listed within total"
+                );
+                assert!(
+                    a.alerts.len() <= MAX_PUBLISHED_ALERTS,
+                    "{name}: at most the limit"
+                );
+                assert!(
+                    a.alerts
+                        .windows(2)
+                        .all(|w| w[0].raised_at <= w[1].raised_at),
+                    "{name}: oldest raise first"
+                );
             }
             Kind::Event => {
                 let e: EventMessage = read_as(name, text);

@@ -487,6 +487,7 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
             metrics: engine.metrics().clone(),
             drain: Duration::from_secs(1),
             pairing: None,
+            alerts: None,
         },
         tokio_util::sync::CancellationToken::new(),
         tokio_util::task::TaskTracker::new(),

@@ -111,6 +111,7 @@ fn buses_are_added_restarted_and_removed_live_and_a_bad_file_changes_nothing() {
             metrics: engine.metrics().clone(),
             drain: Duration::from_secs(1),
             pairing: None,
+            alerts: None,
         },
         link_stop,
         tracker,

@@ -87,12 +87,14 @@ pub struct Lifecycle {
     timers: HashSet<(Arc<str>, u16)>,
     id_prefix: String,
     next: u64,
+    /// Raises and clears so far (the runner publishes the set when it moves).
+    changes: u64,
 }
 
 impl Lifecycle {
     /// Restores the active alerts and the pending relay offs from the store into `rules`.
-    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<session>`); `now` is the
-    /// lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
+    /// `id_prefix` must be unique per run (the daemon uses `<epoch>-<run>`, the run from
+    /// `Store::automation_run`); `now` is the lived clock, `wall` the wall clock. Relays whose off time has passed are in the returned
     /// list to switch off now.
     pub fn restore(
         store: &Store,
@@ -152,9 +154,15 @@ impl Lifecycle {
                 timers,
                 id_prefix,
                 next: 1,
+                changes: 0,
             },
             due,
         ))
+    }
+
+    /// How many raises and clears this lifecycle has applied (grows on each).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The active alerts, in kind and subject order.
@@ -183,6 +191,11 @@ impl Lifecycle {
         let mut writes = Vec::new();
         let mut events = Vec::new();
         let mut flush = false;
+        // What changed in memory, undone when the store refuses the write (disk full): the
+        // active set never holds an alert whose record and event were not written.
+        let mut inserted = Vec::new();
+        let mut removed = Vec::new();
+        let mut new_timers = Vec::new();
         for a in actions {
             match a {
                 Action::Raise {
@@ -202,6 +215,7 @@ impl Lifecycle {
                         detail,
                     };
                     self.next += 1;
+                    tracing::info!(id = %alert.id, kind = kind.as_str(), subject = ?alert.subject, "alert raised");
                     let v = serde_json::to_value(&alert)?;
                     writes.push(AutomationWrite {
                         set: AutomationSet::Alerts,
@@ -209,12 +223,17 @@ impl Lifecycle {
                         value: Some(v.clone()),
                     });
                     events.push((EventKind::AlertRaised, v));
-                    self.active.insert(slot, alert);
+                    self.active.insert(slot.clone(), alert);
+                    inserted.push(slot);
+                    self.changes += 1;
                 }
                 Action::Clear { kind, subject } => {
                     let Some(alert) = self.active.remove(&(kind, subject)) else {
                         continue;
                     };
+                    removed.push(alert.clone());
+                    self.changes += 1;
+                    tracing::info!(id = %alert.id, kind = kind.as_str(), subject = ?alert.subject, "alert cleared");
                     writes.push(AutomationWrite {
                         set: AutomationSet::Alerts,
                         key: alert_key(kind, &alert.subject),
@@ -254,6 +273,7 @@ impl Lifecycle {
                     };
                     if self.timers.insert((device.clone(), channel)) {
                         flush = true;
+                        new_timers.push((device.clone(), channel));
                     }
                     writes.push(AutomationWrite {
                         set: AutomationSet::Timers,
@@ -284,7 +304,19 @@ impl Lifecycle {
                 }
             }
         }
-        store.automation_write(&writes, events, flush)?;
+        if let Err(e) = store.automation_write(&writes, events, flush) {
+            for slot in inserted {
+                self.active.remove(&slot);
+            }
+            for a in removed {
+                self.active.insert((a.kind, a.subject.clone()), a);
+            }
+            // Not on disk: the next switch-on flushes again.
+            for t in new_timers {
+                self.timers.remove(&t);
+            }
+            return Err(e);
+        }
         Ok(ops)
     }
 }

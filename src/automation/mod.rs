@@ -11,11 +11,13 @@
 //! of units), never per fact; facts from unknown devices are dropped by [`resolve`] (and counted
 //! by the caller); a motion window holds at most `motion_alert_events` (≤ 1000) instants.
 
+pub mod facts;
 pub mod held_open;
 pub mod lifecycle;
 pub mod loitering;
 pub mod manual_release;
 pub mod motion;
+pub mod runner;
 pub mod temperature;
 pub mod zone;
 
@@ -241,6 +243,11 @@ pub enum RawFact<'a> {
 
 fn arc(s: &str) -> Arc<str> {
     Arc::from(s)
+}
+
+/// The unit whose sensor or controller `device` is (a Modbus input: with its `channel`).
+pub fn unit_of_device<'t>(t: &'t Tables, device: &str, channel: Option<u16>) -> Option<&'t str> {
+    sensor_unit(t, device, channel).map(|(u, _)| u.id.as_str())
 }
 
 fn sensor_unit<'t>(

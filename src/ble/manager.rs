@@ -369,6 +369,13 @@ impl<R: Radio> Manager<R> {
         let Some(locked) = a.locked else { return };
         if changed {
             self.states.set(&dev.id, &[("locked", json!(locked))]);
+            use crate::automation::facts::Observed;
+            let device = dev.id.clone();
+            self.engine.facts().send(if locked {
+                Observed::LockLocked { device }
+            } else {
+                Observed::LockUnlocked { device }
+            });
             self.record(
                 EventKind::LockStateChanged,
                 json!({"device": dev.id, "locked": locked, "state": a.lock_state}),
@@ -412,6 +419,7 @@ impl<R: Radio> Manager<R> {
         // (encrypted: also refuses replays).
         let mut events: Vec<(EventKind, Value)> = Vec::new();
         let mut state: Vec<(&str, Value)> = Vec::new();
+        let mut facts = Vec::new();
         {
             let mut live = lock(&self.live);
             let l = live.entry(dev.id.clone()).or_default();
@@ -428,6 +436,10 @@ impl<R: Radio> Manager<R> {
             }
             if let Some(m) = r.motion {
                 if m && (l.motion != Some(true) || r.trigger_based) {
+                    facts.push(crate::automation::facts::Observed::Motion {
+                        device: dev.id.clone(),
+                        channel: None,
+                    });
                     events.push((
                         EventKind::Motion,
                         json!({"device": dev.id, "source": "ble"}),
@@ -458,6 +470,13 @@ impl<R: Radio> Manager<R> {
                 ("humidity", r.humidity, "percent_rh"),
             ] {
                 let Some(v) = value else { continue };
+                if name == "temperature" && v.is_finite() {
+                    facts.push(crate::automation::facts::Observed::Temperature {
+                        device: dev.id.clone(),
+                        channel: None,
+                        celsius: v,
+                    });
+                }
                 state.push((name, json!(v)));
                 let report = l.readings.get(name).is_none_or(|&(last, at)| {
                     (v - last).abs() >= prof.report_delta || now - at >= prof.report_every
@@ -493,6 +512,9 @@ impl<R: Radio> Manager<R> {
                 p[*what] = json!(id);
             }
             self.record(k, p);
+        }
+        for f in facts {
+            self.engine.facts().send(f);
         }
     }
 

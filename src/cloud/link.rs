@@ -134,6 +134,8 @@ pub struct CloudLink {
     pub state: Arc<LinkState>,
     devices: Option<Arc<crate::devstate::DeviceStates>>,
     pairing: Option<Arc<crate::pairing::Pairing>>,
+    /// The active alerts, published retained on `alerts` (None: not published).
+    alerts: Option<Arc<crate::automation::runner::AlertBoard>>,
     bridge: Option<Arc<DeviceBridge>>,
     /// Final command results reached while no session could publish them (a sleeping lock's
     /// unlock finished as the connection dropped): published first on the next session.
@@ -205,6 +207,7 @@ impl CloudLink {
             state: Arc::new(LinkState::default()),
             devices: None,
             pairing: None,
+            alerts: None,
             bridge: None,
             unsent: Arc::default(),
             too_large: Default::default(),
@@ -243,6 +246,12 @@ impl CloudLink {
     /// Publishes installer pairing's `pairing/state` and `pairing/discovered` (retained).
     pub fn with_pairing(mut self, pairing: Arc<crate::pairing::Pairing>) -> Self {
         self.pairing = Some(pairing);
+        self
+    }
+
+    /// Publishes the active alerts retained on `alerts` (at each connection and on change).
+    pub fn with_alerts(mut self, board: Arc<crate::automation::runner::AlertBoard>) -> Self {
+        self.alerts = Some(board);
         self
     }
 
@@ -321,6 +330,11 @@ impl CloudLink {
                 .into_iter()
                 .map(|(bus, (online, total))| (bus, HealthBus { online, total }))
                 .collect(),
+            automation: crate::cloud::messages::HealthAutomation {
+                facts_dropped: c.facts_dropped,
+                facts_unknown: c.facts_unknown,
+                alerts_active: c.alerts_active,
+            },
         }
     }
 
@@ -538,6 +552,9 @@ impl CloudLink {
         }
         let mut last_health = None;
         self.publish_health(&client, &mut out, &mut last_health)?;
+        // Every connection republishes the active alerts (version 0: none yet).
+        let mut alerts_sent = 0;
+        self.publish_alerts(&client, &mut out, &mut alerts_sent)?;
         if let Some(d) = &self.devices {
             let all = d.all();
             self.publish_states(&client, &mut out, d, all);
@@ -660,6 +677,14 @@ impl CloudLink {
                         self.publish_pairing(&client, &mut out, p, docs);
                     }
                 }
+                _ = async {
+                    match &self.alerts {
+                        Some(b) => b.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.publish_alerts(&client, &mut out, &mut alerts_sent)?;
+                }
                 _ = self.appended.notified() => {}
                 _ = tick.tick() => {
                     // Pairing documents a full queue held back.
@@ -668,6 +693,8 @@ impl CloudLink {
                     {
                         self.publish_pairing(&client, &mut out, p, docs);
                     }
+                    // A set a full queue held back.
+                    self.publish_alerts(&client, &mut out, &mut alerts_sent)?;
                     if storage_ok != self.store.health().is_ok() {
                         storage_ok = !storage_ok;
                         self.publish(&client, &mut out, self.topics.status(), true, &self.status(true))?;
@@ -808,6 +835,26 @@ impl CloudLink {
                 return;
             }
         }
+    }
+
+    /// Publishes the active alerts (retained) when the board moved past `sent`.
+    fn publish_alerts(
+        &self,
+        client: &Client,
+        out: &mut Outbox,
+        sent: &mut u64,
+    ) -> anyhow::Result<()> {
+        let Some(b) = &self.alerts else {
+            return Ok(());
+        };
+        let (version, set) = b.snapshot();
+        if version == 0 || version == *sent {
+            return Ok(());
+        }
+        let msg = crate::cloud::messages::AlertsMessage::new(&self.site, &self.gateway, &set);
+        self.publish(client, out, self.topics.alerts(), true, &msg)?;
+        *sent = version;
+        Ok(())
     }
 
     fn publish<T: serde::Serialize>(

@@ -28,6 +28,10 @@ impl Topics {
     pub fn health(&self) -> String {
         format!("{}/health", self.base)
     }
+    /// Retained: the active alerts (docs/automation.md), republished after every connection.
+    pub fn alerts(&self) -> String {
+        format!("{}/alerts", self.base)
+    }
     pub fn events(&self) -> String {
         format!("{}/events", self.base)
     }
@@ -157,6 +161,57 @@ pub struct Health {
     /// Devices per bus id (`ble` for BLE devices): how many answer, of those the gateway has
     /// seen or polled since it started.
     pub buses: std::collections::BTreeMap<String, HealthBus>,
+    /// Site automation's counters (docs/automation.md).
+    pub automation: HealthAutomation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthAutomation {
+    /// Facts the drivers reported that a full automation queue dropped (never blocking them).
+    pub facts_dropped: u64,
+    /// Facts from devices, entries or units the site does not know (ignored).
+    pub facts_unknown: u64,
+    /// Alerts active now (as on `alerts`).
+    pub alerts_active: u64,
+}
+
+/// Most alerts one `alerts` message lists (the rest are counted in `total`).
+pub const MAX_PUBLISHED_ALERTS: usize = 200;
+
+/// `alerts`, retained, QoS 1: the active alerts once durable, after every connection and
+/// within a second or so of a change (docs/automation.md, docs/mqtt-api.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsMessage {
+    pub site: String,
+    pub gateway: String,
+    /// When this set was published (UTC).
+    pub at: DateTime<Utc>,
+    /// Active alerts in all (`alerts` holds at most [`MAX_PUBLISHED_ALERTS`] of them).
+    pub total: u64,
+    /// The active alerts, oldest raise first.
+    pub alerts: Vec<crate::automation::lifecycle::ActiveAlert>,
+}
+
+impl AlertsMessage {
+    /// The message for `active` (any order): the oldest [`MAX_PUBLISHED_ALERTS`] raises.
+    pub fn new(
+        site: &str,
+        gateway: &str,
+        active: &[crate::automation::lifecycle::ActiveAlert],
+    ) -> AlertsMessage {
+        let mut alerts: Vec<_> = active.to_vec();
+        alerts.sort_by(|a, b| a.raised_at.cmp(&b.raised_at).then(a.id.cmp(&b.id)));
+        alerts.truncate(MAX_PUBLISHED_ALERTS);
+        AlertsMessage {
+            site: site.to_string(),
+            gateway: gateway.to_string(),
+            at: Utc::now(),
+            total: active.len() as u64,
+            alerts,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,6 +29,8 @@ pub struct LinkParts {
     pub drain: Duration,
     /// Installer pairing: its commands, and `pairing/*` published retained.
     pub pairing: Option<Arc<crate::pairing::Pairing>>,
+    /// The active alerts, published retained on `alerts` (None: automation not running).
+    pub alerts: Option<Arc<crate::automation::runner::AlertBoard>>,
 }
 
 struct Current {
@@ -138,6 +140,9 @@ impl LinkSupervisor {
         }
         if let Some(pairing) = &p.pairing {
             link = link.with_pairing(pairing.clone());
+        }
+        if let Some(a) = &p.alerts {
+            link = link.with_alerts(a.clone());
         }
         tracing::info!(
             session,

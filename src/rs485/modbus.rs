@@ -914,6 +914,7 @@ impl Bus<'_> {
             let entry = input.entry.as_deref();
             let base =
                 json!({"device": cfg.id, "bus": bus, "channel": input.channel, "entry": entry});
+            self.fact(cfg.id.as_str(), input, active, first);
             match (input.role, active) {
                 (InputRole::DoorContact, true) if !first => {
                     let forced = entry.is_some_and(|e| !self.shared.recently_released(e));
@@ -955,10 +956,44 @@ impl Bus<'_> {
         }
     }
 
+    /// Hands an input change to automation (door contacts, motion, manual releases).
+    fn fact(&self, device: &str, input: &super::config::InputConfig, active: bool, first: bool) {
+        use crate::automation::facts::Observed;
+        let facts = self.shared.engine.facts();
+        let entry = input.entry.clone();
+        let f = match (input.role, active, entry) {
+            (InputRole::DoorContact, true, Some(entry)) if !first => Observed::DoorOpened { entry },
+            (InputRole::DoorContact, false, Some(entry)) if !first => {
+                Observed::DoorClosed { entry }
+            }
+            (InputRole::Motion, true, _) => Observed::Motion {
+                device: device.to_string(),
+                channel: Some(input.channel),
+            },
+            (InputRole::ManualRelease, true, Some(entry)) if !first => {
+                Observed::ManualRelease { entry }
+            }
+            _ => return,
+        };
+        facts.send(f);
+    }
+
     fn reading(&mut self, i: usize, ri: usize, word: u16) {
         let cfg = self.devs[i].cfg;
         let r = &cfg.profile.readings[ri];
         let value = wire::reading(word, r.ty, r.scale);
+        // Every temperature reading goes to automation (its minimum duration needs them all),
+        // not only those reported as events.
+        if r.unit == "celsius" && value.is_finite() {
+            self.shared
+                .engine
+                .facts()
+                .send(crate::automation::facts::Observed::Temperature {
+                    device: cfg.id.clone(),
+                    channel: Some(u16::try_from(ri).unwrap_or(u16::MAX)),
+                    celsius: value,
+                });
+        }
         let now = Instant::now();
         let last = self.devs[i].readings[ri];
         let report = match last {

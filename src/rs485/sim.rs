@@ -521,6 +521,34 @@ pub fn start_for_demo(
 }
 
 impl DemoSims {
+    /// The demo's door held open: `channel` of the first simulated board goes active `after`
+    /// the start and stays so for `held` (a background thread; nothing when there is no board).
+    pub fn hold_door_open(&self, channel: usize, after: Duration, held: Duration) {
+        let Some(inputs) = self.boards.first().map(|b| b.inputs.clone()) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let set = |on: bool| {
+                if let Some(i) = inputs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(channel)
+                {
+                    *i = on;
+                }
+            };
+            std::thread::sleep(after);
+            tracing::info!(
+                channel,
+                "demo: the gate's door contact opens and is held open"
+            );
+            set(true);
+            std::thread::sleep(held);
+            tracing::info!(channel, "demo: the gate's door contact closes");
+            set(false);
+        });
+    }
+
     /// Types the demo attempts that name a simulated keypad and a code on that keypad (code and
     /// `#`, 2 s apart, once the keypad is online), in a background thread. Returns the indices
     /// of the attempts it takes.

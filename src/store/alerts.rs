@@ -91,6 +91,23 @@ impl Store {
         Ok(())
     }
 
+    /// Increments and returns the automation run counter (one per runner start), durably: the
+    /// alert ids of a run are `<epoch>-<run>-<n>`, never reused after a crash.
+    pub fn automation_run(&self) -> anyhow::Result<u64> {
+        let h = self.h()?;
+        let v = h.state.update_and_fetch("automation_run", |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        h.state.flush()?;
+        let b = v.context("automation run counter")?;
+        Ok(u64::from_be_bytes(
+            b.as_ref().try_into().context("automation run counter")?,
+        ))
+    }
+
     /// Stores (or replaces) one record of `set` under `key`, flushed.
     pub fn automation_put(
         &self,

@@ -233,6 +233,20 @@ impl Store {
         }
     }
 
+    /// A ticket answered once every event recorded (by any thread) before this call is on disk
+    /// and visible, together with every store write made before it (the committer's flush
+    /// covers every tree). Never blocks: poll it with `try_recv` (a closed ticket means the
+    /// committer is gone or was never started, so nothing recorded is waiting).
+    pub fn recorded_ticket(&self) -> std::sync::mpsc::Receiver<()> {
+        let (reply, done) = std::sync::mpsc::sync_channel(1);
+        if let Some(tx) = self.committer() {
+            // Full queue: the committer is behind; the ticket then waits its turn on this
+            // thread only as long as `record` would.
+            let _ = tx.send(Msg::Drain(reply));
+        }
+        done
+    }
+
     /// Flushes the committer has made (for tests and the benchmark).
     pub fn recorder_flushes(&self) -> u64 {
         self.recorder

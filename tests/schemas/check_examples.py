@@ -30,6 +30,7 @@ MQTT_EXAMPLES = ROOT / "docs" / "examples" / "mqtt"
 MQTT_SCHEMAS = [
     ("status-", "mqtt-status.schema.json"),
     ("health", "mqtt-health.schema.json"),
+    ("alerts", "mqtt-alerts.schema.json"),
     ("ble-unlock-request", "mqtt-ble-unlock-request.schema.json"),
     ("ble-unlock-response", "mqtt-ble-unlock-response.schema.json"),
     ("device-state-", "mqtt-device-state.schema.json"),

@@ -23,6 +23,15 @@ use gatehouse::sync;
 const UNITS: usize = 10_000;
 const DOORS: usize = 100;
 const FACTS: usize = 200_000;
+
+/// Facts in the run: `GATEHOUSE_BENCH_FACTS` (a smaller run under a profiler), else [`FACTS`].
+fn facts() -> usize {
+    std::env::var("GATEHOUSE_BENCH_FACTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(FACTS)
+}
 const RESTORE: usize = 10_000;
 
 fn site() -> sync::SyncMessage {
@@ -62,10 +71,11 @@ pub fn run() -> anyhow::Result<()> {
         })
         .collect();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut overhead = Vec::with_capacity(FACTS);
+    let n_facts = facts();
+    let mut overhead = Vec::with_capacity(n_facts);
     let mut alerts = 0usize;
     let start = Instant::now();
-    for i in 0..FACTS {
+    for i in 0..n_facts {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -176,8 +186,8 @@ pub fn run() -> anyhow::Result<()> {
         json!({
             "bench": "automation",
             "units": UNITS,
-            "facts": FACTS,
-            "facts_per_s": (FACTS as f64 / secs).round(),
+            "facts": n_facts,
+            "facts_per_s": (n_facts as f64 / secs).round(),
             "rule_overhead_p99_us": (p99 * 100.0).round() / 100.0,
             "alerts": alerts,
             "restart_restore_ms": (restore_ms * 10.0).round() / 10.0,

@@ -182,6 +182,14 @@ impl<R: Radio> Manager<R> {
         let Some(me) = self.me.upgrade() else {
             return reached(Execution::Failed("the BLE module is stopping".into()));
         };
+        if action == UnitAction::Unlock {
+            // Explains the lock's "unlocked" report to automation (no manual-unlock alert).
+            self.engine
+                .facts()
+                .send(crate::automation::facts::Observed::UnlockCommanded {
+                    device: device.to_string(),
+                });
+        }
         let (tx, rx) = oneshot::channel();
         let device = device.to_string();
         tokio::spawn(async move {
