@@ -171,10 +171,19 @@ fn code_opens_the_gate(s: &Site, pd: &mut Peer, pd_id: u64, board: &Peer, device
     let seq = last_seq(&s.store);
     let b0 = board.len();
     pd.send(json!({"op": "keys", "pd": pd_id, "digits": "123456#"}));
-    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| p["device"] == device);
+    let g = wait_event(&s.store, seq, "access_granted", WAIT, |p| {
+        p["device"] == device
+    });
     assert_eq!(g.payload["entry"], "gate-1");
     eventually("the gate relay", WAIT, || {
         (board.count_since(b0, coil_on(1, 0)) > 0).then_some(())
+    });
+    // The pulse ends (so that the next grant is seen switching it on again).
+    eventually("the gate relay off", WAIT, || {
+        (board.count_since(b0, |e| {
+            e["ev"] == "coil" && e["addr"] == 1 && e["index"] == 0 && e["on"] == false
+        }) > 0)
+            .then_some(())
     });
 }
 
@@ -219,7 +228,11 @@ fn a_scan_finds_unconfigured_devices_at_every_baud_while_configured_ones_keep_wo
     assert_eq!(r5.identity["pdid"]["vendor_oui"], "0A1B2C");
     assert_eq!(r5.identity["pdid"]["serial"], "47480005");
     assert_eq!(r5.identity["pdid"]["firmware"], "1.2.3");
-    assert!(r5.identity["pdcap"].as_array().is_some_and(|c| !c.is_empty()));
+    assert!(
+        r5.identity["pdcap"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+    );
     let t = scan.wait("modbus:io:7", SCAN_WAIT);
     assert_eq!(t.identity["profiles"], json!(["xy-md02"]));
     let r = scan.wait("modbus:io:12", SCAN_WAIT);
@@ -319,11 +332,15 @@ fn an_adopted_reader_is_moved_paired_and_its_code_opens_the_gate() {
     pd.wait_for("KEYSET", WAIT, |e| e["ev"] == "keyset" && e["pd"] == 5);
     let (key, confirmed) = s.store.reader_key("keypad-new").unwrap().unwrap();
     assert!(confirmed);
-    let st = pd.len();
     pd.send(json!({"op": "state"}));
     let state = pd.wait_for("state", WAIT, |e| e["ev"] == "state");
-    let _ = st;
-    let p5 = state["pds"].as_array().unwrap().iter().find(|p| p["pd"] == 5).unwrap().clone();
+    let p5 = state["pds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pd"] == 5)
+        .unwrap()
+        .clone();
     assert_eq!(p5["key"], hex::encode(key));
     assert_eq!(p5["address"], 6);
 
@@ -332,7 +349,10 @@ fn an_adopted_reader_is_moved_paired_and_its_code_opens_the_gate() {
     prov.run(std::slice::from_ref(&reg)).unwrap();
     assert_eq!(
         readers_of(&rs),
-        vec![("keypad-gate-1".to_string(), 0), ("keypad-new".to_string(), 6)]
+        vec![
+            ("keypad-gate-1".to_string(), 0),
+            ("keypad-new".to_string(), 6)
+        ]
     );
     code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-new");
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
@@ -367,7 +387,10 @@ fn an_adopted_board_is_moved_to_a_new_unit_id_and_polled() {
     scan.start(false, 10..=14);
     let c = scan.wait("modbus:io:12", SCAN_WAIT);
     let profiles = c.identity["profiles"].as_array().unwrap().clone();
-    assert!(profiles.contains(&json!("waveshare-relay-8ch-d")), "{profiles:?}");
+    assert!(
+        profiles.contains(&json!("waveshare-relay-8ch-d")),
+        "{profiles:?}"
+    );
     let prov = Rs485Provisioner::new(rs.clone(), Arc::new(Profiles::embedded()));
     let rt = rt();
     let bad = |spec: Value| {
@@ -378,8 +401,10 @@ fn an_adopted_board_is_moved_to_a_new_unit_id_and_polled() {
     assert!(e.contains("used by device `relay-board-1`"), "{e}");
     let e = bad(json!({"candidate": c.id, "profile": "no-such"}));
     assert!(e.contains("no Modbus profile `no-such`"), "{e}");
-    let e = bad(json!({"candidate": c.id, "profile": "waveshare-relay-8ch-d",
-                       "inputs": [{"channel": 9, "role": "motion"}]}));
+    let e = bad(
+        json!({"candidate": c.id, "profile": "waveshare-relay-8ch-d",
+                       "inputs": [{"channel": 9, "role": "motion"}]}),
+    );
     assert!(e.contains("channel 9 does not exist"), "{e}");
     assert_eq!(board.count_since(0, |e| e["ev"] == "write"), 0);
 
@@ -400,9 +425,14 @@ fn an_adopted_board_is_moved_to_a_new_unit_id_and_polled() {
     prov.run(std::slice::from_ref(&reg)).unwrap();
     assert_eq!(
         devices_of(&rs),
-        vec![("relay-board-1".to_string(), 1), ("board-2".to_string(), 20)]
+        vec![
+            ("relay-board-1".to_string(), 1),
+            ("board-2".to_string(), 20)
+        ]
     );
-    wait_event(&s.store, seq, "device_online", WAIT, |p| p["device"] == "board-2");
+    wait_event(&s.store, seq, "device_online", WAIT, |p| {
+        p["device"] == "board-2"
+    });
     // Polled: its motion input reaches the log.
     let mut board = board;
     board.send(json!({"op": "input", "addr": 12, "index": 3, "on": true}));
@@ -429,7 +459,12 @@ fn devices_gone_or_refusing_the_key_leave_the_configuration_unchanged() {
     let mut board = Peer::start(
         "modbus_dev.py",
         &s.link("modbus"),
-        &["--device".into(), "1:relay8".into(), "--device".into(), "12:relay8".into()],
+        &[
+            "--device".into(),
+            "1:relay8".into(),
+            "--device".into(),
+            "12:relay8".into(),
+        ],
     );
     let scan = Arc::new(TestScan::default());
     let rs = s.start(&scan);
@@ -473,11 +508,15 @@ fn devices_gone_or_refusing_the_key_leave_the_configuration_unchanged() {
     // The configured keypad still works after the bus restarts.
     let last_off = logged(&s.store)
         .into_iter()
-        .filter(|e| e.seq > seq && e.kind == "device_offline" && e.payload["device"] == "keypad-gate-1")
+        .filter(|e| {
+            e.seq > seq && e.kind == "device_offline" && e.payload["device"] == "keypad-gate-1"
+        })
         .map(|e| e.seq)
-        .last()
+        .max()
         .unwrap_or(seq);
-    wait_event(&s.store, last_off, "device_online", WAIT, |p| p["device"] == "keypad-gate-1");
+    wait_event(&s.store, last_off, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
     rs.stop(Duration::from_secs(5));
 }

@@ -426,7 +426,11 @@ impl Rs485 {
     /// changed is restarted; the others are not touched (their threads go on polling). Stops
     /// come first, so that a device moved from one bus to another is never routed to both.
     pub fn apply(&self, buses: &[BusConfig], deadline: Duration) -> anyhow::Result<BusChanges> {
-        let adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let adopted = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let merged = provision::merge(buses, &adopted).map_err(|e| anyhow::anyhow!(e))?;
         *self.base.lock().unwrap_or_else(|e| e.into_inner()) = buses.to_vec();
         self.apply_merged(&merged, deadline)
@@ -452,7 +456,10 @@ impl Rs485 {
 
     /// The devices adopted in install mode that run now.
     pub(crate) fn adopted(&self) -> Vec<provision::Adopted> {
-        self.adopted.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Install mode: the handle the scans follow ([`crate::pairing::NoScan`] until set) and the

@@ -137,7 +137,8 @@ impl Channel for SerialChannel {
             Ok(n) => {
                 if n > 0 {
                     self.active();
-                    *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
                 }
                 Ok(n)
             }

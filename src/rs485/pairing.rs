@@ -256,7 +256,8 @@ pub fn pdid_json(d: &[u8]) -> Option<Value> {
         return None;
     }
     Some(json!({
-        "vendor_oui": format!("{:02X}{:02X}{:02X}", d[0], d[1], d[2]),
+        // Three bytes, least significant first (as LibOSDP reads and writes it).
+        "vendor_oui": format!("{:02X}{:02X}{:02X}", d[2], d[1], d[0]),
         "model": d[3],
         "version": d[4],
         "serial": format!("{:08X}", u32::from_le_bytes([d[5], d[6], d[7], d[8]])),
@@ -347,7 +348,9 @@ mod tests {
 
     #[test]
     fn crc_matches_the_spec_vector() {
-        let v = [0x53, 0x7F, 0x0D, 0x00, 0x04, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00];
+        let v = [
+            0x53, 0x7F, 0x0D, 0x00, 0x04, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00,
+        ];
         assert_eq!(osdp_crc(&v).to_le_bytes(), [0x6E, 0x38]);
     }
 
@@ -398,9 +401,7 @@ mod tests {
 
     #[test]
     fn pdid_and_pdcap_read_as_json() {
-        let d = [
-            0x0A, 0x1B, 0x2C, 2, 1, 0x05, 0x00, 0x48, 0x47, 1, 2, 3,
-        ];
+        let d = [0x2C, 0x1B, 0x0A, 2, 1, 0x05, 0x00, 0x48, 0x47, 1, 2, 3];
         let j = pdid_json(&d).unwrap();
         assert_eq!(j["vendor_oui"], "0A1B2C");
         assert_eq!(j["serial"], "47480005");
@@ -417,9 +418,11 @@ mod tests {
     fn identification_plans_follow_the_profiles() {
         let p = Profiles::embedded();
         let steps = identify_steps(&p);
-        assert!(steps.iter().any(|s| s.profile == "xy-md02"
-            && s.register == 0x0101
-            && s.expect == Expect::Unit));
+        assert!(
+            steps.iter().any(|s| s.profile == "xy-md02"
+                && s.register == 0x0101
+                && s.expect == Expect::Unit)
+        );
         let s = &steps[0];
         assert!(step_matches(
             &Step {

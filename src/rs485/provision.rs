@@ -69,7 +69,9 @@ pub fn merge(base: &[BusConfig], adopted: &[Adopted]) -> Result<Vec<BusConfig>, 
     let mut out = base.to_vec();
     let mut ids: HashSet<String> = base
         .iter()
-        .flat_map(|b| std::iter::once(b.id.clone()).chain(b.device_ids().into_iter().map(String::from)))
+        .flat_map(|b| {
+            std::iter::once(b.id.clone()).chain(b.device_ids().into_iter().map(String::from))
+        })
         .collect();
     for a in adopted {
         let id = a.id();
@@ -163,7 +165,12 @@ pub fn adopted_from(reg: &Registered, profiles: &Profiles) -> Result<Adopted, St
         Some(BusKind::Modbus { mut devices, .. }) if devices.len() == 1 => {
             AdoptedDevice::Device(devices.remove(0))
         }
-        _ => return Err(format!("adopted device `{}`: no device in its settings", reg.id)),
+        _ => {
+            return Err(format!(
+                "adopted device `{}`: no device in its settings",
+                reg.id
+            ));
+        }
     };
     Ok(Adopted { bus, device })
 }
@@ -267,7 +274,10 @@ impl Rs485Provisioner {
 
     async fn adopt_reader(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
         let bus_id = c.bus.clone().unwrap_or_default();
-        let derived = format!("reader-{bus_id}-{}", spec.address.or(c.address).unwrap_or(0));
+        let derived = format!(
+            "reader-{bus_id}-{}",
+            spec.address.or(c.address).unwrap_or(0)
+        );
         let (adopted, bus, id, address) = self.place(c, spec, derived)?;
         let BusKind::Osdp(readers) = &bus.kind else {
             return Err(format!("bus `{bus_id}` is not an OSDP bus"));
@@ -276,7 +286,15 @@ impl Rs485Provisioner {
             .entry
             .clone()
             .ok_or("an OSDP reader needs an `entry` to open")?;
-        if !self.rs.shared().store.site().tables.entries.contains_key(&entry) {
+        if !self
+            .rs
+            .shared()
+            .store
+            .site()
+            .tables
+            .entries
+            .contains_key(&entry)
+        {
             return Err(format!("no entry `{entry}` in the site data"));
         }
         let direction = spec.direction.clone().unwrap_or_else(|| "in".into());
@@ -296,7 +314,9 @@ impl Rs485Provisioner {
             ));
         }
         if c.identity.get("pdcap").and_then(pdcap_secure) == Some(false) {
-            return Err("the reader does not do the OSDP secure channel (its PDCAP says so)".into());
+            return Err(
+                "the reader does not do the OSDP secure channel (its PDCAP says so)".into(),
+            );
         }
         let settings = json!({"id": id, "address": new_address, "entry": entry,
                               "direction": direction, "secure": "install"});
@@ -316,9 +336,15 @@ impl Rs485Provisioner {
         match self.ask(&bus_id, Op::OsdpId { address, baud }).await? {
             Answer::Identity(_) => {}
             Answer::Silent => {
-                return Err(format!("the reader at address {address} ({baud} baud) no longer answers"));
+                return Err(format!(
+                    "the reader at address {address} ({baud} baud) no longer answers"
+                ));
             }
-            a => return Err(format!("the reader at address {address} answered {a:?} to ID")),
+            a => {
+                return Err(format!(
+                    "the reader at address {address} answered {a:?} to ID"
+                ));
+            }
         }
         if new_address != address || new_baud != baud {
             let op = Op::OsdpId {
@@ -367,7 +393,9 @@ impl Rs485Provisioner {
             "the reader did not take its new key (KEYSET not acknowledged, or no secure channel \
              on it) within {} s; it was taken off the bus{}",
             self.pair_timeout.as_secs(),
-            back.err().map(|e| format!(" (restoring the bus failed: {e})")).unwrap_or_default()
+            back.err()
+                .map(|e| format!(" (restoring the bus failed: {e})"))
+                .unwrap_or_default()
         ))
     }
 
@@ -380,7 +408,11 @@ impl Rs485Provisioner {
         };
         let matched: Vec<String> = c.identity["profiles"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let profile_id = match (&spec.profile, matched.first()) {
             (Some(p), _) => p.clone(),
@@ -474,7 +506,10 @@ impl Provisioner for Rs485Provisioner {
             match candidate.family {
                 Family::OsdpReader => self.adopt_reader(candidate, spec).await,
                 Family::ModbusDevice => self.adopt_device(candidate, spec).await,
-                f => Err(format!("`{}` is not adopted on the RS-485 buses", f.as_str())),
+                f => Err(format!(
+                    "`{}` is not adopted on the RS-485 buses",
+                    f.as_str()
+                )),
             }
         })
     }

@@ -101,12 +101,7 @@ impl Bus<'_> {
         if !(fits || owed) {
             return Turn::Idle;
         }
-        if self
-            .pairing
-            .sweep
-            .as_ref()
-            .is_none_or(|s| s.opts != opts)
-        {
+        if self.pairing.sweep.as_ref().is_none_or(|s| s.opts != opts) {
             let used: Vec<u8> = self.devs.iter().map(|d| d.cfg.address).collect();
             self.pairing.sweep = Some(Sweep {
                 units: opts
@@ -140,8 +135,10 @@ impl Bus<'_> {
                     Err(e) => return Turn::Broken(e),
                 };
                 if let Answer::Word(w) = r {
-                    id.read
-                        .insert(format!("{:?}:0x{:04X}", step.function, step.register).to_lowercase(), json!(w));
+                    id.read.insert(
+                        format!("{:?}:0x{:04X}", step.function, step.register).to_lowercase(),
+                        json!(w),
+                    );
                 }
                 if !p::step_matches(&step, id.unit, &r) {
                     id.failed.push(step.profile.clone());
@@ -251,9 +248,11 @@ impl Bus<'_> {
         let bit = |v: Vec<bool>| u16::from(v.first().copied().unwrap_or(false));
         let ctx = &mut self.ctx;
         let r: Read = match function {
-            RegFn::Holding => tokio::time::timeout(timeout, ctx.read_holding_registers(register, 1))
-                .await
-                .map(|r| r.map(|r| r.map(first))),
+            RegFn::Holding => {
+                tokio::time::timeout(timeout, ctx.read_holding_registers(register, 1))
+                    .await
+                    .map(|r| r.map(|r| r.map(first)))
+            }
             RegFn::Input => tokio::time::timeout(timeout, ctx.read_input_registers(register, 1))
                 .await
                 .map(|r| r.map(|r| r.map(first))),
