@@ -5,10 +5,13 @@
 //! A pairing turn comes when nothing is due (no pulse to end, no job, no poll): it runs the
 //! provisioner's next op, or one scan transaction if it ends before the next poll's slot (or if
 //! the shortest poll period has passed since the last one, so a busy bus still scans, one
-//! transaction slot at a time). A probe reads holding register 0 with a short timeout (the two
-//! frames' time at the bus's rate plus [`PROBE_MARGIN`]); any answer, an exception included,
-//! means a device. Its identification reads come one per turn; the candidate is reported with
-//! the profiles it matched and what was read.
+//! transaction slot at a time). A probe is a read of holding register 0, framed here: a unit
+//! must start its answer within [`FIRST_BYTE`] of the request's end (then it has the whole
+//! reply's time plus a margin to finish it); any answer, an exception included, means a device.
+//! The short window is what a relay job arriving meanwhile waits at most. A unit that missed
+//! the window is found by the next sweep, or configured by hand. Its identification reads
+//! (under the bus timeout) come one per turn; the candidate is reported with the profiles it
+//! matched and what was read.
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +26,10 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_serial::SerialPort as _;
 
-/// Added to a probe's frame times: how long a unit has to answer.
-const PROBE_MARGIN: Duration = Duration::from_millis(30);
+/// After a probe's request has gone out, how long a unit has to start its answer.
+const FIRST_BYTE: Duration = Duration::from_millis(20);
+/// Added to the reply's own time once it has started.
+const REPLY_MARGIN: Duration = Duration::from_millis(20);
 /// Between two sweeps of the unit ids.
 const SWEEP_REST: Duration = Duration::from_secs(5);
 
@@ -65,11 +70,64 @@ struct Ident {
 type Read = Result<tokio_modbus::Result<u16>, tokio::time::error::Elapsed>;
 
 impl Bus<'_> {
-    /// A probe's timeout at this bus's rate: request and reply (8 and 7 bytes, 11 bits each)
-    /// plus the margin.
+    /// The time of `bytes` on the wire at this bus's rate (11 bits a byte, parity or not).
+    fn wire_time(&self, bytes: u64) -> Duration {
+        Duration::from_micros(bytes * 11 * 1_000_000 / u64::from(self.cfg.baud.max(1200)))
+    }
+
+    /// How long a probe takes when nobody answers: the request, then the first-byte window.
     fn probe_timeout(&self) -> Duration {
-        Duration::from_micros(15 * 11 * 1_000_000 / u64::from(self.cfg.baud.max(1200)))
-            + PROBE_MARGIN
+        self.wire_time(8) + FIRST_BYTE
+    }
+
+    /// Whether anything answers at `unit` (a read of holding register 0; see the header).
+    async fn probe(&mut self, unit: u8) -> Result<bool, String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let frame = super::wire::modbus_frame(unit, 0x03, &[0, 0, 0, 1]);
+        self.port
+            .with(|p| p.clear(tokio_serial::ClearBuffer::Input))
+            .map_err(|e| e.to_string())?;
+        let mut io = self.port.clone();
+        let first = self.probe_timeout();
+        let rest = self.wire_time(7) + REPLY_MARGIN;
+        let exchange = async move {
+            io.write_all(&frame).await?;
+            io.flush().await?;
+            let mut got = Vec::with_capacity(8);
+            let mut buf = [0u8; 8];
+            match tokio::time::timeout(first, io.read(&mut buf)).await {
+                Err(_) => return Ok(got),
+                Ok(r) => got.extend_from_slice(&buf[..r?]),
+            }
+            // Started: the rest of a 7-byte answer or a 5-byte exception.
+            let _ = tokio::time::timeout(rest, async {
+                while !(got.len() >= 7
+                    || got.len() >= 5 && got.get(1).is_some_and(|f| f & 0x80 != 0))
+                {
+                    let n = io.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            Ok::<_, std::io::Error>(got)
+        };
+        let got = exchange.await.map_err(|e| e.to_string())?;
+        let n = if got.len() >= 5 && got[1] & 0x80 != 0 {
+            5
+        } else {
+            7
+        };
+        let answered = got.len() >= n
+            && got[0] == unit
+            && super::wire::modbus_crc(&got[..n - 2]).to_le_bytes() == [got[n - 2], got[n - 1]];
+        if !got.is_empty() && !answered {
+            tracing::debug!(bus = %self.cfg.id, unit, bytes = got.len(), "garbled answer to a probe");
+        }
+        Ok(answered)
     }
 
     pub(super) async fn pairing_turn(&mut self, next_slot: Option<Instant>) -> Turn {
@@ -130,7 +188,8 @@ impl Bus<'_> {
             }
             if id.at < id.steps.len() {
                 let step = id.steps[id.at].clone();
-                let r = match self.read(id.unit, step.function, step.register, cost).await {
+                let t = self.timeout;
+                let r = match self.read(id.unit, step.function, step.register, t).await {
                     Ok(r) => r,
                     Err(e) => return Turn::Broken(e),
                 };
@@ -160,12 +219,12 @@ impl Bus<'_> {
         let unit = s.units[s.i];
         s.i += 1;
         let (done, total) = (s.i as u32, s.units.len() as u32);
-        let r = match self.read(unit, RegFn::Holding, 0, cost).await {
-            Ok(r) => r,
+        let answered = match self.probe(unit).await {
+            Ok(a) => a,
             Err(e) => return Turn::Broken(e),
         };
         scan.progress(&format!("modbus:{}", self.cfg.id), done, total);
-        if !matches!(r, Answer::Silent) {
+        if answered {
             let steps = p::identify_steps(&self.shared.pairing().profiles());
             if let Some(s) = self.pairing.sweep.as_mut() {
                 s.ident = Some(Ident {
