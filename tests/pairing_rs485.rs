@@ -145,14 +145,14 @@ fn coil_on(addr: u64, ch: u64) -> impl Fn(&Value) -> bool {
 }
 
 fn readers_of(rs: &Rs485) -> Vec<(String, u8)> {
-    match rs.bus_config("readers").unwrap().kind {
+    match rs.running_config("readers").unwrap().kind {
         BusKind::Osdp(r) => r.into_iter().map(|r| (r.id, r.address)).collect(),
         _ => panic!("not osdp"),
     }
 }
 
 fn devices_of(rs: &Rs485) -> Vec<(String, u8)> {
-    match rs.bus_config("io").unwrap().kind {
+    match rs.running_config("io").unwrap().kind {
         BusKind::Modbus { devices, .. } => devices.into_iter().map(|d| (d.id, d.address)).collect(),
         _ => panic!("not modbus"),
     }

@@ -509,8 +509,22 @@ impl Rs485 {
         Ok(changes)
     }
 
-    /// The section a running bus runs with (for a demo bus: its port is the simulator's PTY).
+    /// The configured section of a running bus (for a demo bus: its port is the simulator's
+    /// PTY), without the devices adopted in install mode.
     pub fn bus_config(&self, id: &str) -> Option<BusConfig> {
+        if !self.running().iter().any(|r| r.cfg.id == id) {
+            return None;
+        }
+        self.base
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.id == id)
+            .cloned()
+    }
+
+    /// What a running bus runs: its configured section plus the devices adopted on it.
+    pub fn running_config(&self, id: &str) -> Option<BusConfig> {
         self.running()
             .iter()
             .find(|r| r.cfg.id == id)

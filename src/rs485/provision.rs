@@ -526,3 +526,152 @@ impl Provisioner for Rs485Provisioner {
             .map_err(|e| format!("{e:#}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(family: Family, bus: &str, settings: Value) -> Registered {
+        Registered {
+            id: settings["id"].as_str().unwrap_or("x").to_string(),
+            candidate: "c".into(),
+            family,
+            bus: Some(bus.into()),
+            settings,
+            adopted_at: Utc::now(),
+            adopted_by: "local:test".into(),
+        }
+    }
+
+    fn base() -> Vec<BusConfig> {
+        let p = Profiles::embedded();
+        let reader = reg(
+            Family::OsdpReader,
+            "readers",
+            json!({"id": "keypad-1", "address": 0, "entry": "gate-1"}),
+        );
+        let device = reg(
+            Family::ModbusDevice,
+            "io",
+            json!({"id": "relay-1", "profile": "waveshare-relay-8ch", "address": 1}),
+        );
+        let bus = |a: Adopted, kind: BusKind| BusConfig {
+            id: a.bus,
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            kind,
+        };
+        let r = adopted_from(&reader, &p).unwrap();
+        let AdoptedDevice::Reader(rc) = r.device.clone() else {
+            panic!()
+        };
+        let d = adopted_from(&device, &p).unwrap();
+        let AdoptedDevice::Device(dc) = d.device.clone() else {
+            panic!()
+        };
+        vec![
+            bus(r, BusKind::Osdp(vec![rc])),
+            bus(
+                d,
+                BusKind::Modbus {
+                    parity: super::super::profile::Parity::None,
+                    timeout: Duration::from_millis(200),
+                    devices: vec![dc],
+                },
+            ),
+        ]
+    }
+
+    fn check(family: Family, bus: &str, settings: Value, expected: &str) {
+        let p = Profiles::embedded();
+        let r = adopted_from(&reg(family, bus, settings), &p).and_then(|a| merge(&base(), &[a]));
+        match r {
+            Ok(_) => assert_eq!("ok", expected),
+            Err(e) => assert!(e.contains(expected), "`{e}` lacks `{expected}`"),
+        }
+    }
+
+    #[test]
+    fn adopted_devices_merge_unless_they_conflict_with_the_configuration() {
+        use Family::{ModbusDevice as M, OsdpReader as O};
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "ok",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 0, "entry": "gate-1"}),
+            "OSDP address 0 on bus `readers` is used by reader `keypad-1` and by adopted reader `k2`",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "relay-1", "address": 5, "entry": "gate-1"}),
+            "device id `relay-1` is both in the configuration",
+        );
+        check(
+            O,
+            "gone",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "bus `gone`, which the configuration does not have",
+        );
+        check(
+            O,
+            "io",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "does not speak the protocol",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 200, "entry": "gate-1"}),
+            "out of range",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1", "secure": "maybe"}),
+            "expected key, install or none",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1", "surprise": 1}),
+            "surprise",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "xy-md02", "address": 7}),
+            "ok",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "xy-md02", "address": 1}),
+            "unit id 1 on bus `io` is used by device `relay-1`",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "nope", "address": 7}),
+            "no profile `nope`",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "waveshare-relay-8ch-d", "address": 7,
+                   "inputs": [{"channel": 0, "role": "door_contact"}]}),
+            "needs an entry",
+        );
+        check(
+            Family::BleLock,
+            "io",
+            json!({"id": "b2"}),
+            "not an RS-485 device",
+        );
+    }
+}
