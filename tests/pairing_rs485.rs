@@ -85,14 +85,10 @@ impl Site {
 
     /// The configured keypad (address 0, its key known) and relay board (unit 1), with install
     /// mode wired to `scan`.
-    fn start(&self, scan: &Arc<TestScan>) -> Arc<Rs485> {
-        self.store
-            .set_reader_key("keypad-gate-1", &hex_key(KEY_A), true)
-            .unwrap();
-        let cfg = config(
-            self.dir.path(),
-            &format!(
-                r#"
+    /// The configuration's `[[bus]]` sections.
+    fn body(&self) -> String {
+        format!(
+            r#"
 [[bus]]
 id = "readers"
 port = "{}"
@@ -114,10 +110,16 @@ profile = "waveshare-relay-8ch"
 address = 1
 poll_interval_ms = 200
 "#,
-                self.link("osdp").display(),
-                self.link("modbus").display()
-            ),
-        );
+            self.link("osdp").display(),
+            self.link("modbus").display()
+        )
+    }
+
+    fn start(&self, scan: &Arc<TestScan>) -> Arc<Rs485> {
+        self.store
+            .set_reader_key("keypad-gate-1", &hex_key(KEY_A), true)
+            .unwrap();
+        let cfg = config(self.dir.path(), &self.body());
         let rs = Arc::new(
             Rs485::start(
                 &cfg.buses,
@@ -142,6 +144,19 @@ fn hex_key(k: &str) -> [u8; 16] {
 
 fn coil_on(addr: u64, ch: u64) -> impl Fn(&Value) -> bool {
     move |e: &Value| e["ev"] == "coil" && e["addr"] == addr && e["index"] == ch && e["on"] == true
+}
+
+/// Waits until `device` is online after its last `device_offline` since `after`.
+fn online_again(s: &Site, device: &str, after: u64) {
+    let last_off = logged(&s.store)
+        .into_iter()
+        .filter(|e| e.seq > after && e.kind == "device_offline" && e.payload["device"] == device)
+        .map(|e| e.seq)
+        .max()
+        .unwrap_or(after);
+    wait_event(&s.store, last_off, "device_online", WAIT, |p| {
+        p["device"] == device
+    });
 }
 
 fn readers_of(rs: &Rs485) -> Vec<(String, u8)> {
@@ -267,10 +282,25 @@ fn a_scan_finds_unconfigured_devices_at_every_baud_while_configured_ones_keep_wo
     assert_eq!(progress.get("osdp:readers@9600").map(|p| p.1), Some(126));
     assert_eq!(progress.get("modbus:io").map(|p| p.1), Some(19));
 
+    // The reader found at another baud is moved to the bus's (COMSET) and paired.
+    let prov = Rs485Provisioner::new(rs.clone(), Arc::new(Profiles::embedded()));
+    let spec: AdoptSpec = serde_json::from_value(
+        json!({"candidate": r9.id, "device": "keypad-9", "entry": "gate-1"}),
+    )
+    .unwrap();
+    let reg = rt().block_on(prov.adopt(&r9, &spec)).unwrap();
+    assert_eq!(reg.settings["address"], 9);
+    pd.wait_for("COMSET to 9600", WAIT, |e| {
+        e["ev"] == "comset_done" && e["pd"] == 9 && e["baud_rate"] == 9600
+    });
+    pd.wait_for("KEYSET", WAIT, |e| e["ev"] == "keyset" && e["pd"] == 9);
+    code_opens_the_gate(&s, &mut pd, 9, &board, "keypad-9");
+
     // Install mode over: no more candidates, and the peers hear no more probes.
     *scan.active.lock().unwrap() = None;
     scan.found.lock().unwrap().clear();
     std::thread::sleep(Duration::from_millis(500));
+    online_again(&s, "keypad-gate-1", seq0);
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
     assert!(scan.found.lock().unwrap().is_empty());
     rs.stop(Duration::from_secs(5));
@@ -355,6 +385,7 @@ fn an_adopted_reader_is_moved_paired_and_its_code_opens_the_gate() {
         ]
     );
     code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-new");
+    online_again(&s, "keypad-gate-1", 0);
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
     // Install mode no longer finds it (its address is configured now).
     scan.found.lock().unwrap().clear();
@@ -506,17 +537,7 @@ fn devices_gone_or_refusing_the_key_leave_the_configuration_unchanged() {
     assert!(s.store.reader_key("keypad-keyed").unwrap().is_none());
     assert_eq!(pd.count_since(0, |e| e["ev"] == "keyset"), 0);
     // The configured keypad still works after the bus restarts.
-    let last_off = logged(&s.store)
-        .into_iter()
-        .filter(|e| {
-            e.seq > seq && e.kind == "device_offline" && e.payload["device"] == "keypad-gate-1"
-        })
-        .map(|e| e.seq)
-        .max()
-        .unwrap_or(seq);
-    wait_event(&s.store, last_off, "device_online", WAIT, |p| {
-        p["device"] == "keypad-gate-1"
-    });
+    online_again(&s, "keypad-gate-1", seq);
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
     rs.stop(Duration::from_secs(5));
 }

@@ -447,6 +447,7 @@ fn session(
         // Nothing LibOSDP can talk to: keep the port, answer jobs, wait.
         while !shared.stopping() {
             fail_jobs(shared, rx, "no usable reader on this bus");
+            prober.turn(shared, &activity, &last_read);
             shared.sleep(Duration::from_millis(200));
         }
         return End::Stopping;
