@@ -344,6 +344,17 @@ fn an_adopted_reader_is_moved_paired_and_its_code_opens_the_gate() {
     assert!(e.contains("already used"), "{e}");
     let e = bad(json!({"candidate": c.id}));
     assert!(e.contains("needs an `entry`"), "{e}");
+    // A candidate naming a configured reader's address is refused (no COMSET to it).
+    let mut forged = c.clone();
+    forged.address = Some(0);
+    let spec: AdoptSpec =
+        serde_json::from_value(json!({"candidate": c.id, "entry": "gate-1", "address": 7}))
+            .unwrap();
+    let e = rt.block_on(prov.adopt(&forged, &spec)).unwrap_err();
+    assert!(
+        e.contains("is reader `keypad-gate-1`: not a candidate"),
+        "{e}"
+    );
     assert_eq!(readers_of(&rs), vec![("keypad-gate-1".to_string(), 0)]);
     assert_eq!(pd.count_since(0, |e| e["ev"] == "comset"), 0);
 

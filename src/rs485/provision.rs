@@ -297,6 +297,12 @@ impl Rs485Provisioner {
         {
             return Err(format!("no entry `{entry}` in the site data"));
         }
+        if let Some(r) = readers.iter().find(|r| r.address == address) {
+            return Err(format!(
+                "address {address} on bus `{bus_id}` is reader `{}`: not a candidate",
+                r.id
+            ));
+        }
         let direction = spec.direction.clone().unwrap_or_else(|| "in".into());
         let new_address = spec.address.unwrap_or(address);
         if let Some(r) = readers.iter().find(|r| r.address == new_address) {
@@ -425,6 +431,12 @@ impl Rs485Provisioner {
             .profiles
             .modbus(&profile_id)
             .ok_or_else(|| format!("no Modbus profile `{profile_id}`"))?;
+        if let Some(d) = devices.iter().find(|d| d.address == unit) {
+            return Err(format!(
+                "unit id {unit} on bus `{bus_id}` is device `{}`: not a candidate",
+                d.id
+            ));
+        }
         let new_unit = spec.address.unwrap_or(unit);
         if !(1..=247).contains(&new_unit) {
             return Err(format!("unit id {new_unit} is out of range (1 to 247)"));
