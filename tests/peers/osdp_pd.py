@@ -561,7 +561,9 @@ class Bus:
                     time.sleep(0.01)
             with self.lock:
                 if data:
-                    speed = line_speed(self.slave) if self.slave is not None else None
+                    speed = None
+                    if self.slave is not None and any(p.baud is not None for p in self.pds):
+                        speed = line_speed(self.slave)
                     self._deliver(self.splitter.feed(data), speed)
                 now = time.monotonic()
                 self._deliver(self.splitter.expire(now))
