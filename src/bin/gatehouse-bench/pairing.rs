@@ -169,9 +169,13 @@ fn sample(pd: &mut Peer, board: &Peer, n: usize) -> anyhow::Result<f64> {
     }
 }
 
-fn p99(mut v: Vec<f64>) -> f64 {
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * 0.99).round() as usize]
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn p99(v: Vec<f64>) -> f64 {
+    pct(v, 0.99)
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -335,6 +339,7 @@ poll_interval_ms = 200
             "reader_p99_delta_ms": round3(p99(busy.clone()) - p99(quiet.clone())),
             "reader_p99_quiet_ms": round3(p99(quiet.clone())),
             "reader_p99_scanning_ms": round3(p99(busy.clone())),
+            "reader_p50_delta_ms": round3(pct(busy.clone(), 0.5) - pct(quiet.clone(), 0.5)),
             "candidates": candidates,
             "samples": [quiet.len(), busy.len()],
         })
