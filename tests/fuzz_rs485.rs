@@ -1,7 +1,8 @@
 //! Fuzzing what comes off the RS-485 wires: keypad keys, Wiegand bits, raw reads, Modbus echoes
 //! and requests (the simulated board's parser), device profiles, and whole OSDP replies fed to
 //! LibOSDP's control panel (its framing and reply parsing, and the `libosdp` crate's event
-//! conversion that hands card and key data to gatehouse). Nothing may panic or abort; good
+//! conversion that hands card and key data to gatehouse), and the replies install mode reads
+//! from unconfigured PDs (`rs485::pairing`). Nothing may panic or abort; good
 //! input must still come out right. `FUZZ_CASES=200000 cargo test --release --test fuzz_rs485`
 //! runs longer.
 
@@ -151,6 +152,30 @@ proptest! {
         let (reply, _) = board.handle(&pdu, Instant::now());
         prop_assert!(!reply.is_empty() && reply.len() <= 253);
         let _ = board.tick(Instant::now() + Duration::from_secs(7000));
+    }
+
+    #[test]
+    fn install_mode_probe_replies_never_panic(
+        noise in proptest::collection::vec(any::<u8>(), 0..64),
+        addr in 0u8..0x7F,
+        code in any::<u8>(),
+        data in proptest::collection::vec(any::<u8>(), 0..40),
+        cut in any::<usize>(),
+    ) {
+        use gatehouse::rs485::pairing::{Parsed, osdp_parse, pdcap_json, pdcap_secure, pdid_json};
+        // Junk, and a good reply behind junk, cut anywhere.
+        let _ = osdp_parse(&noise);
+        let good = reply(addr, 0, code, &data);
+        let mut wire: Vec<u8> = noise.iter().copied().filter(|&b| b != 0x53).collect();
+        wire.extend_from_slice(&good);
+        let parsed = osdp_parse(&wire);
+        if good[4] & 0x08 == 0 {
+            prop_assert_eq!(parsed, Parsed::Reply(gatehouse::rs485::pairing::Reply {
+                address: addr, code, data: data.clone() }));
+        }
+        let _ = osdp_parse(&wire[..cut % (wire.len() + 1)]);
+        let _ = pdid_json(&data);
+        let _ = pdcap_secure(&pdcap_json(&data));
     }
 
     #[test]

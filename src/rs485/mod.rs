@@ -21,7 +21,9 @@
 pub mod config;
 pub mod modbus;
 pub mod osdp;
+pub mod pairing;
 pub mod profile;
+pub mod provision;
 pub mod sim;
 pub mod wire;
 
@@ -69,6 +71,8 @@ struct Common {
     routes: Mutex<HashMap<String, JobSender>>,
     online: Mutex<HashMap<String, bool>>,
     released: Mutex<HashMap<String, Instant>>,
+    /// Install mode: the scan handle and the provisioner's asks ([`pairing::Hub`]).
+    pairing: pairing::Hub,
 }
 
 /// What a bus thread sees: the access engine, the store for events, what all buses share, and
@@ -105,6 +109,11 @@ impl Shared {
             stop: self.stop.clone(),
             own_stop: AtomicBool::new(false),
         })
+    }
+
+    /// Install mode's shared state (scan handle, profiles, the provisioner's asks).
+    pub fn pairing(&self) -> &pairing::Hub {
+        &self.common.pairing
     }
 
     /// Why this bus stops (what its pending relay jobs are answered with).
@@ -280,6 +289,10 @@ impl Shared {
 pub struct Rs485 {
     shared: Arc<Shared>,
     buses: Mutex<Vec<Running>>,
+    /// The configured buses ([`Rs485::apply`]) and the devices adopted in install mode on top
+    /// (`provision.rs`): what runs is both, merged.
+    base: Mutex<Vec<BusConfig>>,
+    adopted: Mutex<Vec<provision::Adopted>>,
 }
 
 /// One bus thread.
@@ -319,6 +332,8 @@ impl Rs485 {
         let rs = Rs485 {
             shared,
             buses: Mutex::new(Vec::new()),
+            base: Mutex::new(buses.to_vec()),
+            adopted: Mutex::new(Vec::new()),
         };
         for bus in buses {
             rs.start_bus(bus)?;
@@ -405,11 +420,60 @@ impl Rs485 {
         tracing::info!(bus = %r.cfg.id, "bus stopped");
     }
 
-    /// Brings the running buses to `buses`: a bus whose id is gone is stopped, a new id is
-    /// started, a bus whose section changed is restarted; the others are not touched (their
-    /// threads go on polling). Stops come first, so that a device moved from one bus to
-    /// another is never routed to both.
+    /// Brings the running buses to `buses` (the configuration's) plus the devices adopted in
+    /// install mode ([`provision::merge`]; a conflict between the two is refused and nothing
+    /// changes): a bus whose id is gone is stopped, a new id is started, a bus whose section
+    /// changed is restarted; the others are not touched (their threads go on polling). Stops
+    /// come first, so that a device moved from one bus to another is never routed to both.
     pub fn apply(&self, buses: &[BusConfig], deadline: Duration) -> anyhow::Result<BusChanges> {
+        let adopted = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let merged = provision::merge(buses, &adopted).map_err(|e| anyhow::anyhow!(e))?;
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = buses.to_vec();
+        self.apply_merged(&merged, deadline)
+    }
+
+    /// Runs the configured buses with `adopted` on top (the provisioner's `run`); on a
+    /// conflict nothing changes.
+    pub(crate) fn apply_adopted(
+        &self,
+        adopted: Vec<provision::Adopted>,
+        deadline: Duration,
+    ) -> anyhow::Result<BusChanges> {
+        let base = self.base.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let merged = provision::merge(&base, &adopted).map_err(|e| anyhow::anyhow!(e))?;
+        *self.adopted.lock().unwrap_or_else(|e| e.into_inner()) = adopted;
+        self.apply_merged(&merged, deadline)
+    }
+
+    /// The configured buses (without adopted devices).
+    pub(crate) fn base(&self) -> Vec<BusConfig> {
+        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The devices adopted in install mode that run now.
+    pub(crate) fn adopted(&self) -> Vec<provision::Adopted> {
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Install mode: the handle the scans follow ([`crate::pairing::NoScan`] until set) and the
+    /// profiles Modbus candidates are matched against (the embedded ones until set).
+    pub fn set_pairing(
+        &self,
+        scan: Arc<dyn crate::pairing::Scan>,
+        profiles: Arc<crate::profiles::Profiles>,
+    ) {
+        self.shared.pairing().set_scan(scan);
+        self.shared.pairing().set_profiles(profiles);
+    }
+
+    fn apply_merged(&self, buses: &[BusConfig], deadline: Duration) -> anyhow::Result<BusChanges> {
         let mut changes = BusChanges::default();
         let mut to_stop = Vec::new();
         {
@@ -445,8 +509,22 @@ impl Rs485 {
         Ok(changes)
     }
 
-    /// The section a running bus runs with (for a demo bus: its port is the simulator's PTY).
+    /// The configured section of a running bus (for a demo bus: its port is the simulator's
+    /// PTY), without the devices adopted in install mode.
     pub fn bus_config(&self, id: &str) -> Option<BusConfig> {
+        if !self.running().iter().any(|r| r.cfg.id == id) {
+            return None;
+        }
+        self.base
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.id == id)
+            .cloned()
+    }
+
+    /// What a running bus runs: its configured section plus the devices adopted on it.
+    pub fn running_config(&self, id: &str) -> Option<BusConfig> {
         self.running()
             .iter()
             .find(|r| r.cfg.id == id)

@@ -41,6 +41,8 @@ use super::{Job, PortWatch, Shared, answer, port_builder};
 use crate::cloud::commands::RelayOp;
 use crate::events::EventKind;
 
+mod scan;
+
 /// Longest wait between polls of an offline device.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -259,6 +261,8 @@ struct Bus<'a> {
     offs: Vec<PendingOff>,
     started: Instant,
     metrics: crate::metrics::BusMetrics,
+    /// Install mode (`modbus/scan.rs`).
+    pairing: scan::State,
 }
 
 /// The bus thread.
@@ -334,6 +338,7 @@ async fn run_async(
             offs: std::mem::take(&mut offs),
             started: Instant::now(),
             metrics: metrics.clone(),
+            pairing: scan::State::default(),
         };
         let broken = b.session(&mut rx, &mut watch).await;
         if broken.is_none() {
@@ -425,6 +430,11 @@ impl Bus<'_> {
                     }
                 }
                 _ => {
+                    match self.pairing_turn(due.map(|d| d.1)).await {
+                        scan::Turn::Idle => {}
+                        scan::Turn::Busy => continue,
+                        scan::Turn::Broken(p) => return Some(p),
+                    }
                     let slot = due.map(|d| d.1);
                     let wake = [slot, next_off]
                         .into_iter()

@@ -48,6 +48,8 @@ use crate::events::EventKind;
 use crate::policy::{Presented, Reason, Request, Target};
 use serialport::SerialPort as _;
 
+mod scan;
+
 /// LibOSDP polls a reader when more than `OSDP_PD_POLL_TIMEOUT_MS` (50 ms) have passed since
 /// its last command or reply: the bus thread refreshes the control panel that long after the
 /// last byte went out or came in (plus a millisecond, the comparison being strict).
@@ -76,6 +78,8 @@ pub(crate) struct SerialChannel {
     broken: Arc<Mutex<Option<String>>>,
     /// When a byte last went out or came in (the bus thread's next poll is due from it).
     activity: Arc<Mutex<Option<Instant>>>,
+    /// When bytes last came in (install-mode probes go out after a reply, `scan.rs`).
+    last_read: Arc<Mutex<Option<Instant>>>,
     id: i32,
     /// Counts the commands sent (LibOSDP flushes before each one).
     metrics: Option<crate::metrics::BusMetrics>,
@@ -87,6 +91,7 @@ impl SerialChannel {
             port: Some(port),
             broken: Arc::default(),
             activity: Arc::default(),
+            last_read: Arc::default(),
             id: 0,
             metrics: None,
         }
@@ -132,6 +137,8 @@ impl Channel for SerialChannel {
             Ok(n) => {
                 if n > 0 {
                     self.active();
+                    *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
                 }
                 Ok(n)
             }
@@ -407,9 +414,11 @@ fn session(
         Ok(p) => p,
         Err(e) => return End::Broken(format!("cannot watch the port: {e}")),
     };
+    let mut prober = scan::Prober::new(&port, bus);
     let chan = SerialChannel::new(Box::new(port))
         .with_metrics(shared.engine.metrics().bus(&bus.id, "osdp"));
     let activity = chan.activity.clone();
+    let last_read = chan.last_read.clone();
     let broken = chan.broken.clone();
     let Described {
         infos,
@@ -438,6 +447,7 @@ fn session(
         // Nothing LibOSDP can talk to: keep the port, answer jobs, wait.
         while !shared.stopping() {
             fail_jobs(shared, rx, "no usable reader on this bus");
+            prober.turn(shared, &activity, &last_read);
             shared.sleep(Duration::from_millis(200));
         }
         return End::Stopping;
@@ -537,6 +547,7 @@ fn session(
         while let Ok(job) = rx.try_recv() {
             output(&mut cp, &readers, shared, job);
         }
+        prober.turn(shared, &activity, &last_read);
         if retry {
             tracing::info!(bus = %bus.id, "a reader is still offline: restarting the control panel");
             return End::Retry;

@@ -52,6 +52,9 @@ pub struct Profile {
     pub readings: Vec<Reading>,
     #[serde(default)]
     pub identity: Option<Identity>,
+    /// How install mode recognises the device (docs/rs485.md, *Pairing*).
+    #[serde(default)]
+    pub identify: Option<Identify>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +99,35 @@ pub struct Reading {
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     pub firmware_register: u16,
+}
+
+/// How a unit answering a scan is recognised as this profile's device: every read must be
+/// answered (without an exception) and hold what it says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identify {
+    /// The holding register that holds the unit address: it must read as the unit's own
+    /// address, and adoption writes a new address there (FC06) and reads it back.
+    #[serde(default)]
+    pub address_register: Option<u16>,
+    #[serde(default)]
+    pub registers: Vec<IdentifyRegister>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyRegister {
+    pub register: u16,
+    /// `holding` (FC03, default), `input` (FC04), `discrete` (FC02) or `coil` (FC01).
+    #[serde(default = "holding")]
+    pub function: super::pairing::RegFn,
+    /// The value it must hold; absent: any answer.
+    #[serde(default)]
+    pub equals: Option<u16>,
+}
+
+fn holding() -> super::pairing::RegFn {
+    super::pairing::RegFn::Holding
 }
 
 impl Profile {
@@ -169,6 +201,17 @@ impl Profile {
             }
             if u32::from(i.base) + u32::from(i.count) > 0x1_0000 {
                 return bad("inputs.base", "the inputs run past 0xFFFF");
+            }
+        }
+        if let Some(i) = &self.identify {
+            if i.address_register.is_none() && i.registers.is_empty() {
+                return bad(
+                    "identify",
+                    "names nothing to read (expected address_register and/or registers)",
+                );
+            }
+            if i.registers.len() > 8 {
+                return bad("identify.registers", "at most 8 reads");
             }
         }
         let mut names = std::collections::HashSet::new();

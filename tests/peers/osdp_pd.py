@@ -22,7 +22,7 @@ COMMAND LINE
   osdp_pd.py --link PATH --pd SPEC [--pd SPEC ...] [--log-level LEVEL]
     --link PATH   symlink to create (an existing symlink/file at PATH is replaced atomically;
                   on exit it is removed if it still points at this peer's pty).
-    --pd SPEC     ADDR[:MODE][:enforce]     ADDR = 0..126 (decimal, or 0x.. hex)
+    --pd SPEC     ADDR[:MODE][:enforce][:baud=N]  ADDR = 0..126 (decimal, or 0x.. hex)
                   MODE = 32 hex chars: the PD's SCBK (secure channel base key);
                          install : no key, LibOSDP install mode: accepts a secure channel
                                    under SCBK-D (30 31 .. 3F) and then a KEYSET; after the
@@ -31,6 +31,11 @@ COMMAND LINE
                                    compliance 0 in its PDCAP reply and answers osdp_CHLNG with
                                    NAK 0x05; it talks plaintext only.
                          (MODE omitted = install)
+                  baud=N: the PD listens at N baud only: a frame reaches it only when the
+                           pty's line speed (set by gatehouse, read with TCGETS2 when the
+                           frame's bytes arrive) is N, as a PD at another rate on a real bus
+                           hears garbage. A COMSET moves it to its new rate. Without baud=N
+                           the PD hears frames at any line speed (a pty has no real rate).
                   enforce: LibOSDP ENFORCE_SECURE flag (only together with an SCBK): with SC
                            inactive only ID, CAP, CHLNG and SCRYPT are accepted (others get
                            NAK), SCBK-D is refused.
@@ -125,16 +130,18 @@ STDOUT: one JSON object per line, written and flushed at once. Every object has
         the PD's view (LibOSDP is_online()): a frame addressed to it arrived within the last
         8 s. Initially false; only changes are reported (checked every 10 ms).
   {"ev":"state","pd":null,"pds":[{"pd":A,"address":current address,"sc":bool,
-        "online":bool,"silent":bool,"tamper":bool,"mode":"key"|"install"|"nosc",
+        "online":bool,"silent":bool,"tamper":bool,"mode":"key"|"install"|"nosc","baud":n|null,
         "key":"hex"|null},...]}
   {"ev":"error","pd":A|null,"msg":"text"[,"op":..][,"id":..]}
 """
 
 import argparse
+import fcntl
 import json
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -344,6 +351,7 @@ class PdState:
         self.key = key  # bytes or None
         self.enforce = enforce
         self.silent = False
+        self.baud = None  # None: hears frames at any line speed (see --pd baud=N)
         self.tamper = False
         self.sc = False
         self.online = False
@@ -359,7 +367,7 @@ def parse_pd_spec(spec):
         raise ValueError(f"bad PD address in {spec!r}")
     if not 0 <= addr <= 126:
         raise ValueError(f"PD address out of range 0..126 in {spec!r}")
-    mode, key, enforce = "install", None, False
+    mode, key, enforce, baud = "install", None, False, None
     for p in parts[1:]:
         pl = p.lower()
         if pl == "install":
@@ -368,6 +376,13 @@ def parse_pd_spec(spec):
             mode, key = "nosc", None
         elif pl == "enforce":
             enforce = True
+        elif pl.startswith("baud="):
+            try:
+                baud = int(pl[5:])
+            except ValueError:
+                raise ValueError(f"bad baud in {spec!r}")
+            if baud not in (9600, 19200, 38400, 57600, 115200, 230400):
+                raise ValueError(f"baud not a standard OSDP rate in {spec!r}")
         elif len(p) == 32:
             try:
                 key = bytes.fromhex(p)
@@ -378,13 +393,28 @@ def parse_pd_spec(spec):
             raise ValueError(f"bad PD option {p!r} in {spec!r}")
     if enforce and mode != "key":
         raise ValueError(f"enforce needs a 32-hex-char SCBK in {spec!r}")
-    return PdState(addr, mode, key, enforce)
+    st = PdState(addr, mode, key, enforce)
+    st.baud = baud
+    return st
+
+
+TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2), x86_64 and arm64
+
+
+def line_speed(fd):
+    """The tty's input speed as set by whoever opened it last (termios2 c_ispeed), or None."""
+    try:
+        raw = fcntl.ioctl(fd, TCGETS2, bytes(44))
+        return struct.unpack("<IIIIB19sII", raw)[6]
+    except OSError:
+        return None
 
 
 class Bus:
     def __init__(self, master_fd, pds):
         self.master = master_fd
         self.pds = pds  # list of PdState
+        self.slave = None  # our fd of the pty's slave side (line speed, see --pd baud=N)
         self.lock = threading.RLock()  # guards every LibOSDP call and PD buffers
         self.stop = threading.Event()
         self.splitter = FrameSplitter()
@@ -459,6 +489,8 @@ class Bus:
                 )
                 if isinstance(cmd.get("address"), int):
                     st.cur_addr = cmd["address"]
+                if st.baud is not None and isinstance(cmd.get("baud_rate"), int):
+                    st.baud = cmd["baud_rate"]
             elif c == osdp.Command.Manufacturer:
                 emit("mfg", st.addr, **f)
             else:
@@ -496,7 +528,7 @@ class Bus:
             st.online = online
             emit("online", st.addr, online=online)
 
-    def _deliver(self, frames):
+    def _deliver(self, frames, speed=None):
         for mark, frame in frames:
             addr = frame[1]
             if addr & 0x80:
@@ -504,6 +536,8 @@ class Bus:
             for st in self.pds:
                 if st.silent or not (addr == 0x7F or addr == st.cur_addr):
                     continue
+                if st.baud is not None and speed is not None and speed != st.baud:
+                    continue  # sent at another rate: garbage to this PD
                 st.chan.inbuf += (b"\xff" if mark else b"") + frame
                 self._refresh(st)
 
@@ -527,7 +561,10 @@ class Bus:
                     time.sleep(0.01)
             with self.lock:
                 if data:
-                    self._deliver(self.splitter.feed(data))
+                    speed = None
+                    if self.slave is not None and any(p.baud is not None for p in self.pds):
+                        speed = line_speed(self.slave)
+                    self._deliver(self.splitter.feed(data), speed)
                 now = time.monotonic()
                 self._deliver(self.splitter.expire(now))
                 if now >= next_tick:
@@ -604,6 +641,7 @@ class Controller:
                 {
                     "pd": st.addr,
                     "address": st.cur_addr,
+                    "baud": st.baud,
                     "sc": st.sc,
                     "online": st.online,
                     "silent": st.silent,
@@ -754,7 +792,7 @@ def main():
     global LOG_LEVEL
     ap = argparse.ArgumentParser(description="OSDP PD bus peer (see file header)")
     ap.add_argument("--link", required=True)
-    ap.add_argument("--pd", action="append", required=True, metavar="ADDR[:SCBK|:install|:nosc][:enforce]")
+    ap.add_argument("--pd", action="append", required=True, metavar="ADDR[:SCBK|:install|:nosc][:enforce][:baud=N]")
     ap.add_argument("--log-level", default="warning", choices=sorted(LOG_LEVELS))
     args = ap.parse_args()
     LOG_LEVEL = LOG_LEVELS[args.log_level]
@@ -777,6 +815,7 @@ def main():
         return 1
 
     bus = Bus(master, pds)
+    bus.slave = slave
     for st in pds:
         bus.setup_pd(st)
     ctl = Controller(bus, link)

@@ -14,11 +14,14 @@
 //! `gatehouse-bench automation`: the automation rules and alert lifecycle (see `automation.rs`).
 //! `gatehouse-bench idle`: the daemon's CPU, memory, wakeups and metrics scrape time at rest
 //! with two buses, ten BLE devices and the metrics endpoint (see `idle.rs`).
+//! `gatehouse-bench pairing`: install-mode scans on the RS-485 buses and what they cost a
+//! configured reader (see `pairing.rs`).
 
 mod automation;
 mod ble;
 mod idle;
 mod outbox;
+mod pairing;
 mod rs485;
 mod telemetry;
 mod uplink;
@@ -58,8 +61,9 @@ fn main() -> anyhow::Result<()> {
         Some("telemetry") => telemetry::run(&args[1..]),
         Some("automation") => automation::run(),
         Some("idle") => idle::run(),
+        Some("pairing") => pairing::run(),
         _ => bail!(
-            "usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|automation|idle"
+            "usage: gatehouse-bench access|event-log|outbox|uplink|rs485|ble|telemetry|automation|idle|pairing"
         ),
     }
 }

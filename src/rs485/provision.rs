@@ -1,0 +1,689 @@
+//! Adoption of RS-485 candidates ([`Provisioner`] for the buses) and the merge of adopted
+//! devices with the configured buses (docs/rs485.md, *Pairing*).
+//!
+//! - OSDP reader: the candidate must still answer its ID; an address or rate change is sent as
+//!   COMSET and checked by the reader answering at its new address; then the reader is added to
+//!   its bus with `secure = "install"` (the existing install path: a fresh key stored, flushed,
+//!   before LibOSDP gives it to the reader with KEYSET over an SCBK-D session) and the adoption
+//!   waits for the reader to run a secure channel on its own key (`reader_paired`). A reader
+//!   that never does is taken off the bus again, its unused key removed, and the adoption fails.
+//! - Modbus device: profile (one the candidate matched unless given), device id, inputs checked
+//!   as `[[bus.device]]` would be; a new unit id is written to the profile's address register
+//!   and read back at the new id.
+//!
+//! Every check that needs no device comes first; a failure leaves the running configuration as
+//! it was (a device already moved by COMSET or an address write stays where it was moved).
+//! `Registered.settings` is the `[[bus.reader]]`/`[[bus.device]]` table as JSON; [`merge`]
+//! refuses an adopted device whose id or address the configuration also uses, naming both.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+use super::Rs485;
+use super::config::{BusConfig, BusKind, DeviceConfig, RawBus, ReaderConfig};
+use super::pairing::{Answer, Op, RegFn, pdcap_secure};
+use crate::pairing::{AdoptSpec, Candidate, Family, Provisioner, Registered};
+use crate::profiles::Profiles;
+
+/// How long a bus thread has to run one of the provisioner's exchanges.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a device has to answer at its new address.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a bus thread has to stop when its bus is restarted with a new device.
+const RESTART_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a reader has to take its key (KEYSET) and run a secure channel on it.
+pub const PAIR_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A device adopted in install mode, as its bus runs it.
+#[derive(Debug, Clone)]
+pub enum AdoptedDevice {
+    Reader(ReaderConfig),
+    Device(DeviceConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub bus: String,
+    pub device: AdoptedDevice,
+}
+
+impl Adopted {
+    fn id(&self) -> &str {
+        match &self.device {
+            AdoptedDevice::Reader(r) => &r.id,
+            AdoptedDevice::Device(d) => &d.id,
+        }
+    }
+}
+
+/// The configured buses with the adopted devices added to theirs. Refused (nothing merged) when
+/// an adopted device's bus is gone, its id is used by the configuration (or twice), or its
+/// address is taken on its bus.
+pub fn merge(base: &[BusConfig], adopted: &[Adopted]) -> Result<Vec<BusConfig>, String> {
+    let mut out = base.to_vec();
+    let mut ids: HashSet<String> = base
+        .iter()
+        .flat_map(|b| {
+            std::iter::once(b.id.clone()).chain(b.device_ids().into_iter().map(String::from))
+        })
+        .collect();
+    for a in adopted {
+        let id = a.id();
+        let Some(bus) = out.iter_mut().find(|b| b.id == a.bus) else {
+            return Err(format!(
+                "adopted device `{id}` is on bus `{}`, which the configuration does not have",
+                a.bus
+            ));
+        };
+        if !ids.insert(id.to_string()) {
+            return Err(format!(
+                "device id `{id}` is both in the configuration (or adopted twice) and in the \
+                 registry of adopted devices"
+            ));
+        }
+        match (&mut bus.kind, &a.device) {
+            (BusKind::Osdp(readers), AdoptedDevice::Reader(r)) => {
+                if let Some(x) = readers.iter().find(|x| x.address == r.address) {
+                    return Err(format!(
+                        "OSDP address {} on bus `{}` is used by reader `{}` and by adopted reader `{id}`",
+                        r.address, a.bus, x.id
+                    ));
+                }
+                readers.push(r.clone());
+            }
+            (BusKind::Modbus { devices, .. }, AdoptedDevice::Device(d)) => {
+                if let Some(x) = devices.iter().find(|x| x.address == d.address) {
+                    return Err(format!(
+                        "unit id {} on bus `{}` is used by device `{}` and by adopted device `{id}`",
+                        d.address, a.bus, x.id
+                    ));
+                }
+                devices.push(d.clone());
+            }
+            _ => {
+                return Err(format!(
+                    "adopted device `{id}` does not speak the protocol of bus `{}`",
+                    a.bus
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A registered device's settings checked as the configuration's own `[[bus.reader]]` /
+/// `[[bus.device]]` table would be.
+pub fn adopted_from(reg: &Registered, profiles: &Profiles) -> Result<Adopted, String> {
+    let bus = reg
+        .bus
+        .clone()
+        .ok_or_else(|| format!("adopted device `{}` names no bus", reg.id))?;
+    let (protocol, table) = match reg.family {
+        Family::OsdpReader => ("osdp", "reader"),
+        Family::ModbusDevice => ("modbus", "device"),
+        f => return Err(format!("`{}` is not an RS-485 device", f.as_str())),
+    };
+    let settings = toml::Value::try_from(&reg.settings)
+        .map_err(|e| format!("adopted device `{}`: settings: {e}", reg.id))?;
+    let doc = json!({"bus": [{"id": bus, "port": "/dev/null", "protocol": protocol}]});
+    let mut doc = toml::Value::try_from(&doc).map_err(|e| e.to_string())?;
+    if let Some(b) = doc
+        .get_mut("bus")
+        .and_then(|b| b.as_array_mut())
+        .and_then(|a| a.first_mut())
+        .and_then(|b| b.as_table_mut())
+    {
+        b.insert(table.into(), toml::Value::Array(vec![settings]));
+    }
+    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        bus: Vec<RawBus>,
+    }
+    let raw: Doc = toml::from_str(&text)
+        .map_err(|e| format!("adopted device `{}`: {}", reg.id, e.message()))?;
+    let err = |_: std::ops::Range<usize>, key: &str, message: String| crate::config::ConfigError {
+        file: PathBuf::from("registry"),
+        line: 0,
+        key: Some(key.to_string()),
+        message,
+    };
+    let checked = super::config::check(&raw.bus, &|p| PathBuf::from(p), &err, false, profiles)
+        .map_err(|e| {
+            let key = e.key.unwrap_or_default();
+            let key = key.split_once("].").map_or(key.as_str(), |k| k.1);
+            format!("adopted device `{}`: {key}: {}", reg.id, e.message)
+        })?;
+    let device = match checked.into_iter().next().map(|b| b.kind) {
+        Some(BusKind::Osdp(mut r)) if r.len() == 1 => AdoptedDevice::Reader(r.remove(0)),
+        Some(BusKind::Modbus { mut devices, .. }) if devices.len() == 1 => {
+            AdoptedDevice::Device(devices.remove(0))
+        }
+        _ => {
+            return Err(format!(
+                "adopted device `{}`: no device in its settings",
+                reg.id
+            ));
+        }
+    };
+    Ok(Adopted { bus, device })
+}
+
+/// Adopts OSDP readers and Modbus devices on the running buses.
+pub struct Rs485Provisioner {
+    rs: Arc<Rs485>,
+    profiles: Arc<Profiles>,
+    /// One adoption at a time (each may restart a bus).
+    adopting: tokio::sync::Mutex<()>,
+    pair_timeout: Duration,
+}
+
+impl Rs485Provisioner {
+    pub fn new(rs: Arc<Rs485>, profiles: Arc<Profiles>) -> Rs485Provisioner {
+        Rs485Provisioner {
+            rs,
+            profiles,
+            adopting: tokio::sync::Mutex::new(()),
+            pair_timeout: PAIR_TIMEOUT,
+        }
+    }
+
+    /// How long a reader has to take its key (tests shorten it).
+    pub fn with_pair_timeout(mut self, d: Duration) -> Self {
+        self.pair_timeout = d;
+        self
+    }
+
+    async fn ask(&self, bus: &str, op: Op) -> Result<Answer, String> {
+        let rx = self.rs.shared().pairing().ask(bus, op);
+        match tokio::time::timeout(OP_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(format!("bus `{bus}` dropped the request")),
+            Err(_) => Err(format!(
+                "bus `{bus}` did not run the request within {} s (is it running?)",
+                OP_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Asks `op` until `ok` accepts the answer or `MOVE_TIMEOUT` passes.
+    async fn until(&self, bus: &str, op: Op, ok: impl Fn(&Answer) -> bool) -> Result<bool, String> {
+        let end = Instant::now() + MOVE_TIMEOUT;
+        loop {
+            if ok(&self.ask(bus, op.clone()).await?) {
+                return Ok(true);
+            }
+            if Instant::now() >= end {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn apply(&self, adopted: Vec<Adopted>) -> Result<(), String> {
+        let rs = self.rs.clone();
+        tokio::task::spawn_blocking(move || rs.apply_adopted(adopted, RESTART_DEADLINE))
+            .await
+            .map_err(|e| format!("bus restart: {e}"))?
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// The running buses, the bus of `candidate`, and a device id for it (given or derived),
+    /// checked unique.
+    fn place(
+        &self,
+        candidate: &Candidate,
+        spec: &AdoptSpec,
+        derived: String,
+    ) -> Result<(Vec<Adopted>, BusConfig, String, u8), String> {
+        let bus_id = candidate
+            .bus
+            .as_deref()
+            .ok_or_else(|| format!("candidate `{}` names no bus", candidate.id))?;
+        let address = candidate
+            .address
+            .ok_or_else(|| format!("candidate `{}` has no address", candidate.id))?;
+        let adopted = self.rs.adopted();
+        let merged = merge(&self.rs.base(), &adopted)?;
+        let bus = merged
+            .iter()
+            .find(|b| b.id == bus_id)
+            .cloned()
+            .ok_or_else(|| format!("no bus `{bus_id}` runs (candidate `{}`)", candidate.id))?;
+        let id = spec.device.clone().unwrap_or(derived);
+        if !crate::config::valid_id(&id) {
+            return Err(format!(
+                "device id `{id}` is not valid (expected 1 to 64 of A-Z a-z 0-9 - _ .)"
+            ));
+        }
+        if merged
+            .iter()
+            .any(|b| b.id == id || b.device_ids().contains(&id.as_str()))
+        {
+            return Err(format!("device id `{id}` is already used"));
+        }
+        Ok((adopted, bus, id, address))
+    }
+
+    async fn adopt_reader(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
+        let bus_id = c.bus.clone().unwrap_or_default();
+        let derived = format!(
+            "reader-{bus_id}-{}",
+            spec.address.or(c.address).unwrap_or(0)
+        );
+        let (adopted, bus, id, address) = self.place(c, spec, derived)?;
+        let BusKind::Osdp(readers) = &bus.kind else {
+            return Err(format!("bus `{bus_id}` is not an OSDP bus"));
+        };
+        let entry = spec
+            .entry
+            .clone()
+            .ok_or("an OSDP reader needs an `entry` to open")?;
+        if !self
+            .rs
+            .shared()
+            .store
+            .site()
+            .tables
+            .entries
+            .contains_key(&entry)
+        {
+            return Err(format!("no entry `{entry}` in the site data"));
+        }
+        if let Some(r) = readers.iter().find(|r| r.address == address) {
+            return Err(format!(
+                "address {address} on bus `{bus_id}` is reader `{}`: not a candidate",
+                r.id
+            ));
+        }
+        let direction = spec.direction.clone().unwrap_or_else(|| "in".into());
+        let new_address = spec.address.unwrap_or(address);
+        if let Some(r) = readers.iter().find(|r| r.address == new_address) {
+            return Err(format!(
+                "address {new_address} on bus `{bus_id}` is used by reader `{}`",
+                r.id
+            ));
+        }
+        let baud = c.baud.unwrap_or(bus.baud);
+        let new_baud = spec.baud.unwrap_or(bus.baud);
+        if new_baud != bus.baud {
+            return Err(format!(
+                "bus `{bus_id}` runs at {} baud: a reader on it must too (baud {new_baud} asked)",
+                bus.baud
+            ));
+        }
+        if c.identity.get("pdcap").and_then(pdcap_secure) == Some(false) {
+            return Err(
+                "the reader does not do the OSDP secure channel (its PDCAP says so)".into(),
+            );
+        }
+        let settings = json!({"id": id, "address": new_address, "entry": entry,
+                              "direction": direction, "secure": "install"});
+        let reg = Registered {
+            id: id.clone(),
+            candidate: c.id.clone(),
+            family: Family::OsdpReader,
+            bus: Some(bus_id.clone()),
+            settings,
+            adopted_at: Utc::now(),
+            adopted_by: String::new(),
+        };
+        let mut trial = adopted.clone();
+        trial.push(adopted_from(&reg, &self.profiles)?);
+        merge(&self.rs.base(), &trial)?;
+        // The device: still there, then moved if asked.
+        match self.ask(&bus_id, Op::OsdpId { address, baud }).await? {
+            Answer::Identity(_) => {}
+            Answer::Silent => {
+                return Err(format!(
+                    "the reader at address {address} ({baud} baud) no longer answers"
+                ));
+            }
+            a => {
+                return Err(format!(
+                    "the reader at address {address} answered {a:?} to ID"
+                ));
+            }
+        }
+        if new_address != address || new_baud != baud {
+            let op = Op::OsdpId {
+                address: new_address,
+                baud: new_baud,
+            };
+            if new_address != address && self.ask(&bus_id, op.clone()).await? != Answer::Silent {
+                return Err(format!("a device already answers at address {new_address}"));
+            }
+            let comset = Op::OsdpComset {
+                address,
+                baud,
+                new_address,
+                new_baud,
+            };
+            match self.ask(&bus_id, comset).await? {
+                Answer::Done => {}
+                Answer::Silent => return Err("the reader did not answer COMSET".into()),
+                a => return Err(format!("the reader refused COMSET: {a:?}")),
+            }
+            if !self
+                .until(&bus_id, op, |a| matches!(a, Answer::Identity(_)))
+                .await?
+            {
+                return Err(format!(
+                    "the reader did not answer at address {new_address}, {new_baud} baud after COMSET"
+                ));
+            }
+        }
+        // The secure channel: the install path on the bus, until the reader runs on its key.
+        let store = self.rs.shared().store.clone();
+        self.apply(trial).await?;
+        let end = Instant::now() + self.pair_timeout;
+        loop {
+            if matches!(store.reader_key(&id), Ok(Some((_, true)))) {
+                return Ok(reg);
+            }
+            if Instant::now() >= end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let back = self.apply(adopted).await;
+        let _ = store.clear_reader_key(&id);
+        Err(format!(
+            "the reader did not take its new key (KEYSET not acknowledged, or no secure channel \
+             on it) within {} s; it was taken off the bus{}",
+            self.pair_timeout.as_secs(),
+            back.err()
+                .map(|e| format!(" (restoring the bus failed: {e})"))
+                .unwrap_or_default()
+        ))
+    }
+
+    async fn adopt_device(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
+        let bus_id = c.bus.clone().unwrap_or_default();
+        let unit0 = spec.address.or(c.address).unwrap_or(0);
+        let (adopted, bus, id, unit) = self.place(c, spec, format!("modbus-{bus_id}-{unit0}"))?;
+        let BusKind::Modbus { devices, .. } = &bus.kind else {
+            return Err(format!("bus `{bus_id}` is not a Modbus bus"));
+        };
+        let matched: Vec<String> = c.identity["profiles"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let profile_id = match (&spec.profile, matched.first()) {
+            (Some(p), _) => p.clone(),
+            (None, Some(p)) => p.clone(),
+            (None, None) => {
+                return Err("the device matched no profile: name one with `profile`".into());
+            }
+        };
+        let profile = self
+            .profiles
+            .modbus(&profile_id)
+            .ok_or_else(|| format!("no Modbus profile `{profile_id}`"))?;
+        if let Some(d) = devices.iter().find(|d| d.address == unit) {
+            return Err(format!(
+                "unit id {unit} on bus `{bus_id}` is device `{}`: not a candidate",
+                d.id
+            ));
+        }
+        let new_unit = spec.address.unwrap_or(unit);
+        if !(1..=247).contains(&new_unit) {
+            return Err(format!("unit id {new_unit} is out of range (1 to 247)"));
+        }
+        if let Some(d) = devices.iter().find(|d| d.address == new_unit) {
+            return Err(format!(
+                "unit id {new_unit} on bus `{bus_id}` is used by device `{}`",
+                d.id
+            ));
+        }
+        let address_register = profile.identify.as_ref().and_then(|i| i.address_register);
+        if new_unit != unit && address_register.is_none() {
+            return Err(format!(
+                "profile `{profile_id}` names no address register: the device cannot be given a new unit id"
+            ));
+        }
+        let mut settings = json!({"id": id, "profile": profile_id, "address": new_unit});
+        if !spec.inputs.is_empty() {
+            settings["inputs"] = Value::Array(spec.inputs.clone());
+        }
+        let reg = Registered {
+            id,
+            candidate: c.id.clone(),
+            family: Family::ModbusDevice,
+            bus: Some(bus_id.clone()),
+            settings,
+            adopted_at: Utc::now(),
+            adopted_by: String::new(),
+        };
+        let mut trial = adopted;
+        trial.push(adopted_from(&reg, &self.profiles)?);
+        merge(&self.rs.base(), &trial)?;
+        let reg_no = address_register.unwrap_or(0);
+        let read = |unit| Op::ModbusRead {
+            unit,
+            function: RegFn::Holding,
+            register: reg_no,
+        };
+        if self.ask(&bus_id, read(unit)).await? == Answer::Silent {
+            return Err(format!("the device at unit id {unit} no longer answers"));
+        }
+        if new_unit != unit {
+            if self.ask(&bus_id, read(new_unit)).await? != Answer::Silent {
+                return Err(format!("a device already answers at unit id {new_unit}"));
+            }
+            let write = Op::ModbusWrite {
+                unit,
+                register: reg_no,
+                value: u16::from(new_unit),
+            };
+            match self.ask(&bus_id, write).await? {
+                Answer::Done => {}
+                Answer::Silent => return Err("the device did not answer the address write".into()),
+                a => return Err(format!("the device refused the address write: {a:?}")),
+            }
+            let want = Answer::Word(u16::from(new_unit));
+            if !self.until(&bus_id, read(new_unit), |a| *a == want).await? {
+                return Err(format!(
+                    "the device did not answer at unit id {new_unit} after the address write"
+                ));
+            }
+        }
+        Ok(reg)
+    }
+}
+
+impl Provisioner for Rs485Provisioner {
+    fn families(&self) -> &'static [Family] {
+        &[Family::OsdpReader, Family::ModbusDevice]
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        candidate: &'a Candidate,
+        spec: &'a AdoptSpec,
+    ) -> BoxFuture<'a, Result<Registered, String>> {
+        Box::pin(async move {
+            let _one = self.adopting.lock().await;
+            match candidate.family {
+                Family::OsdpReader => self.adopt_reader(candidate, spec).await,
+                Family::ModbusDevice => self.adopt_device(candidate, spec).await,
+                f => Err(format!(
+                    "`{}` is not adopted on the RS-485 buses",
+                    f.as_str()
+                )),
+            }
+        })
+    }
+
+    fn run(&self, registered: &[Registered]) -> Result<(), String> {
+        let adopted = registered
+            .iter()
+            .filter(|r| self.families().contains(&r.family))
+            .map(|r| adopted_from(r, &self.profiles))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.rs
+            .apply_adopted(adopted, RESTART_DEADLINE)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(family: Family, bus: &str, settings: Value) -> Registered {
+        Registered {
+            id: settings["id"].as_str().unwrap_or("x").to_string(),
+            candidate: "c".into(),
+            family,
+            bus: Some(bus.into()),
+            settings,
+            adopted_at: Utc::now(),
+            adopted_by: "local:test".into(),
+        }
+    }
+
+    fn base() -> Vec<BusConfig> {
+        let p = Profiles::embedded();
+        let reader = reg(
+            Family::OsdpReader,
+            "readers",
+            json!({"id": "keypad-1", "address": 0, "entry": "gate-1"}),
+        );
+        let device = reg(
+            Family::ModbusDevice,
+            "io",
+            json!({"id": "relay-1", "profile": "waveshare-relay-8ch", "address": 1}),
+        );
+        let bus = |a: Adopted, kind: BusKind| BusConfig {
+            id: a.bus,
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            kind,
+        };
+        let r = adopted_from(&reader, &p).unwrap();
+        let AdoptedDevice::Reader(rc) = r.device.clone() else {
+            panic!()
+        };
+        let d = adopted_from(&device, &p).unwrap();
+        let AdoptedDevice::Device(dc) = d.device.clone() else {
+            panic!()
+        };
+        vec![
+            bus(r, BusKind::Osdp(vec![rc])),
+            bus(
+                d,
+                BusKind::Modbus {
+                    parity: super::super::profile::Parity::None,
+                    timeout: Duration::from_millis(200),
+                    devices: vec![dc],
+                },
+            ),
+        ]
+    }
+
+    fn check(family: Family, bus: &str, settings: Value, expected: &str) {
+        let p = Profiles::embedded();
+        let r = adopted_from(&reg(family, bus, settings), &p).and_then(|a| merge(&base(), &[a]));
+        match r {
+            Ok(_) => assert_eq!("ok", expected),
+            Err(e) => assert!(e.contains(expected), "`{e}` lacks `{expected}`"),
+        }
+    }
+
+    #[test]
+    fn adopted_devices_merge_unless_they_conflict_with_the_configuration() {
+        use Family::{ModbusDevice as M, OsdpReader as O};
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "ok",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 0, "entry": "gate-1"}),
+            "OSDP address 0 on bus `readers` is used by reader `keypad-1` and by adopted reader `k2`",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "relay-1", "address": 5, "entry": "gate-1"}),
+            "device id `relay-1` is both in the configuration",
+        );
+        check(
+            O,
+            "gone",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "bus `gone`, which the configuration does not have",
+        );
+        check(
+            O,
+            "io",
+            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
+            "does not speak the protocol",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 200, "entry": "gate-1"}),
+            "out of range",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1", "secure": "maybe"}),
+            "expected key, install or none",
+        );
+        check(
+            O,
+            "readers",
+            json!({"id": "k2", "address": 5, "entry": "gate-1", "surprise": 1}),
+            "surprise",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "xy-md02", "address": 7}),
+            "ok",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "xy-md02", "address": 1}),
+            "unit id 1 on bus `io` is used by device `relay-1`",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "nope", "address": 7}),
+            "no profile `nope`",
+        );
+        check(
+            M,
+            "io",
+            json!({"id": "b2", "profile": "waveshare-relay-8ch-d", "address": 7,
+                   "inputs": [{"channel": 0, "role": "door_contact"}]}),
+            "needs an entry",
+        );
+        check(
+            Family::BleLock,
+            "io",
+            json!({"id": "b2"}),
+            "not an RS-485 device",
+        );
+    }
+}
