@@ -177,11 +177,18 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     // Install mode's timer and recorder; the drivers scan through `pairing` (`Arc<dyn Scan>`)
     // and adopt through their provisioners, which take the registered devices at once.
     tracker.spawn(pairing.clone().run(shutdown.child_token()));
+    reloader.add_part(Arc::new(crate::pairing::ReloadCheck(pairing.clone())));
     if let Some(b) = &ble {
         b.control.set_scan(pairing.clone());
         if let Err(e) = pairing.register(b.control.clone()) {
             tracing::error!("adopted BLE devices not started: {e}");
         }
+    }
+    rs485.set_pairing(pairing.clone(), cfg.profiles.clone());
+    let rs485_provisioner =
+        crate::rs485::provision::Rs485Provisioner::new(rs485.clone(), cfg.profiles.clone());
+    if let Err(e) = pairing.register(Arc::new(rs485_provisioner)) {
+        tracing::error!("adopted RS-485 devices not started: {e}");
     }
     start_control(&cfg, &pairing, &store, &shutdown, &tracker);
     // Events appended without a flush become visible (to the cloud link) within a second, and a

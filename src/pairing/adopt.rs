@@ -52,7 +52,7 @@ impl Pairing {
         candidate: &str,
     ) -> Option<String> {
         let registry: Vec<InUse> = g.registry.iter().map(of_registered).collect();
-        self.configured
+        self.configured()
             .iter()
             .chain(registry.iter().filter(|r| Some(r.id.as_str()) != except))
             .chain(
@@ -102,7 +102,7 @@ impl Pairing {
             Some(old) => {
                 let Some(r) = g.registry.iter().find(|r| &r.id == old) else {
                     drop(g);
-                    let why = if self.configured.iter().any(|c| &c.id == old) {
+                    let why = if self.configured().iter().any(|c| &c.id == old) {
                         (
                             PairReason::Configured,
                             format!(
@@ -317,7 +317,7 @@ impl Pairing {
             .cloned();
         let Some(record) = found else {
             let name = crate::redact::name(device);
-            return Err(if self.configured.iter().any(|c| c.id == device) {
+            return Err(if self.configured().iter().any(|c| c.id == device) {
                 PairError::new(
                     PairReason::Configured,
                     format!("device {name} is in the TOML config: remove it there"),

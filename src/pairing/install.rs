@@ -174,7 +174,8 @@ pub struct Pairing {
     pub(super) inner: Mutex<Inner>,
     pub(super) store: Arc<Store>,
     pub(super) provisioners: std::sync::RwLock<Vec<Arc<dyn Provisioner>>>,
-    pub(super) configured: Vec<InUse>,
+    /// The config's devices (replaced by a reload: [`ReloadCheck`]).
+    configured: std::sync::RwLock<Vec<InUse>>,
     changed: Notify,
     timer: Notify,
     found_tx: tokio::sync::mpsc::Sender<String>,
@@ -205,7 +206,7 @@ impl Pairing {
             }),
             store,
             provisioners: std::sync::RwLock::new(Vec::new()),
-            configured,
+            configured: std::sync::RwLock::new(configured),
             changed: Notify::new(),
             timer: Notify::new(),
             found_tx,
@@ -229,6 +230,14 @@ impl Pairing {
             .unwrap_or_else(|e| e.into_inner())
             .push(prov);
         Ok(())
+    }
+
+    /// The config's devices, as of the last start or reload.
+    pub(super) fn configured(&self) -> Vec<InUse> {
+        self.configured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -544,7 +553,7 @@ impl Scan for Pairing {
         }
         candidate.identity = bounded_identity(std::mem::take(&mut candidate.identity));
         // A configured device is never a candidate (a driver should not report one anyway).
-        let configured = self.configured.iter().any(|c| {
+        let configured = self.configured().iter().any(|c| {
             (c.bus.is_some() && c.bus == candidate.bus && c.address == candidate.address)
                 || (c.mac.is_some()
                     && c.mac.as_deref()
@@ -611,5 +620,80 @@ impl Scan for Pairing {
             drop(g);
             self.notify();
         }
+    }
+}
+
+/// A configuration reload ([`crate::reload::Part`]): a new config that conflicts with an adopted
+/// device (same id, bus and address, or MAC) is refused whole, naming both places; an accepted
+/// one becomes what adoptions are checked against.
+pub struct ReloadCheck(pub Arc<Pairing>);
+
+impl crate::reload::Part for ReloadCheck {
+    fn check(
+        &self,
+        _old: &crate::config::Config,
+        new: &crate::config::Config,
+    ) -> anyhow::Result<()> {
+        super::registry::merge(&super::registry::configured(new), &self.0.registered()).map_err(
+            |e| anyhow::anyhow!("the config conflicts with the registry of adopted devices: {e}"),
+        )
+    }
+
+    fn apply(
+        &self,
+        _old: &crate::config::Config,
+        new: &crate::config::Config,
+    ) -> anyhow::Result<Vec<String>> {
+        *self.0.configured.write().unwrap_or_else(|e| e.into_inner()) =
+            super::registry::configured(new);
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pairing::Family;
+    use crate::reload::Part as _;
+
+    fn config(dir: &std::path::Path, address: u8) -> Config {
+        let text = format!(
+            "[site]\nid = \"s\"\ngateway_id = \"gw\"\n[storage]\ndata_dir = \"data\"\n\
+             [[bus]]\nid = \"bus-2\"\nport = \"/dev/null\"\nprotocol = \"modbus\"\n\
+             [[bus.device]]\nid = \"climate\"\nprofile = \"xy-md02\"\naddress = {address}\n"
+        );
+        Config::parse(&dir.join("g.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn a_reload_taking_an_adopted_devices_address_is_refused_and_an_accepted_one_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db"), 1000).unwrap());
+        store
+            .registry_put(&Registered {
+                id: "board".into(),
+                candidate: "modbus:bus-2:7".into(),
+                family: Family::ModbusDevice,
+                bus: Some("bus-2".into()),
+                settings: json!({"id": "board", "profile": "xy-md02", "address": 7}),
+                adopted_at: Utc::now(),
+                adopted_by: "local:root".into(),
+            })
+            .unwrap();
+        let old = config(dir.path(), 4);
+        let p = Pairing::open(store, super::super::registry::configured(&old), Vec::new()).unwrap();
+        let check = ReloadCheck(p.clone());
+        let e = check
+            .check(&old, &config(dir.path(), 7))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry of adopted devices"), "{e}");
+        assert!(p.configured().iter().any(|c| c.address == Some(4)));
+        let fine = config(dir.path(), 5);
+        check.check(&old, &fine).unwrap();
+        check.apply(&old, &fine).unwrap();
+        let now: Vec<_> = p.configured().iter().map(|c| c.address).collect();
+        assert_eq!(now, vec![Some(5)]);
     }
 }

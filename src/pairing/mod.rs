@@ -24,7 +24,9 @@ mod install;
 pub mod registry;
 
 pub use adopt::default_device_id;
-pub use install::{EndReason, MAX_CANDIDATES, MINUTES, PairError, PairReason, Pairing};
+pub use install::{
+    EndReason, MAX_CANDIDATES, MINUTES, PairError, PairReason, Pairing, ReloadCheck,
+};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
