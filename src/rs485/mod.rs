@@ -22,6 +22,7 @@ pub mod config;
 pub mod modbus;
 pub mod osdp;
 pub mod profile;
+pub mod rt;
 pub mod sim;
 pub mod wire;
 
@@ -337,9 +338,12 @@ impl Rs485 {
         let (b, s) = (bus.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("bus-{}", bus.id))
-            .spawn(move || match &b.kind {
-                BusKind::Osdp(_) => osdp::run(&b, &s, rx),
-                BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+            .spawn(move || {
+                rt::raise(&b.id, b.realtime);
+                match &b.kind {
+                    BusKind::Osdp(_) => osdp::run(&b, &s, rx),
+                    BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+                }
             })?;
         {
             let mut routes = self
