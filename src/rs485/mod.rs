@@ -21,6 +21,7 @@
 pub mod config;
 pub mod modbus;
 pub mod osdp;
+pub mod pace;
 pub mod profile;
 pub mod rt;
 pub mod sim;
