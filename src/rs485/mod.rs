@@ -318,6 +318,8 @@ impl Rs485 {
     }
 
     pub fn start_with(buses: &[BusConfig], shared: Arc<Shared>) -> anyhow::Result<Rs485> {
+        // Not from a bus thread, which may run at real-time priority (rt.rs): threads inherit it.
+        shared.store.start_recording();
         let rs = Rs485 {
             shared,
             buses: Mutex::new(Vec::new()),
