@@ -49,6 +49,9 @@ pub struct RawConfig {
     /// The local control socket for installers (docs/pairing.md).
     #[serde(default)]
     pub control: RawControl,
+    /// Settings shared by every RS-485 bus (`[rs485] realtime`).
+    #[serde(default)]
+    pub rs485: crate::rs485::rt::RawRs485,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -542,13 +545,17 @@ impl Config {
                 crate::profiles::Profiles::load(Path::new(crate::profiles::DEFAULT_DIR), false)?
             }
         };
-        let buses = crate::rs485::config::check(
+        let mut buses = crate::rs485::config::check(
             &raw.bus,
             &resolve,
             &err,
             raw.demo.simulate_devices,
             &profiles,
         )?;
+        let realtime = crate::rs485::rt::check(&raw.rs485, &err)?;
+        for b in &mut buses {
+            b.realtime = realtime;
+        }
         let ble = match &raw.ble {
             Some(b) => Some(crate::ble::config::check(
                 b,

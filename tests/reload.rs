@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gatehouse::access::{AccessEngine, Attempt};
-use gatehouse::cloud::commands::{NoDevices, Online};
+use gatehouse::cloud::commands::{Execution, NoDevices, Online, RelayOp};
 use gatehouse::policy::{Direction, Presented, Request, Target};
 use gatehouse::reload::{Outcome, Reloader};
 use gatehouse::rs485::Rs485;
@@ -234,6 +234,125 @@ fn buses_are_added_restarted_and_removed_live_and_a_bad_file_changes_nothing() {
         "{out:?}"
     );
     assert_eq!(reloader.current().site_id, "test-site");
+    rs485.stop(Duration::from_secs(5));
+}
+
+/// A `Reloader` over `rs485` with a cloud link supervisor that has no `[cloud]` to run.
+fn reloader(
+    cfg: gatehouse::config::Config,
+    store: &Arc<gatehouse::store::Store>,
+    engine: &AccessEngine,
+    rs485: &Arc<Rs485>,
+) -> Reloader {
+    let supervisor = Arc::new(gatehouse::cloud::supervisor::LinkSupervisor::new(
+        gatehouse::cloud::supervisor::LinkParts {
+            site: cfg.site_id.clone(),
+            gateway: cfg.gateway_id.clone(),
+            store: store.clone(),
+            states: Arc::new(gatehouse::devstate::DeviceStates::new()),
+            units: Arc::new(NoDevices),
+            relays: rs485.relays(),
+            devices: None,
+            metrics: engine.metrics().clone(),
+            drain: Duration::from_secs(1),
+            pairing: None,
+            alerts: None,
+        },
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    ));
+    Reloader::new(cfg, store.clone(), None, rs485.clone(), supervisor)
+}
+
+/// Issue 11, bad input: a reload that removes the bus a relay job is pending on. A software-
+/// timed pulse (the I/O board has no board-timed one) is running on a real pymodbus board when
+/// its bus is removed: the pulse is ended (the coil really goes off), a `device_error` says it
+/// was cut short and why, a command for the device now fails with a clear reason, and the
+/// daemon goes on deciding access with its other bus still polling.
+#[test]
+fn a_reload_that_removes_the_bus_of_a_running_pulse_ends_it_says_why_and_decisions_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = demo_store(dir.path());
+    let (link_io, link_a) = (dir.path().join("modbus-io"), dir.path().join("modbus-a"));
+    let board = Peer::start(
+        "modbus_dev.py",
+        &link_io,
+        &["--device", "1:io8"].map(String::from),
+    );
+    let mut a = climate(&link_a);
+    let bus_a = modbus_bus("a", &link_a, "climate-a", 100);
+    let bus_io = format!(
+        r#"
+[[bus]]
+id = "io"
+port = "{}"
+protocol = "modbus"
+timeout_ms = 500
+[[bus.device]]
+id = "door-io"
+profile = "waveshare-io-8ch"
+address = 1
+"#,
+        link_io.display()
+    );
+    let cfg = config(dir.path(), &format!("{bus_a}{bus_io}"));
+    let engine = Arc::new(AccessEngine::new(store.clone(), None));
+    let rs485 = Arc::new(Rs485::start(&cfg.buses, engine.clone()).unwrap());
+    let relays = rs485.relays();
+    let reloader = reloader(cfg, &store, &engine, &rs485);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    wait_event(&store, 0, "device_online", WAIT, |p| {
+        p["device"] == "door-io"
+    });
+
+    // A ten-minute pulse, timed by gatehouse: the coil is on, its end pending on the bus.
+    let done = relays.execute("door-io", 3, RelayOp::Pulse { ms: 600_000 });
+    assert!(
+        matches!(&done, Execution::Done(d) if d.contains("pulsed")),
+        "{done:?}"
+    );
+    board.wait_for("coil 3 on", WAIT, |e| {
+        e["ev"] == "coil" && e["index"] == 3 && e["on"] == true
+    });
+
+    // The bus is removed by a reload.
+    config(dir.path(), &bus_a);
+    let from = last_seq(&store);
+    let out = rt.block_on(reloader.reload());
+    assert!(matches!(out, Outcome::Reloaded { .. }), "{out:?}");
+    let r = wait_event(&store, from, "config_reloaded", WAIT, |_| true);
+    assert_eq!(r.payload["buses"]["removed"], serde_json::json!(["io"]));
+
+    // The pulse ended at once, not ten minutes later, and the log says so and why.
+    board.wait_for("coil 3 off", WAIT, |e| {
+        e["ev"] == "coil" && e["index"] == 3 && e["on"] == false
+    });
+    let cut = wait_event(&store, from, "device_error", WAIT, |p| {
+        p["device"] == "door-io"
+    });
+    let msg = cut.payload["error"].as_str().unwrap();
+    assert!(
+        msg.contains("relay 3") && msg.contains("early") && msg.contains("reload"),
+        "{msg}"
+    );
+    let off = wait_event(&store, from, "device_offline", WAIT, |p| {
+        p["device"] == "door-io"
+    });
+    assert!(off.payload["detail"].as_str().unwrap().contains("reload"));
+
+    // A command for the removed device fails, saying why; nothing reaches the board.
+    let writes = board.count_since(0, |e| e["ev"] == "write");
+    match relays.execute("door-io", 3, RelayOp::On) {
+        Execution::Failed(why) => assert!(why.contains("not on any bus"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(relays.online("door-io"), Online::Unknown);
+    assert_eq!(board.count_since(0, |e| e["ev"] == "write"), writes);
+
+    // Decisions go on, and so does the other bus.
+    assert!(granted(&engine));
+    reading(&store, &mut a, "climate-a", 26.0, from);
+    assert_eq!(rs485.bus_ids(), vec!["a"]);
     rs485.stop(Duration::from_secs(5));
 }
 

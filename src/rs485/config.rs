@@ -143,6 +143,9 @@ pub struct BusConfig {
     pub port: PathBuf,
     pub baud: u32,
     pub kind: BusKind,
+    /// How the bus thread is scheduled (`[rs485] realtime`, shared by every bus; a change
+    /// restarts the buses on a reload).
+    pub realtime: super::rt::Realtime,
 }
 
 impl BusConfig {
@@ -498,6 +501,7 @@ pub fn check(
             port,
             baud,
             kind,
+            realtime: super::rt::Realtime::default(),
         });
     }
     Ok(out)

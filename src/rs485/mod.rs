@@ -21,9 +21,11 @@
 pub mod config;
 pub mod modbus;
 pub mod osdp;
+pub mod pace;
 pub mod pairing;
 pub mod profile;
 pub mod provision;
+pub mod rt;
 pub mod sim;
 pub mod wire;
 
@@ -329,6 +331,8 @@ impl Rs485 {
     }
 
     pub fn start_with(buses: &[BusConfig], shared: Arc<Shared>) -> anyhow::Result<Rs485> {
+        // Not from a bus thread, which may run at real-time priority (rt.rs): threads inherit it.
+        shared.store.start_recording();
         let rs = Rs485 {
             shared,
             buses: Mutex::new(Vec::new()),
@@ -352,9 +356,12 @@ impl Rs485 {
         let (b, s) = (bus.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("bus-{}", bus.id))
-            .spawn(move || match &b.kind {
-                BusKind::Osdp(_) => osdp::run(&b, &s, rx),
-                BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+            .spawn(move || {
+                rt::raise(&b.id, b.realtime);
+                match &b.kind {
+                    BusKind::Osdp(_) => osdp::run(&b, &s, rx),
+                    BusKind::Modbus { .. } => modbus::run(&b, &s, rx),
+                }
             })?;
         {
             let mut routes = self

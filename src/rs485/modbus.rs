@@ -12,10 +12,11 @@
 //! Poll timing. Each device is polled on a fixed grid of its period; the devices' first slots are
 //! spread evenly over the period ([`first_slot`]) so that devices with the same period take turns
 //! instead of queueing behind each other, and a device back from backoff rejoins its own grid.
-//! The wait for a slot is in two steps ([`plan_wait`]): tokio's timer (1 ms ticks, deadlines
-//! rounded up, epoll waits in whole milliseconds) wakes the bus up to ~2 ms late, so it is used
-//! only until [`FINE_WAIT`] before the slot, and the rest is a plain high-resolution sleep of the
-//! bus thread (nothing else runs on its runtime). Events are recorded through the store's group
+//! The wait for a slot is one wake of the bus thread, at the slot: a `timerfd` on the bus's
+//! runtime ([`super::rt::SlotTimer`]; tokio's own timer has 1 ms ticks and rounds up, up to
+//! ~2 ms late), raced with the job queue so that a relay job never waits for it. With nothing
+//! due, the thread sleeps up to [`IDLE_WAKE`]. The thread itself runs at real-time priority where
+//! permitted ([`super::rt`]). Events are recorded through the store's group
 //! commit ([`Shared::record`]), so no poll waits for the disk. Each poll's lateness (the write of
 //! its first request − its slot) is emitted as a `trace` event on [`POLL_START_TARGET`].
 //!
@@ -208,33 +209,9 @@ fn first_slot(start: Instant, i: usize, n: usize, period: Duration) -> Instant {
     start + period / n * i
 }
 
-/// How long before a poll's slot the bus stops waiting on tokio's timer and sleeps the rest on
-/// the thread (see the module documentation): more than tokio's worst rounding (a 1 ms tick
-/// plus a whole-millisecond epoll timeout).
-const FINE_WAIT: Duration = Duration::from_millis(2);
-
-/// What the bus does when nothing is due.
-#[derive(Debug, PartialEq, Eq)]
-enum Wait {
-    /// Wait on the runtime (tokio's timer, and new jobs) until then.
-    Coarse(Instant),
-    /// A poll is due within [`FINE_WAIT`]: sleep the thread this long, then poll.
-    Fine(Duration),
-}
-
-/// The wait until `wake` (the earliest of the next poll slot and the next pulse end); `slot`:
-/// the next poll slot. Only a poll's start is timed finely: a coarse wait towards a slot ends
-/// [`FINE_WAIT`] early.
-fn plan_wait(now: Instant, wake: Instant, slot: Option<Instant>) -> Wait {
-    let to_wake = wake.saturating_duration_since(now);
-    if slot != Some(wake) {
-        Wait::Coarse(wake)
-    } else if to_wake <= FINE_WAIT {
-        Wait::Fine(to_wake)
-    } else {
-        Wait::Coarse(wake - FINE_WAIT)
-    }
-}
+/// The longest the bus thread sleeps with nothing due (it ticks its liveness beat at each
+/// wake; `liveness` wants a tick at least every second).
+const IDLE_WAKE: Duration = Duration::from_millis(1000);
 
 /// A software-timed pulse to end.
 struct PendingOff {
@@ -364,6 +341,20 @@ async fn run_async(
     fail_jobs(shared, &mut rx, shared.stop_reason());
 }
 
+/// Waits until `at` on the precise timer, or on tokio's when there is none (or it failed).
+async fn slot_wait(timer: &mut Option<super::rt::SlotTimer>, at: Instant) {
+    if let Some(t) = timer {
+        match t.sleep_until(at).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!("precise timer failed, using tokio's: {e}");
+                *timer = None;
+            }
+        }
+    }
+    tokio::time::sleep_until(at.into()).await;
+}
+
 fn input_count(d: &DeviceConfig) -> usize {
     d.profile
         .inputs
@@ -384,6 +375,14 @@ impl Bus<'_> {
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
         watch: &mut PortWatch,
     ) -> Option<String> {
+        // Without a timerfd (never seen on Linux) the bus falls back to tokio's timer.
+        let mut timer = match super::rt::SlotTimer::new() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(bus = %self.cfg.id, "no precise timer, polls may start ~2 ms late: {e}");
+                None
+            }
+        };
         loop {
             if self.shared.stopping() {
                 return None;
@@ -435,29 +434,23 @@ impl Bus<'_> {
                         scan::Turn::Busy => continue,
                         scan::Turn::Broken(p) => return Some(p),
                     }
-                    let slot = due.map(|d| d.1);
-                    let wake = [slot, next_off]
+                    let wake = [due.map(|d| d.1), next_off]
                         .into_iter()
                         .flatten()
                         .min()
-                        .unwrap_or(now + Duration::from_millis(100))
-                        .min(now + Duration::from_millis(100));
-                    match plan_wait(now, wake, slot) {
-                        // A blocking sleep on purpose: this runtime runs only this bus, and a
-                        // job arriving meanwhile waits at most FINE_WAIT (then goes first).
-                        Wait::Fine(d) => std::thread::sleep(d),
-                        Wait::Coarse(until) => tokio::select! {
-                            job = rx.recv() => match job {
-                                Some(job) => {
-                                    if let Some(p) = self.job(job).await {
-                                        return Some(p);
-                                    }
+                        .unwrap_or(now + IDLE_WAKE)
+                        .min(now + IDLE_WAKE);
+                    tokio::select! {
+                        job = rx.recv() => match job {
+                            Some(job) => {
+                                if let Some(p) = self.job(job).await {
+                                    return Some(p);
                                 }
-                                // Every sender is gone: the daemon is stopping.
-                                None => return None,
-                            },
-                            _ = tokio::time::sleep_until(until.into()) => {}
+                            }
+                            // Every sender is gone: the daemon is stopping.
+                            None => return None,
                         },
+                        () = slot_wait(&mut timer, wake) => {}
                     }
                 }
             }
@@ -1023,12 +1016,25 @@ impl Bus<'_> {
         }
     }
 
-    /// Ends running software pulses before the port is closed (shutdown or reconnect).
+    /// Ends running software pulses before the bus stops (the daemon stops, or a reload
+    /// removes or restarts the bus): each one cut short is recorded as a `device_error` saying
+    /// why, and whether the relay could be switched off.
     async fn switch_off_pending(&mut self) {
+        let why = self.shared.stop_reason();
         for off in std::mem::take(&mut self.offs) {
-            if let Err(e) = self.write_coil(off.device, off.channel, false).await {
-                self.device_error(off.device, &format!("ending a pulse at close: {e}"));
-            }
+            let left = off.at.saturating_duration_since(Instant::now()).as_millis();
+            let msg = match self.write_coil(off.device, off.channel, false).await {
+                Ok(()) if off.failures == 0 => format!(
+                    "pulse on relay {} ended {left} ms early (switched off): {why}",
+                    off.channel
+                ),
+                Ok(()) => format!("relay {} switched off at last: {why}", off.channel),
+                Err(e) => format!(
+                    "could not end the pulse on relay {} ({why}): {e}; the relay may still be on",
+                    off.channel
+                ),
+            };
+            self.device_error(off.device, &msg);
         }
     }
 }
@@ -1091,40 +1097,6 @@ mod tests {
         );
         assert_eq!(first_slot(t0, 0, 1, p), t0);
         assert_eq!(first_slot(t0, 0, 0, p), t0);
-    }
-
-    #[test]
-    fn a_poll_start_is_waited_for_coarsely_then_finely() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        // Far from the slot: the runtime's timer until FINE_WAIT before it.
-        assert_eq!(
-            plan_wait(t0, t0 + ms(10), Some(t0 + ms(10))),
-            Wait::Coarse(t0 + ms(10) - FINE_WAIT)
-        );
-        // Within FINE_WAIT: the thread sleeps exactly the rest.
-        assert_eq!(
-            plan_wait(t0, t0 + FINE_WAIT, Some(t0 + FINE_WAIT)),
-            Wait::Fine(FINE_WAIT)
-        );
-        assert_eq!(
-            plan_wait(t0, t0 + ms(1), Some(t0 + ms(1))),
-            Wait::Fine(ms(1))
-        );
-        // A slot already reached: no wait.
-        assert_eq!(
-            plan_wait(t0 + ms(1), t0, Some(t0)),
-            Wait::Fine(Duration::ZERO)
-        );
-        // A pulse's end before the slot, or nothing to poll: coarse, and jobs are served.
-        assert_eq!(
-            plan_wait(t0, t0 + ms(1), Some(t0 + ms(5))),
-            Wait::Coarse(t0 + ms(1))
-        );
-        assert_eq!(
-            plan_wait(t0, t0 + ms(100), None),
-            Wait::Coarse(t0 + ms(100))
-        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! reader goes out at the next refresh, before the poll), reads a reply when its bytes are
 //! there and gives up on one after 200 ms. So the thread wakes when the port has bytes to read
 //! (`Waiter`, epoll on a second handle of the port), when a job (LED, buzzer, output) arrives,
-//! and 51 ms after the last byte the port sent or received (at most 50 ms after the last wake).
+//! and when the next poll is due after the last byte the port sent or received: 51 ms while the
+//! bus is in use, 101 ms once its readers have been quiet for 10 s ([`super::pace`]).
 //! Reader events (keys, cards, status) come back through a callback into a queue and are handled
 //! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
 //!
@@ -51,12 +52,9 @@ use serialport::SerialPort as _;
 mod scan;
 
 /// LibOSDP polls a reader when more than `OSDP_PD_POLL_TIMEOUT_MS` (50 ms) have passed since
-/// its last command or reply: the bus thread refreshes the control panel that long after the
-/// last byte went out or came in (plus a millisecond, the comparison being strict).
-const POLL_DUE: Duration = Duration::from_millis(51);
-/// The longest sleep: LibOSDP's other timers (reply timeout 200 ms, retry waits 800 ms and
-/// more) and the keypad's inter-digit timeout are all longer.
-const MAX_IDLE: Duration = Duration::from_millis(50);
+/// its last command or reply: an install-mode probe (`scan`) goes out only when it ends within
+/// that long after a reader's reply, so it never takes a configured reader's poll slot.
+const POLL_DUE: Duration = super::pace::ACTIVE_DUE;
 /// A secure channel up this long without a drop runs on the reader's own key (see the header).
 const PAIRED_AFTER: Duration = Duration::from_secs(1);
 /// A reader not usable this long after a session starts is reported offline.
@@ -426,6 +424,7 @@ fn session(
         unconfirmed,
     } = describe(bus, cfgs, shared);
     let started = Instant::now();
+    let mut pace = super::pace::Pace::new(started);
     let mut readers: Vec<Reader> = cfgs
         .iter()
         .zip(index)
@@ -480,7 +479,9 @@ fn session(
         if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return End::Broken(e);
         }
-        handle_events(&mut cp, &erx, &mut readers, bus, shared);
+        if handle_events(&mut cp, &erx, &mut readers, bus, shared) {
+            pace.used(Instant::now());
+        }
         let now = Instant::now();
         if now.duration_since(started) >= PORT_STABLE {
             watch.up(shared);
@@ -545,6 +546,7 @@ fn session(
             r.keys.expire(now);
         }
         while let Ok(job) = rx.try_recv() {
+            pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
         }
         prober.turn(shared, &activity, &last_read);
@@ -558,11 +560,9 @@ fn session(
         let now = Instant::now();
         // A poll due earlier was sent by the refresh just made (or waits for the channel,
         // and goes out when the reply in progress has come in).
-        let until = last_io
-            .map(|t| t + POLL_DUE)
-            .filter(|&due| due > now)
-            .map_or(now + MAX_IDLE, |due| due.min(now + MAX_IDLE));
+        let until = pace.next_refresh(now, last_io);
         if let Some(job) = waiter.wait(rx, until) {
+            pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
         }
     }
@@ -619,14 +619,17 @@ impl Waiter {
     }
 }
 
+/// Handles the readers' events LibOSDP reported; true if there was any.
 fn handle_events(
     cp: &mut ControlPanel,
     erx: &Receiver<(i32, OsdpEvent)>,
     readers: &mut [Reader],
     bus: &BusConfig,
     shared: &Arc<Shared>,
-) {
+) -> bool {
+    let mut any = false;
     while let Ok((pd, ev)) = erx.try_recv() {
+        any = true;
         let Some(r) = readers.iter_mut().find(|r| r.pd == Some(pd)) else {
             continue;
         };
@@ -682,6 +685,7 @@ fn handle_events(
             OsdpEvent::MfgReply(_) => {}
         }
     }
+    any
 }
 
 fn decide(cp: &mut ControlPanel, r: &mut Reader, shared: &Arc<Shared>, credential: Presented) {

@@ -572,6 +572,7 @@ mod tests {
             port: PathBuf::from("/dev/null"),
             baud: 9600,
             kind,
+            realtime: crate::rs485::rt::Realtime::default(),
         };
         let r = adopted_from(&reader, &p).unwrap();
         let AdoptedDevice::Reader(rc) = r.device.clone() else {

@@ -259,6 +259,13 @@ impl Store {
         self.recorder.get()?.as_ref()?.sender()
     }
 
+    /// Starts the committer thread now (otherwise the first [`Store::record`] starts it). The
+    /// RS-485 buses call this before their threads start: a thread inherits its creator's
+    /// scheduling, and the committer must not run at a bus thread's real-time priority.
+    pub fn start_recording(&self) {
+        let _ = self.committer();
+    }
+
     fn committer(&self) -> Option<SyncSender<Msg>> {
         self.recorder
             .get_or_init(|| match Committer::start(Arc::downgrade(&self.core)) {

@@ -22,7 +22,16 @@
 //!   reads of a sensor's first register as the simulated sensors receive them − 10 ms| (it also
 //!   counts the simulated sensors' thread waking up);
 //! - `flushes_per_s`: flushes of the event log by the group commit per second;
-//! - `*_slow`: the same with the 2 ms flush delay.
+//! - `*_slow`: the same with the 2 ms flush delay;
+//! - `bus_priority`: how gatehouse's bus thread ran (`fifo:20` by default where permitted,
+//!   `normal: <why>` otherwise; `[rs485] realtime`, src/rs485/rt.rs);
+//! - `sim_priority`: how the simulated sensors' thread ran. By default (`GATEHOUSE_BENCH_SIM`
+//!   unset or `fifo`) it asks for the same real-time priority as the bus: the sensors stand in
+//!   for hardware, which answers in the same time however busy the gateway's CPU is, and at
+//!   normal priority on a loaded machine their thread's own scheduling delays dominate the
+//!   figures (a late answer delays the next device's poll). `GATEHOUSE_BENCH_SIM=normal` keeps
+//!   them at normal priority, to see that effect. They never run on the bus thread, and they
+//!   block on the port between requests (no busy loop), so they cannot starve it.
 
 use std::io::{Read as _, Write as _};
 
@@ -38,6 +47,7 @@ use gatehouse::access::AccessEngine;
 use gatehouse::config::Config;
 use gatehouse::rs485::Rs485;
 use gatehouse::rs485::modbus::POLL_START_TARGET;
+use gatehouse::rs485::rt::{self, Raised, Realtime};
 use gatehouse::rs485::sim::{Pty, request_len};
 use gatehouse::rs485::wire::{modbus_crc, modbus_frame};
 use gatehouse::store::Store;
@@ -90,9 +100,28 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "load_avg_1m": std::fs::read_to_string("/proc/loadavg").ok()
                 .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
             "flushes_per_s_slow": slow["flushes_per_s"],
+            "bus_priority": priority_label(Realtime::default()),
+            "sim_priority": if sim_fifo() { priority_label(Realtime::default()) } else { "normal".into() },
         })
     );
     Ok(())
+}
+
+/// Whether the simulated sensors ask for real-time priority (see the module documentation).
+fn sim_fifo() -> bool {
+    std::env::var("GATEHOUSE_BENCH_SIM").map_or(true, |v| v != "normal")
+}
+
+/// How a thread started with `rt` runs here: `fifo:<priority>` or `normal: <why>`.
+fn priority_label(rt: Realtime) -> String {
+    let r = std::thread::spawn(move || rt::raise("probe", rt))
+        .join()
+        .unwrap_or(Raised::Refused("probe thread failed".into()));
+    match r {
+        Raised::Fifo(p) => format!("fifo:{p}"),
+        Raised::Off => "normal".into(),
+        Raised::Refused(why) => format!("normal: {why}"),
+    }
 }
 
 /// Four sensors on one PTY: every read of an input register answers 0 or 100 (alternately),
@@ -116,6 +145,9 @@ impl Sensors {
         let thread = std::thread::Builder::new()
             .name("sim-sensors".into())
             .spawn(move || {
+                if sim_fifo() {
+                    rt::raise("sim-sensors", Realtime::default());
+                }
                 if let Err(e) = serve(pty, &p, &s, &st) {
                     eprintln!("simulated sensors stopped: {e:#}");
                 }
