@@ -206,6 +206,13 @@ pub struct EventLog {
     durable: AtomicU64,
     /// Held by a flush: flushes are serialised.
     flushing: Mutex<()>,
+    /// Read-held by readers ([`EventLog::read_raw_from`], [`EventLog::bounds`]), write-held
+    /// (under `state`) by every write to the events tree: appends, seals, trims,
+    /// acknowledgements. sled reads are not snapshots: without it a reader could check a
+    /// block's summary before a seal and its loose keys after and see none of its records, and
+    /// a sled range iterator was seen to stop early (17 of 125 keys) while keys were inserted
+    /// after it (`a_reader_never_misses_the_records_a_seal_moves`).
+    layout: RwLock<()>,
     limits: LogLimits,
     appended: Arc<tokio::sync::Notify>,
     /// Records read by trims since open (the cost of trimming, for tests).
@@ -335,6 +342,7 @@ impl EventLog {
             durable: AtomicU64::new(st.next),
             state: Mutex::new(st),
             flushing: Mutex::new(()),
+            layout: RwLock::new(()),
             limits: LogLimits {
                 max_events: limits.max_events.max(1),
                 max_bytes: limits.max_bytes.max(1),
@@ -399,7 +407,7 @@ impl EventLog {
         }
         // The high-water mark of sequence numbers, in the same batch.
         batch.insert(HIGH_WATER, &new.next.to_be_bytes());
-        trees.events.apply_batch(batch)?;
+        self.write_batch(&trees.events, batch)?;
         *st = new;
         if self.trim_due(&st) {
             let at = events.last().map_or_else(Utc::now, |e| e.at);
@@ -410,14 +418,24 @@ impl EventLog {
                 tracing::warn!("trimming the event log: {e:#}");
             }
         }
-        Self::seal_done(&trees, &mut st);
+        self.seal_done(&trees, &mut st);
         Ok(seqs)
     }
 
     /// Seals the blocks whose every number has been assigned (see [`blocks`]). Their records
     /// are in sled already, loose; a failure leaves them so, and a later call seals them.
-    fn seal_done(trees: &Trees, st: &mut LogState) {
+    /// Applies `batch` to the events tree with no reader in it (see `layout`).
+    fn write_batch(&self, t: &sled::Tree, batch: sled::Batch) -> sled::Result<()> {
+        let _layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
+        t.apply_batch(batch)
+    }
+
+    fn seal_done(&self, trees: &Trees, st: &mut LogState) {
         let open = st.next / BLOCK;
+        if st.seal_from >= open {
+            return;
+        }
+        let _layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
         while st.seal_from < open {
             let lo = st.seal_from * BLOCK;
             let sealed =
@@ -551,7 +569,7 @@ impl EventLog {
             let (d, reads) =
                 self.trim_locked(trees, &mut st, age_cut, now, local, CHUNK_TRIM_READS)?;
             dropped += d;
-            Self::seal_done(trees, &mut st);
+            self.seal_done(trees, &mut st);
             if reads < CHUNK_TRIM_READS {
                 break;
             }
@@ -698,7 +716,7 @@ impl EventLog {
         new.next += 1;
         batch.insert(HIGH_WATER, &new.next.to_be_bytes());
         batch.insert(DROPPED_TOTAL, &new.dropped_total.to_be_bytes());
-        trees.events.apply_batch(batch)?;
+        self.write_batch(&trees.events, batch)?;
         *st = new;
         tracing::warn!(
             dropped,
@@ -715,6 +733,7 @@ impl EventLog {
         let trees = self.trees();
         let t = &trees.events;
         let mut st = self.lock();
+        let _layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
         // Sealed records: only their block's summary is rewritten, once per block.
         let mut sealed: std::collections::BTreeMap<u64, (Option<blocks::Summary>, u128)> =
             Default::default();
@@ -786,9 +805,12 @@ impl EventLog {
             if floor >= SEQ_LIMIT {
                 anyhow::bail!("sequence number {floor} is beyond the event log's range");
             }
-            trees.events.insert(HIGH_WATER, &floor.to_be_bytes())?;
+            {
+                let _layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
+                trees.events.insert(HIGH_WATER, &floor.to_be_bytes())?;
+            }
             st.next = floor;
-            Self::seal_done(&trees, &mut st);
+            self.seal_done(&trees, &mut st);
         }
         Ok(())
     }
@@ -831,6 +853,7 @@ impl EventLog {
         if cursor >= end {
             return Ok(out);
         }
+        let _layout = self.layout.read().unwrap_or_else(|e| e.into_inner());
         let t = &self.trees().events;
         let mut block = cursor / BLOCK;
         while out.len() < limit {
@@ -879,6 +902,7 @@ impl EventLog {
             return (None, None);
         };
         let (end, t) = (self.durable_seq(), &self.trees().events);
+        let _layout = self.layout.read().unwrap_or_else(|e| e.into_inner());
         let mut block = (end - 1) / BLOCK;
         while let Ok(Some(b)) = blocks::prev_block(t, block) {
             if let Some((last, _)) = blocks::records(t, b, 0, end).ok().and_then(|mut r| r.pop()) {
