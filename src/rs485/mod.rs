@@ -25,6 +25,8 @@ pub mod pairing;
 pub mod profile;
 pub mod provision;
 pub mod sim;
+pub mod sim_demo;
+pub mod sim_line;
 pub mod wire;
 
 use std::collections::HashMap;
