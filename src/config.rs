@@ -571,7 +571,9 @@ impl Config {
             None => false,
         };
         let demo_pairing_code = match &raw.demo.pairing_code {
-            Some(c) if c.get_ref().is_empty() || !c.get_ref().bytes().all(|b| b.is_ascii_digit()) => {
+            Some(c)
+                if c.get_ref().is_empty() || !c.get_ref().bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 return Err(err(
                     c.span(),
                     "demo.pairing_code",

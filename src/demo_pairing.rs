@@ -160,7 +160,11 @@ fn run(pairing: &Pairing, plan: &Plan, stop: &CancellationToken) -> Result<(), S
         .ok_or_else(|| "the simulated keypad did not take the keys".into())
 }
 
-fn adopt_all(pairing: &Pairing, todo: &[&AdoptSpec], stop: &CancellationToken) -> Result<(), String> {
+fn adopt_all(
+    pairing: &Pairing,
+    todo: &[&AdoptSpec],
+    stop: &CancellationToken,
+) -> Result<(), String> {
     pairing
         .start(INSTALL_MINUTES, BY, ScanOptions::default())
         .map_err(|e| format!("install mode not started: {e}"))?;

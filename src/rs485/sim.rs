@@ -554,8 +554,7 @@ fn board_thread(
                 continue;
             }
             let first = boards.first().map(|b| b.0.address);
-            if let Some((state, unit_file)) = boards.iter_mut().find(|b| b.0.address == frame[0])
-            {
+            if let Some((state, unit_file)) = boards.iter_mut().find(|b| b.0.address == frame[0]) {
                 let address = state.address;
                 if Some(address) == first {
                     state.inputs = *inputs.lock().unwrap_or_else(|e| e.into_inner());
@@ -568,12 +567,19 @@ fn board_thread(
                 master.write_all(&out)?;
                 served.fetch_add(1, Ordering::Relaxed);
                 if state.address != address {
-                    tracing::info!(from = address, to = state.address, "simulated relay board: new unit id");
+                    tracing::info!(
+                        from = address,
+                        to = state.address,
+                        "simulated relay board: new unit id"
+                    );
                     if let Some(f) = unit_file {
-                        if let Err(e) = std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))
-                            .and_then(|()| std::fs::write(&f, format!("{}\n", state.address)))
+                        if let Err(e) =
+                            std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))
+                                .and_then(|()| std::fs::write(&f, format!("{}\n", state.address)))
                         {
-                            tracing::error!("simulated relay board could not keep its unit id: {e}");
+                            tracing::error!(
+                                "simulated relay board could not keep its unit id: {e}"
+                            );
                         }
                     }
                 }
@@ -608,5 +614,35 @@ mod tests {
         assert_eq!(r, vec![0x84, 2]);
         let (r, _) = b.handle(&[0x2B], t0);
         assert_eq!(r, vec![0xAB, 3]);
+    }
+
+    #[test]
+    fn the_unit_id_register_reads_and_moves_the_board() {
+        let t0 = Instant::now();
+        let mut b = BoardState {
+            address: 9,
+            ..BoardState::default()
+        };
+        let (r, _) = b.handle(&[0x03, 0x40, 0x00, 0x00, 0x01], t0);
+        assert_eq!(r, vec![0x03, 2, 0, 9]);
+        let (r, _) = b.handle(&[0x06, 0x40, 0x00, 0x00, 0x02], t0);
+        assert_eq!(r, vec![0x06, 0x40, 0x00, 0x00, 0x02]);
+        assert_eq!(b.address, 2);
+        // Out of range, or another register: refused, the unit id stays.
+        for bad in [
+            [0x06, 0x40, 0x00, 0x00, 0x00],
+            [0x06, 0x40, 0x00, 0x00, 0xF8],
+        ] {
+            assert_eq!(b.handle(&bad, t0).0, vec![0x86, 3]);
+        }
+        assert_eq!(
+            b.handle(&[0x06, 0x40, 0x00, 0x01, 0x00], t0).0,
+            vec![0x86, 3]
+        );
+        assert_eq!(
+            b.handle(&[0x06, 0x10, 0x00, 0x00, 0x05], t0).0,
+            vec![0x86, 2]
+        );
+        assert_eq!(b.address, 2);
     }
 }
