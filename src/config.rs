@@ -252,6 +252,12 @@ pub struct RawDemo {
     /// padlocks, controllers and relays that nothing else drives.
     #[serde(default)]
     pub simulate_devices: bool,
+    /// The pairing script (docs/pairing.md, *The demo*): needs `simulate_devices`.
+    #[serde(default)]
+    pub pairing: Option<Spanned<bool>>,
+    /// The code the pairing script types on the keypad it adopted (digits).
+    #[serde(default)]
+    pub pairing_code: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +294,10 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     pub log_limits: crate::store::LogLimits,
     pub simulate_devices: bool,
+    /// `[demo] pairing`: an unconfigured keypad and board found and adopted at start.
+    pub demo_pairing: bool,
+    /// `[demo] pairing_code`: typed on the adopted keypad.
+    pub demo_pairing_code: Option<String>,
     pub buses: Vec<crate::rs485::config::BusConfig>,
     pub ble: Option<crate::ble::config::BleConfig>,
     /// The device profiles: embedded, and the profiles directory's files on top.
@@ -556,6 +566,30 @@ impl Config {
         for b in &mut buses {
             b.realtime = realtime;
         }
+        let demo_pairing = match &raw.demo.pairing {
+            Some(p) if *p.get_ref() && !raw.demo.simulate_devices => {
+                return Err(err(
+                    p.span(),
+                    "demo.pairing",
+                    "the pairing script adopts simulated devices: it needs demo.simulate_devices = true".into(),
+                ));
+            }
+            Some(p) => *p.get_ref(),
+            None => false,
+        };
+        let demo_pairing_code = match &raw.demo.pairing_code {
+            Some(c)
+                if c.get_ref().is_empty() || !c.get_ref().bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                return Err(err(
+                    c.span(),
+                    "demo.pairing_code",
+                    "is not a code (expected digits, typed on the keypad followed by #)".into(),
+                ));
+            }
+            Some(c) => Some(c.get_ref().clone()),
+            None => None,
+        };
         let ble = match &raw.ble {
             Some(b) => Some(crate::ble::config::check(
                 b,
@@ -600,6 +634,8 @@ impl Config {
             cloud,
             log_limits,
             simulate_devices: raw.demo.simulate_devices,
+            demo_pairing,
+            demo_pairing_code,
             buses,
             ble,
             profiles: std::sync::Arc::new(profiles),

@@ -191,6 +191,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         tracing::error!("adopted RS-485 devices not started: {e}");
     }
     start_control(&cfg, &pairing, &store, &shutdown, &tracker);
+    crate::demo_pairing::spawn(&cfg, &pairing, &sims, &tracker, shutdown.child_token());
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {

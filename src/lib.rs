@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod daemon;
+pub mod demo_pairing;
 pub mod devstate;
 pub mod events;
 pub mod fsperm;

@@ -107,6 +107,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         _ => v.push("ble".to_string()),
     }
     if old.simulate_devices != new.simulate_devices
+        || old.demo_pairing != new.demo_pairing
+        || old.demo_pairing_code != new.demo_pairing_code
         || differs(&old.demo_attempts, &new.demo_attempts)
     {
         v.push("demo".to_string());

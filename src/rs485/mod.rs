@@ -27,6 +27,8 @@ pub mod profile;
 pub mod provision;
 pub mod rt;
 pub mod sim;
+pub mod sim_demo;
+pub mod sim_line;
 pub mod wire;
 
 use std::collections::HashMap;

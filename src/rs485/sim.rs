@@ -19,8 +19,9 @@ use libosdp::{
 };
 use serialport::{SerialPort, TTYPort};
 
-use super::osdp::SerialChannel;
 use super::wire::{modbus_crc, modbus_frame};
+
+pub use super::sim_demo::{DemoSims, PairSims, start_for_demo};
 
 /// A PTY pair: the simulator owns the master; the slave stays open (so the path stays valid
 /// while gatehouse opens, closes and reopens it) and is what gatehouse opens, by `path` or by a
@@ -72,17 +73,26 @@ pub enum Seen {
 pub type SeenLog = Arc<Mutex<Vec<(Instant, Seen)>>>;
 
 enum KeypadCmd {
-    Keys(Vec<u8>, Option<Sender<Instant>>),
+    Keys(u8, Vec<u8>, Option<Sender<Instant>>),
 }
 
-/// A simulated OSDP keypad/reader.
+/// One simulated PD on a keypad's line: its address and, with a secure channel, its key file.
+#[derive(Debug, Clone)]
+pub struct SimPd {
+    pub address: u8,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Simulated OSDP keypads/readers: one or more PDs on one PTY (a multidrop line,
+/// [`super::sim_line`]).
 pub struct SimKeypad {
     tx: Sender<KeypadCmd>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub seen: SeenLog,
     pub path: PathBuf,
-    online: Arc<AtomicBool>,
+    /// The PDs' addresses and whether LibOSDP has each online.
+    online: Vec<(u8, Arc<AtomicBool>)>,
 }
 
 impl SimKeypad {
@@ -90,17 +100,28 @@ impl SimKeypad {
     /// it exists (a paired reader), otherwise the keypad starts in install mode and writes the
     /// key it is given with KEYSET there (mode 0600). Without: no secure channel.
     pub fn start(address: u8, key_file: Option<PathBuf>) -> anyhow::Result<SimKeypad> {
+        SimKeypad::start_line(&[SimPd { address, key_file }])
+    }
+
+    /// Starts several keypads on one PTY, each at its own address (distinct ones).
+    pub fn start_line(pds: &[SimPd]) -> anyhow::Result<SimKeypad> {
+        let Some(first) = pds.first() else {
+            anyhow::bail!("a simulated OSDP line needs at least one keypad");
+        };
         let pty = Pty::open()?;
         let path = pty.path.clone();
         let seen: SeenLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let online = Arc::new(AtomicBool::new(false));
+        let online: Vec<_> = pds
+            .iter()
+            .map(|p| (p.address, Arc::new(AtomicBool::new(false))))
+            .collect();
         let (tx, rx) = channel();
-        let (s2, st2, on2) = (seen.clone(), stop.clone(), online.clone());
+        let (s2, st2, on2, pds) = (seen.clone(), stop.clone(), online.clone(), pds.to_vec());
         let thread = std::thread::Builder::new()
-            .name(format!("sim-keypad-{address}"))
+            .name(format!("sim-keypad-{}", first.address))
             .spawn(move || {
-                if let Err(e) = keypad_thread(pty, address, key_file, rx, s2, st2, on2) {
+                if let Err(e) = keypad_thread(pty, pds, rx, s2, st2, on2) {
                     tracing::error!("simulated keypad stopped: {e:#}");
                 }
             })?;
@@ -114,17 +135,33 @@ impl SimKeypad {
         })
     }
 
-    /// Types keys (e.g. `123456#`); returns when the keypad queued them, with that instant.
+    /// Types keys (e.g. `123456#`) on the first keypad; returns when the keypad queued them,
+    /// with that instant.
     pub fn keys(&self, keys: &str) -> Option<Instant> {
+        self.keys_at(self.online.first()?.0, keys)
+    }
+
+    /// Types keys on the keypad at `address`.
+    pub fn keys_at(&self, address: u8, keys: &str) -> Option<Instant> {
         let (t, r) = channel();
         self.tx
-            .send(KeypadCmd::Keys(keys.as_bytes().to_vec(), Some(t)))
+            .send(KeypadCmd::Keys(address, keys.as_bytes().to_vec(), Some(t)))
             .ok()?;
         r.recv_timeout(Duration::from_secs(2)).ok()
     }
 
+    /// Whether the first keypad is online (polled by gatehouse).
     pub fn online(&self) -> bool {
-        self.online.load(Ordering::Relaxed)
+        self.online
+            .first()
+            .is_some_and(|(_, o)| o.load(Ordering::Relaxed))
+    }
+
+    /// Whether the keypad at `address` is online.
+    pub fn online_at(&self, address: u8) -> bool {
+        self.online
+            .iter()
+            .any(|(a, o)| *a == address && o.load(Ordering::Relaxed))
     }
 }
 
@@ -137,18 +174,20 @@ impl Drop for SimKeypad {
     }
 }
 
-fn keypad_thread(
-    pty: Pty,
-    address: u8,
-    key_file: Option<PathBuf>,
-    rx: Receiver<KeypadCmd>,
-    seen: SeenLog,
-    stop: Arc<AtomicBool>,
-    online: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let mut master = pty.master.try_clone_native()?;
-    master.set_timeout(Duration::ZERO)?;
-    let chan = SerialChannel::new(Box::new(master));
+/// One LibOSDP PD on the line: `(address, inbox, device)`.
+type LinePd = (
+    u8,
+    Arc<Mutex<std::collections::VecDeque<u8>>>,
+    PeripheralDevice,
+);
+
+fn start_pd(pty: &Pty, spec: &SimPd, index: usize, seen: &SeenLog) -> anyhow::Result<LinePd> {
+    let address = spec.address;
+    let key_file = spec.key_file.clone();
+    let mut out = pty.master.try_clone_native()?;
+    out.set_timeout(Duration::ZERO)?;
+    let chan = super::sim_line::PdChannel::new(index as i32, out);
+    let inbox = chan.inbox.clone();
     let mut info = PdInfoBuilder::new()
         .name("sim-keypad")
         .and_then(|b| b.address(i32::from(address)))
@@ -197,20 +236,48 @@ fn keypad_thread(
             .push((now, item));
         0
     });
+    Ok((address, inbox, pd))
+}
+
+fn keypad_thread(
+    pty: Pty,
+    specs: Vec<SimPd>,
+    rx: Receiver<KeypadCmd>,
+    seen: SeenLog,
+    stop: Arc<AtomicBool>,
+    online: Vec<(u8, Arc<AtomicBool>)>,
+) -> anyhow::Result<()> {
+    let mut master = pty.master.try_clone_native()?;
+    master.set_timeout(Duration::ZERO)?;
+    let mut pds = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        pds.push(start_pd(&pty, spec, i, &seen)?);
+    }
+    let inboxes: Vec<_> = pds.iter().map(|(a, i, _)| (*a, i.clone())).collect();
+    let mut splitter = super::sim_line::FrameSplitter::default();
     while !stop.load(Ordering::Relaxed) {
-        pd.refresh();
-        online.store(pd.is_online(), Ordering::Relaxed);
-        while let Ok(KeypadCmd::Keys(keys, ack)) = rx.try_recv() {
-            let ev = OsdpEvent::KeyPress(OsdpEventKeyPress {
-                reader_no: 0,
-                data: keys,
-            });
-            let _ = pd.notify_event(ev);
-            if let Some(a) = ack {
-                let _ = a.send(Instant::now());
+        let busy = super::sim_line::route(&mut master, &mut splitter, &inboxes)?;
+        for (address, _, pd) in pds.iter_mut() {
+            pd.refresh();
+            if let Some((_, o)) = online.iter().find(|(a, _)| a == address) {
+                o.store(pd.is_online(), Ordering::Relaxed);
             }
         }
-        std::thread::sleep(Duration::from_millis(1));
+        while let Ok(KeypadCmd::Keys(to, keys, ack)) = rx.try_recv() {
+            if let Some((_, _, pd)) = pds.iter_mut().find(|(a, _, _)| *a == to) {
+                let ev = OsdpEvent::KeyPress(OsdpEventKeyPress {
+                    reader_no: 0,
+                    data: keys,
+                });
+                let _ = pd.notify_event(ev);
+                if let Some(a) = ack {
+                    let _ = a.send(Instant::now());
+                }
+            }
+        }
+        if !busy {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     Ok(())
 }
@@ -229,13 +296,23 @@ fn write_secret(path: &Path, key: &[u8]) -> std::io::Result<()> {
     f.write_all(key)
 }
 
+/// One simulated Modbus board on a line: its unit id and, to keep a unit id written to it over
+/// restarts (as a real board's EEPROM does), a file holding it.
+#[derive(Debug, Clone)]
+pub struct SimUnit {
+    pub address: u8,
+    pub unit_file: Option<PathBuf>,
+}
+
 /// A simulated Modbus RTU board: 8 coils with board-timed pulses at 0x0200+ch (Waveshare
-/// "flash on", 100 ms units), 8 discrete inputs, input registers 1–2 (21.5 °C, 40 %RH).
+/// "flash on", 100 ms units), 8 discrete inputs, input registers 1–2 (21.5 °C, 40 %RH), its unit
+/// id at holding register 0x4000 (writable). More than one can share a PTY.
 pub struct SimBoard {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub seen: SeenLog,
     pub path: PathBuf,
+    /// The first board's discrete inputs.
     pub inputs: Arc<Mutex<[bool; 8]>>,
     /// Requests answered so far.
     pub served: Arc<std::sync::atomic::AtomicU64>,
@@ -243,6 +320,18 @@ pub struct SimBoard {
 
 impl SimBoard {
     pub fn start(address: u8) -> anyhow::Result<SimBoard> {
+        SimBoard::start_line(&[SimUnit {
+            address,
+            unit_file: None,
+        }])
+    }
+
+    /// Starts boards on one PTY; each answers at its unit id (the one in its `unit_file`, when
+    /// that holds one).
+    pub fn start_line(units: &[SimUnit]) -> anyhow::Result<SimBoard> {
+        let Some(first) = units.first() else {
+            anyhow::bail!("a simulated Modbus line needs at least one board");
+        };
         let pty = Pty::open()?;
         let path = pty.path.clone();
         let seen: SeenLog = Arc::default();
@@ -250,10 +339,26 @@ impl SimBoard {
         let inputs = Arc::new(Mutex::new([false; 8]));
         let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (s2, st2, i2, sv2) = (seen.clone(), stop.clone(), inputs.clone(), served.clone());
+        let boards: Vec<(BoardState, Option<PathBuf>)> = units
+            .iter()
+            .map(|u| {
+                let kept = u
+                    .unit_file
+                    .as_ref()
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .and_then(|t| t.trim().parse::<u8>().ok())
+                    .filter(|a| (1..=247).contains(a));
+                let state = BoardState {
+                    address: kept.unwrap_or(u.address),
+                    ..BoardState::default()
+                };
+                (state, u.unit_file.clone())
+            })
+            .collect();
         let thread = std::thread::Builder::new()
-            .name(format!("sim-board-{address}"))
+            .name(format!("sim-board-{}", first.address))
             .spawn(move || {
-                if let Err(e) = board_thread(pty, address, s2, st2, i2, &sv2) {
+                if let Err(e) = board_thread(pty, boards, s2, st2, i2, &sv2) {
                     tracing::error!("simulated board stopped: {e:#}");
                 }
             })?;
@@ -280,6 +385,8 @@ impl Drop for SimBoard {
 /// The registers of a simulated board and what a request does to them.
 #[derive(Debug, Default)]
 pub struct BoardState {
+    /// The unit id (holding register 0x4000; FC06 there moves the board).
+    pub address: u8,
     pub coils: [bool; 8],
     pub inputs: [bool; 8],
     /// Pulses running: (channel, off at).
@@ -325,7 +432,11 @@ impl BoardState {
                 let regs: &[(u16, u16)] = if f == 4 {
                     &[(1, 215), (2, 400)]
                 } else {
-                    &[(0x4000, 1), (0x2000, 2), (0x8000, 0x0100)]
+                    &[
+                        (0x4000, u16::from(self.address)),
+                        (0x2000, 2),
+                        (0x8000, 0x0100),
+                    ]
                 };
                 if v == 0 || v > 125 {
                     return (ex(f, 3), changes);
@@ -371,6 +482,19 @@ impl BoardState {
                 out.extend_from_slice(&data[..4]);
                 out
             }
+            0x06 if a == 0x4000 => {
+                let Ok(unit) = u8::try_from(v) else {
+                    return (ex(f, 3), changes);
+                };
+                if !(1..=247).contains(&unit) {
+                    return (ex(f, 3), changes);
+                }
+                self.address = unit;
+                let mut out = vec![f];
+                out.extend_from_slice(&data[..4]);
+                out
+            }
+            0x06 => return (ex(f, 2), changes),
             _ => return (ex(f, 1), changes),
         };
         (reply, changes)
@@ -391,7 +515,7 @@ impl BoardState {
 
 fn board_thread(
     pty: Pty,
-    address: u8,
+    mut boards: Vec<(BoardState, Option<PathBuf>)>,
     seen: SeenLog,
     stop: Arc<AtomicBool>,
     inputs: Arc<Mutex<[bool; 8]>>,
@@ -399,18 +523,19 @@ fn board_thread(
 ) -> anyhow::Result<()> {
     let mut master = pty.master.try_clone_native()?;
     master.set_timeout(Duration::from_millis(2))?;
-    let mut state = BoardState::default();
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 256];
-    let note = |ch: u16, on: bool| {
+    let note = |address: u8, ch: u16, on: bool| {
         tracing::info!(address, relay = ch, on, "simulated relay board");
         seen.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((Instant::now(), Seen::Coil { channel: ch, on }));
     };
     while !stop.load(Ordering::Relaxed) {
-        for ch in state.tick(Instant::now()) {
-            note(ch, false);
+        for (state, _) in boards.iter_mut() {
+            for ch in state.tick(Instant::now()) {
+                note(state.address, ch, false);
+            }
         }
         match master.read(&mut chunk) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -428,15 +553,36 @@ fn board_thread(
                 buf.remove(0);
                 continue;
             }
-            if frame[0] == address {
-                state.inputs = *inputs.lock().unwrap_or_else(|e| e.into_inner());
+            let first = boards.first().map(|b| b.0.address);
+            if let Some((state, unit_file)) = boards.iter_mut().find(|b| b.0.address == frame[0]) {
+                let address = state.address;
+                if Some(address) == first {
+                    state.inputs = *inputs.lock().unwrap_or_else(|e| e.into_inner());
+                }
                 let (reply, changes) = state.handle(&frame[1..len - 2], Instant::now());
                 for (ch, on) in changes {
-                    note(ch, on);
+                    note(address, ch, on);
                 }
                 let out = modbus_frame(address, reply[0], &reply[1..]);
                 master.write_all(&out)?;
                 served.fetch_add(1, Ordering::Relaxed);
+                if state.address != address {
+                    tracing::info!(
+                        from = address,
+                        to = state.address,
+                        "simulated relay board: new unit id"
+                    );
+                    if let Some(f) = unit_file {
+                        if let Err(e) =
+                            std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))
+                                .and_then(|()| std::fs::write(&f, format!("{}\n", state.address)))
+                        {
+                            tracing::error!(
+                                "simulated relay board could not keep its unit id: {e}"
+                            );
+                        }
+                    }
+                }
             }
             buf.drain(..len);
         }
@@ -469,114 +615,34 @@ mod tests {
         let (r, _) = b.handle(&[0x2B], t0);
         assert_eq!(r, vec![0xAB, 3]);
     }
-}
 
-/// The demo's simulated devices: one per `sim:` bus.
-#[derive(Default)]
-pub struct DemoSims {
-    keypads: Vec<(String, Arc<SimKeypad>)>,
-    boards: Vec<SimBoard>,
-}
-
-/// Starts a simulated device for every `sim:` bus of the config (an OSDP bus gets a keypad for
-/// its one reader, a Modbus bus a relay board for its one device) and returns the buses with
-/// their ports pointed at the simulators' PTYs.
-pub fn start_for_demo(
-    cfg: &crate::config::Config,
-) -> anyhow::Result<(Vec<super::config::BusConfig>, DemoSims)> {
-    use super::config::BusKind;
-    let mut sims = DemoSims::default();
-    let mut buses = cfg.buses.clone();
-    for bus in buses.iter_mut().filter(|b| b.simulated()) {
-        match &bus.kind {
-            BusKind::Osdp(readers) => {
-                let [r] = readers.as_slice() else {
-                    anyhow::bail!(
-                        "bus `{}`: a simulated OSDP bus has exactly one reader",
-                        bus.id
-                    );
-                };
-                let key = (r.secure != super::config::Secure::None)
-                    .then(|| cfg.data_dir.join("sim").join(format!("{}.key", r.id)));
-                let k = SimKeypad::start(r.address, key)?;
-                tracing::info!(bus = %bus.id, reader = %r.id, pty = %k.path.display(), "simulated keypad started");
-                bus.port = k.path.clone();
-                sims.keypads.push((r.id.clone(), Arc::new(k)));
-            }
-            BusKind::Modbus { devices, .. } => {
-                let [d] = devices.as_slice() else {
-                    anyhow::bail!(
-                        "bus `{}`: a simulated Modbus bus has exactly one device",
-                        bus.id
-                    );
-                };
-                let b = SimBoard::start(d.address)?;
-                tracing::info!(bus = %bus.id, device = %d.id, pty = %b.path.display(), "simulated relay board started");
-                bus.port = b.path.clone();
-                sims.boards.push(b);
-            }
-        }
-    }
-    Ok((buses, sims))
-}
-
-impl DemoSims {
-    /// The demo's door held open: `channel` of the first simulated board goes active `after`
-    /// the start and stays so for `held` (a background thread; nothing when there is no board).
-    pub fn hold_door_open(&self, channel: usize, after: Duration, held: Duration) {
-        let Some(inputs) = self.boards.first().map(|b| b.inputs.clone()) else {
-            return;
+    #[test]
+    fn the_unit_id_register_reads_and_moves_the_board() {
+        let t0 = Instant::now();
+        let mut b = BoardState {
+            address: 9,
+            ..BoardState::default()
         };
-        std::thread::spawn(move || {
-            let set = |on: bool| {
-                if let Some(i) = inputs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(channel)
-                {
-                    *i = on;
-                }
-            };
-            std::thread::sleep(after);
-            tracing::info!(
-                channel,
-                "demo: the gate's door contact opens and is held open"
-            );
-            set(true);
-            std::thread::sleep(held);
-            tracing::info!(channel, "demo: the gate's door contact closes");
-            set(false);
-        });
-    }
-
-    /// Types the demo attempts that name a simulated keypad and a code on that keypad (code and
-    /// `#`, 2 s apart, once the keypad is online), in a background thread. Returns the indices
-    /// of the attempts it takes.
-    pub fn type_demo_codes(&self, attempts: &[crate::config::DemoAttempt]) -> Vec<usize> {
-        let mut plan = Vec::new();
-        for (i, a) in attempts.iter().enumerate() {
-            let (Some(code), Some(kp)) = (&a.code, &a.keypad) else {
-                continue;
-            };
-            if let Some((_, k)) = self.keypads.iter().find(|(id, _)| id == kp) {
-                plan.push((i, k.clone(), format!("{code}#")));
-            }
+        let (r, _) = b.handle(&[0x03, 0x40, 0x00, 0x00, 0x01], t0);
+        assert_eq!(r, vec![0x03, 2, 0, 9]);
+        let (r, _) = b.handle(&[0x06, 0x40, 0x00, 0x00, 0x02], t0);
+        assert_eq!(r, vec![0x06, 0x40, 0x00, 0x00, 0x02]);
+        assert_eq!(b.address, 2);
+        // Out of range, or another register: refused, the unit id stays.
+        for bad in [
+            [0x06, 0x40, 0x00, 0x00, 0x00],
+            [0x06, 0x40, 0x00, 0x00, 0xF8],
+        ] {
+            assert_eq!(b.handle(&bad, t0).0, vec![0x86, 3]);
         }
-        let taken = plan.iter().map(|p| p.0).collect();
-        if !plan.is_empty() {
-            std::thread::spawn(move || {
-                for (_, keypad, keys) in plan {
-                    let end = Instant::now() + Duration::from_secs(15);
-                    while !keypad.online() && Instant::now() < end {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    // Past the pairing (install mode, KEYSET, new secure channel).
-                    std::thread::sleep(Duration::from_secs(2));
-                    tracing::info!(keys = %"*".repeat(keys.len() - 1), "demo: typing a code on the simulated keypad");
-                    keypad.keys(&keys);
-                }
-            });
-        }
-        taken
+        assert_eq!(
+            b.handle(&[0x06, 0x40, 0x00, 0x01, 0x00], t0).0,
+            vec![0x86, 3]
+        );
+        assert_eq!(
+            b.handle(&[0x06, 0x10, 0x00, 0x00, 0x05], t0).0,
+            vec![0x86, 2]
+        );
+        assert_eq!(b.address, 2);
     }
 }

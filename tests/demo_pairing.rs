@@ -1,0 +1,225 @@
+//! The demo's pairing script (`[demo] pairing`, docs/pairing.md, *The demo*): `gatehouse run`
+//! with config/demo.toml (its data dir, control socket and cloud moved out of the checkout)
+//! finds the simulated unconfigured keypad and relay board, adopts them, and the code typed on
+//! the new keypad is granted; a restart on the same data dir adopts nothing again and the code
+//! is granted again. Waits for log lines and reads the event log; no timing assertions.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(300);
+
+/// config/demo.toml with its data dir and control socket in `dir` and no cloud (the demo's
+/// broker port is not this test's).
+fn demo_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/config/demo.toml")).unwrap();
+    let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
+    doc["storage"]["data_dir"] = toml_edit::value(dir.join("data").to_str().unwrap());
+    doc["access"]["initial_snapshot"] =
+        toml_edit::value(format!("{root}/config/demo-snapshot.json"));
+    doc["control"]["socket"] = toml_edit::value(dir.join("control.sock").to_str().unwrap());
+    doc.remove("cloud");
+    assert_eq!(doc["demo"]["pairing"].as_bool(), Some(true));
+    let path = dir.join("demo.toml");
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path
+}
+
+struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    log: String,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "gatehouse=info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Waits for a log line with all of `parts` (one already read counts).
+    fn wait_for(&mut self, parts: &[&str]) {
+        if self
+            .log
+            .lines()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+        {
+            return;
+        }
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            match self.lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(l) => {
+                    let hit = parts.iter().all(|p| l.contains(p));
+                    self.log.push_str(&l);
+                    self.log.push('\n');
+                    if hit {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {parts:?}:\n{}", self.log);
+    }
+
+    fn stop(mut self) -> String {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.log.push_str(&l);
+            self.log.push('\n');
+        }
+        assert!(status.success(), "exit {status:?}\n{}", self.log);
+        self.log
+    }
+}
+
+fn events(dir: &std::path::Path) -> Vec<gatehouse::store::Event> {
+    let store = gatehouse::store::Store::open(&dir.join("data"), 100_000).unwrap();
+    store.events().read_from(0, 100_000).unwrap()
+}
+
+fn count(events: &[gatehouse::store::Event], kind: &str) -> usize {
+    events.iter().filter(|e| e.kind == kind).count()
+}
+
+/// The access_granted events of the adopted keypad.
+fn granted_on_new_keypad(events: &[gatehouse::store::Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind == "access_granted" && e.payload.to_string().contains("keypad-demo-new"))
+        .count()
+}
+
+#[test]
+fn the_demo_finds_adopts_and_uses_a_new_keypad_and_board_and_a_restart_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_config(dir.path());
+
+    let mut d = Daemon::start(&config);
+    d.wait_for(&["install mode started", "local:demo"]);
+    d.wait_for(&["demo pairing: device discovered", "osdp:rs485-readers:3"]);
+    d.wait_for(&["demo pairing: device discovered", "modbus:rs485-io:9"]);
+    d.wait_for(&["demo pairing: adopted", "keypad-demo-new"]);
+    d.wait_for(&["demo pairing: adopted", "relay-board-demo-new"]);
+    d.wait_for(&["install mode ended", "stopped"]);
+    d.wait_for(&["access decided", "keypad-demo-new", "granted=true"]);
+    let log = d.stop();
+    assert!(log.contains("reader paired"), "{log}");
+    assert!(!log.contains("demo pairing: not started"), "{log}");
+
+    let ev = events(dir.path());
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(count(&ev, "install_mode_started"), 1, "{kinds:?}");
+    assert_eq!(count(&ev, "device_discovered"), 2, "{kinds:?}");
+    assert_eq!(count(&ev, "device_adopted"), 2, "{kinds:?}");
+    assert_eq!(count(&ev, "install_mode_ended"), 1, "{kinds:?}");
+    assert_eq!(granted_on_new_keypad(&ev), 1, "{kinds:?}");
+    let adopted: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e.kind == "device_adopted")
+        .map(|e| &e.payload)
+        .collect();
+    for a in &adopted {
+        assert!(a.to_string().contains("local:demo"), "{a}");
+    }
+    let ended = ev.iter().find(|e| e.kind == "install_mode_ended").unwrap();
+    assert_eq!(ended.payload["reason"], "stopped", "{}", ended.payload);
+    // The board was moved from unit 9 to unit 2 and is polled there (online).
+    assert!(
+        adopted
+            .iter()
+            .any(|a| a.to_string().contains("modbus:rs485-io:9"))
+    );
+    assert!(
+        log.lines().any(|l| l.contains("device state")
+            && l.contains("\"relay-board-demo-new\"")
+            && l.contains("online=true")),
+        "{log}"
+    );
+
+    // A restart on the same data dir: the registry has both; nothing is adopted again, and the
+    // code typed on the (now paired) keypad is granted again.
+    let mut d = Daemon::start(&config);
+    d.wait_for(&["demo pairing: the keypad and the board are already adopted"]);
+    d.wait_for(&["access decided", "keypad-demo-new", "granted=true"]);
+    // The board answers at the unit id it was given (kept by the simulated board).
+    d.wait_for(&["device state", "\"relay-board-demo-new\"", "online=true"]);
+    let log = d.stop();
+    assert!(!log.contains("install mode started"), "{log}");
+    let ev = events(dir.path());
+    assert_eq!(count(&ev, "install_mode_started"), 1);
+    assert_eq!(count(&ev, "device_adopted"), 2);
+    assert_eq!(granted_on_new_keypad(&ev), 2);
+}
+
+#[test]
+fn demo_pairing_without_simulated_devices_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("g.toml");
+    std::fs::write(
+        &config,
+        "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
+         [demo]\npairing = true\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("demo.pairing") && err.contains("needs demo.simulate_devices = true"),
+        "{err}"
+    );
+    std::fs::write(
+        &config,
+        "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
+         [demo]\nsimulate_devices = true\npairing_code = \"12a\"\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("demo.pairing_code") && err.contains("is not a code"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused config changes nothing"
+    );
+}
