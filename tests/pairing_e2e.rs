@@ -91,7 +91,19 @@ fn modbus_bus(modbus: &Path) -> String {
     )
 }
 
-fn daemon(cfg: &Path, dbus: Option<&str>) -> Child {
+/// The daemon process, killed if the test fails before it stops it.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn daemon(cfg: &Path, dbus: Option<&str>) -> Daemon {
     let mut c = Process::new(gatehouse_bin());
     c.args(["run", "--config", cfg.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -101,11 +113,12 @@ fn daemon(cfg: &Path, dbus: Option<&str>) -> Child {
     if let Some(d) = dbus {
         c.env("DBUS_SYSTEM_BUS_ADDRESS", d);
     }
-    c.spawn().unwrap()
+    Daemon(c.spawn().unwrap())
 }
 
 /// SIGTERM, and waits for a clean exit.
-fn stop(child: &mut Child) {
+fn stop(d: &mut Daemon) {
+    let child = &mut d.0;
     let kill = Process::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -575,19 +588,170 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
         events_of(&sub.messages(), &t, from, "install_mode_started").is_empty(),
         "install mode started again"
     );
-    // Outside install mode again: the next adoption is refused.
+    // The registry survived (the reader is adopted already), and install mode is off: any
+    // other adoption is refused as such.
+    let again = json!({"candidate": "osdp:readers:5", "entry": "gate-1"});
     refused(
-        &cloud
-            .run(
-                "adopt",
-                "a-late",
-                json!({"candidate": "osdp:readers:5",
-                 "entry": "gate-1"}),
-                WAIT,
-            )
-            .await,
+        &cloud.run("adopt", "a-late-1", again, WAIT).await,
+        "already_adopted",
+    );
+    let other = json!({"candidate": "osdp:readers:9", "entry": "gate-1"});
+    refused(
+        &cloud.run("adopt", "a-late-2", other, WAIT).await,
         "not_in_install_mode",
     );
+    for id in ["a-late-1", "a-late-2"] {
+        assert_eq!(cloud.results_of(id), 1, "one result for `{id}`");
+    }
     stop(&mut gw);
     bluez.send(json!({"op": "quit"}));
+}
+
+/// `gatehouse <args> --config <cfg>`, in a blocking task: success, stdout, stderr.
+async fn cli(cfg: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    a.extend(["--config".into(), cfg.display().to_string()]);
+    tokio::task::spawn_blocking(move || {
+        let o = Process::new(gatehouse_bin())
+            .args(&a)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("gatehouse runs");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_on_the_daemons_control_socket_starts_install_mode_adopts_and_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    let signer = SigningKey::from_bytes(&[1; 32]);
+    let t = Topics::new("gatehouse", "site-1", "gw-1");
+    let sub = Subscriber::connect(&broker, "cloud", "gatehouse/site-1/gw-1/#").await;
+    let modbus_link = dir.path().join("modbus");
+    let board = Peer::start(
+        "modbus_dev.py",
+        &modbus_link,
+        &["--device", "1:relay8", "--device", "7:xymd02"].map(String::from),
+    );
+    let cfg = write_config(dir.path(), &broker, &signer, &modbus_bus(&modbus_link));
+    let mut gw = daemon(&cfg, None);
+    wait_event(&sub, &t, 0, "device_online", |p| {
+        p["device"] == "relay-board-1"
+    })
+    .await;
+    let end = Instant::now() + WAIT;
+    loop {
+        let (ok, out, err) = cli(&cfg, &["status"]).await;
+        if ok {
+            assert!(out.contains("install mode:  off"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the control socket never answered: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, _, err) = cli(
+        &cfg,
+        &["pair", "adopt", "modbus:io:7", "--profile", "xy-md02"],
+    )
+    .await;
+    assert!(!ok && err.contains("not_in_install_mode"), "{err}");
+
+    let (ok, out, err) = cli(&cfg, &["install-mode", "start", "--minutes", "5"]).await;
+    assert!(
+        ok && out.contains("install mode active until"),
+        "{out} {err}"
+    );
+    let end = Instant::now() + SCAN_WAIT;
+    let listed = loop {
+        let (ok, out, err) = cli(&cfg, &["pair", "list"]).await;
+        assert!(ok, "{err}");
+        if out.contains("modbus:io:7") {
+            break out;
+        }
+        assert!(Instant::now() < end, "modbus:io:7 never listed: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(listed.contains("modbus_device"), "{listed}");
+    assert!(!listed.contains("modbus:io:1 "), "{listed}");
+
+    let from = sub.messages().len();
+    let (ok, out, err) = cli(
+        &cfg,
+        &[
+            "pair",
+            "adopt",
+            "modbus:io:7",
+            "--device",
+            "climate-2",
+            "--profile",
+            "xy-md02",
+            "--address",
+            "31",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("adopted `climate-2`"), "{out} {err}");
+    board.wait_for("moved to 31", WAIT, |e| {
+        e["ev"] == "address" && e["addr"] == 7 && e["to"] == 31
+    });
+    let adopted = wait_event(&sub, &t, from, "device_adopted", |p| {
+        p["device"] == "climate-2"
+    })
+    .await;
+    assert!(
+        adopted["payload"]["adopted_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("local:")),
+        "{adopted}"
+    );
+    wait_event(&sub, &t, from, "device_online", |p| {
+        p["device"] == "climate-2"
+    })
+    .await;
+    wait_event(&sub, &t, from, "sensor_reading", |p| {
+        p["device"] == "climate-2"
+    })
+    .await;
+    let (ok, out, _) = cli(&cfg, &["pair", "list"]).await;
+    assert!(ok && out.contains("adopted climate-2"), "{out}");
+    let (ok, _, err) = cli(
+        &cfg,
+        &["pair", "adopt", "modbus:io:7", "--profile", "xy-md02"],
+    )
+    .await;
+    assert!(!ok && err.contains("already_adopted"), "{err}");
+    let (ok, _, err) = cli(
+        &cfg,
+        &["pair", "adopt", "modbus:io:99", "--profile", "xy-md02"],
+    )
+    .await;
+    assert!(!ok && err.contains("unknown_candidate"), "{err}");
+
+    let (ok, out, err) = cli(&cfg, &["pair", "remove", "climate-2"]).await;
+    assert!(ok && out.contains("removed `climate-2`"), "{out} {err}");
+    wait_event(&sub, &t, from, "device_removed", |p| {
+        p["device"] == "climate-2"
+    })
+    .await;
+    let (ok, out, _) = cli(&cfg, &["pair", "list"]).await;
+    assert!(ok && !out.contains("adopted climate-2"), "{out}");
+    let (ok, _, err) = cli(&cfg, &["pair", "remove", "relay-board-1"]).await;
+    assert!(!ok && err.contains("configured"), "{err}");
+    let (ok, out, _) = cli(&cfg, &["install-mode", "stop"]).await;
+    assert!(ok && out.contains("install mode stopped"), "{out}");
+    wait_event(&sub, &t, from, "install_mode_ended", |p| {
+        p["reason"] == "stopped"
+    })
+    .await;
+    stop(&mut gw);
 }
