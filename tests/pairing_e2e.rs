@@ -311,6 +311,59 @@ async fn code_opens_the_gate(
     });
 }
 
+/// Validates `doc` against `docs/schemas/<schema>` with the test venv's jsonschema.
+fn check_schema(schema: &str, doc: &Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Process::new(root.join(".venv/bin/python"))
+        .args([
+            "-c",
+            "import json, sys\n\
+             from jsonschema import Draft202012Validator\n\
+             Draft202012Validator(json.load(open(sys.argv[1]))).validate(json.loads(sys.argv[2]))",
+        ])
+        .arg(root.join("docs/schemas").join(schema))
+        .arg(doc.to_string())
+        .output()
+        .expect("the test venv's python (make venv)");
+    assert!(
+        o.status.success(),
+        "{schema}: {doc}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `[[name]]` tables for `items` (TOML tables), each pasted as the config wants them.
+fn tables(name: &str, items: Option<&toml::Value>) -> String {
+    let mut out = String::new();
+    for t in items.and_then(|v| v.as_array()).into_iter().flatten() {
+        out += &format!("[[{name}]]\n{}\n", toml::to_string(t).unwrap());
+    }
+    out
+}
+
+/// Pastes what `gatehouse devices export` printed under the config's `[[bus]]` and `[ble]`
+/// tables (as docs/pairing.md tells the installer) and checks that the config loads with them.
+fn exported_config_loads(dir: &Path, export: &str, osdp: &Path, modbus: &Path) {
+    let v: toml::Value = toml::from_str(export).unwrap_or_else(|e| panic!("{e}\n{export}"));
+    let readers = tables("bus.reader", v.get("bus").and_then(|b| b.get("reader")));
+    let devices = tables("bus.device", v.get("bus").and_then(|b| b.get("device")));
+    let ble = tables("ble.device", v.get("ble").and_then(|b| b.get("device")));
+    assert!(readers.contains("keypad-2"), "{export}");
+    assert!(devices.contains("climate-1"), "{export}");
+    assert!(ble.contains("temp-a103"), "{export}");
+    let body = format!(
+        "[site]\nid = \"site-1\"\ngateway_id = \"gw-1\"\n[storage]\ndata_dir = \"other\"\n\
+         [ble]\nadapter = \"hci0\"\n{ble}{}{readers}{}{devices}",
+        osdp_bus(osdp),
+        modbus_bus(modbus)
+    );
+    let file = dir.join("pasted.toml");
+    std::fs::write(&file, &body).unwrap();
+    let c = gatehouse::config::Config::load(&file)
+        .unwrap_or_else(|e| panic!("the exported devices do not load: {e}\n{body}"));
+    assert_eq!(c.buses.len(), 2);
+}
+
 /// The pairing documents' candidate ids (the last `pairing/discovered` from index `from` on).
 fn candidates(msgs: &[Received], t: &Topics, from: usize) -> Vec<String> {
     last_on(msgs, from, &t.pairing_discovered())
@@ -444,6 +497,27 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
         "{r5}"
     );
 
+    // Recorded once each; the published documents and events match their schemas.
+    for w in wanted {
+        let n = events_of(&sub.messages(), &t, 0, "device_discovered")
+            .iter()
+            .filter(|e| e["payload"]["id"] == w)
+            .count();
+        assert_eq!(n, 1, "`{w}` recorded {n} times");
+    }
+    let msgs = sub.messages();
+    check_schema(
+        "mqtt-pairing-state.schema.json",
+        &last_on(&msgs, 0, &t.pairing_state()).unwrap(),
+    );
+    check_schema(
+        "mqtt-pairing-discovered.schema.json",
+        &last_on(&msgs, 0, &t.pairing_discovered()).unwrap(),
+    );
+    for e in &disc {
+        check_schema("mqtt-event.schema.json", e);
+    }
+
     // Unknown candidate: refused.
     refused(
         &cloud
@@ -522,6 +596,19 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
     })
     .await;
     assert_eq!(reading["payload"]["unit_id"], "A-103", "{reading}");
+    let msgs = sub.messages();
+    let adopted = events_of(&msgs, &t, 0, "device_adopted");
+    assert_eq!(adopted.len(), 3, "{adopted:?}");
+    for e in &adopted {
+        check_schema("mqtt-event.schema.json", e);
+    }
+    for r in msgs.iter().filter(|m| m.topic.ends_with("/result")) {
+        check_schema("mqtt-command-result.schema.json", &r.json());
+    }
+    // Exported as TOML and pasted under their tables, the adopted devices make a valid config.
+    let (ok, export, err) = cli(&cfg, &["devices", "export"]).await;
+    assert!(ok, "{err}");
+    exported_config_loads(dir.path(), &export, &osdp_link, &modbus_link);
     for id in [
         "a-early",
         "a-unknown",
