@@ -223,8 +223,8 @@ impl Cloud<'_> {
             .unwrap();
     }
 
-    /// The results of command `id` (waits for the first, then a little for duplicates: each
-    /// command must have exactly one).
+    /// The first result of command `id` (that there is exactly one is checked later, with
+    /// [`Cloud::results_of`], once more messages have arrived).
     async fn result(&self, name: &str, id: &str, timeout: Duration) -> Value {
         let topic = format!("{}/cmd/{name}/result", self.t.base());
         let of = |m: &[Received]| -> Vec<Value> {
@@ -234,11 +234,10 @@ impl Cloud<'_> {
                 .filter(|v| v["id"] == id)
                 .collect()
         };
-        let first = wait_msgs(self.sub, &format!("the result of `{id}`"), timeout, |m| {
+        wait_msgs(self.sub, &format!("the result of `{id}`"), timeout, |m| {
             of(m).into_iter().next()
         })
-        .await;
-        first
+        .await
     }
 
     async fn run(&self, name: &str, id: &str, args: Value, timeout: Duration) -> Value {
