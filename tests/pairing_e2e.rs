@@ -305,8 +305,31 @@ async fn code_opens_the_gate(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(granted["payload"]["entry"], "gate-1", "{granted}");
-    peers::eventually("the gate relay", WAIT, || {
-        (board.count_since(b0, coil_on(1, 0)) > 0).then_some(())
+    let end = Instant::now() + WAIT;
+    while board.count_since(b0, coil_on(1, 0)) == 0 {
+        if Instant::now() > end {
+            let msgs = sub.messages();
+            let events: Vec<&Received> = msgs.iter().filter(|m| m.topic == t.events()).collect();
+            let seen: Vec<String> = events[events.len().saturating_sub(30)..]
+                .iter()
+                .map(|m| {
+                    let v = m.json();
+                    format!("{} {}", v["kind"], v["payload"])
+                })
+                .collect();
+            panic!(
+                "granted for `{device}`, but the gate relay did not switch within {WAIT:?}; \
+                 the last events:\n{}",
+                seen.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pulse ends (so that the next grant is seen switching it on again).
+    let off =
+        |e: &Value| e["ev"] == "coil" && e["addr"] == 1 && e["index"] == 0 && e["on"] == false;
+    peers::eventually("the gate relay off", WAIT, || {
+        (board.count_since(b0, off) > 0).then_some(())
     });
 }
 
@@ -397,7 +420,7 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
         &osdp_link,
         &["--pd", "0:install", "--pd", "5:install"].map(String::from),
     );
-    let board = Peer::start(
+    let mut board = Peer::start(
         "modbus_dev.py",
         &modbus_link,
         &["--device", "1:relay8", "--device", "7:xymd02"].map(String::from),
@@ -673,6 +696,33 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
     assert!(
         events_of(&sub.messages(), &t, from, "install_mode_started").is_empty(),
         "install mode started again"
+    );
+    // A configuration reload (SIGHUP, the file unchanged) keeps the adopted devices running.
+    let from = sub.messages().len();
+    let hup = Process::new("kill")
+        .args(["-HUP", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_event(&sub, &t, from, "config_reloaded", |_| true).await;
+    code_opens_the_gate(&sub, &t, &mut osdp, 5, &board, "keypad-2").await;
+    // A new temperature (the peer knows the sensor by its first address).
+    board.send(json!({"op": "temp", "addr": 7, "celsius": 26.0}));
+    wait_event(&sub, &t, from, "sensor_reading", |p| {
+        p["device"] == "climate-1" && p["value"] == 26.0
+    })
+    .await;
+    // A new temperature too (an unchanged one is not reported again): 26.00 °C.
+    bluez.send(json!({"op": "sensor", "mac": NEW_SENSOR, "hex": "4000F0016402280A"}));
+    wait_event(&sub, &t, from, "sensor_reading", |p| {
+        p["device"] == "temp-a103" && p["value"] == 26.0
+    })
+    .await;
+    assert!(
+        events_of(&sub.messages(), &t, from, "device_offline")
+            .iter()
+            .all(|e| e["payload"]["device"] != "keypad-2" && e["payload"]["device"] != "climate-1"),
+        "an adopted device went offline at the reload"
     );
     // The registry survived (the reader is adopted already), and install mode is off: any
     // other adoption is refused as such.
