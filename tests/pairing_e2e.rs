@@ -9,7 +9,9 @@
 //!   to a new address and keyed, then a code typed on it opens the gate; the sensor board moved
 //!   to a new unit id and polled; the BTHome sensor reporting for its unit); refusals (outside
 //!   install mode, unknown candidate, adopted twice) answer once with their reason; after a
-//!   restart all three still run, no candidate survives and install mode is not resumed.
+//!   restart all three still run, no candidate survives and install mode is not resumed; a
+//!   SIGHUP reload keeps them running; what `gatehouse devices export` prints, pasted into a
+//!   config, loads; the published documents, events and results match their schemas.
 //! - The same core flow through the `gatehouse` CLI on the daemon's control socket.
 
 #[path = "support/broker.rs"]
