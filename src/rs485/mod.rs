@@ -393,8 +393,8 @@ impl Rs485 {
     }
 
     /// Stops one running bus: no more jobs routed to it, its thread told to stop (the jobs it
-    /// held are answered with a failure), waited for up to `deadline`, its devices marked
-    /// offline.
+    /// held are answered with a failure), waited for up to `deadline`, its devices that were
+    /// online marked offline.
     fn stop_bus(&self, r: Running, deadline: Duration) {
         {
             let mut routes = self
@@ -416,9 +416,13 @@ impl Rs485 {
         } else {
             tracing::warn!(bus = %r.cfg.id, "bus thread did not stop in time");
         }
+        // Only the devices seen online go offline: a bus restarted before its devices answered
+        // (at start, when the adopted devices are added to it) reports nothing for them.
         for d in r.cfg.device_ids() {
-            self.shared
-                .set_online(d, &r.cfg.id, false, Some(RELOADED.to_string()));
+            if self.shared.is_online(d) == Some(true) {
+                self.shared
+                    .set_online(d, &r.cfg.id, false, Some(RELOADED.to_string()));
+            }
         }
         self.shared
             .common
