@@ -475,7 +475,9 @@ fn session(
             return End::Stopping;
         }
         watch.alive();
+        let read_before = *last_read.lock().unwrap_or_else(|e| e.into_inner());
         cp.refresh();
+        let read_now = *last_read.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return End::Broken(e);
         }
@@ -560,7 +562,14 @@ fn session(
         let now = Instant::now();
         // A poll due earlier was sent by the refresh just made (or waits for the channel,
         // and goes out when the reply in progress has come in).
-        let until = pace.next_refresh(now, last_io);
+        // LibOSDP acts on a reply (a key, a card: the decision) in the refresh after the one
+        // that read its bytes: when this one read any, the next goes at once, not at the next
+        // poll (which cost every code up to a poll interval).
+        let until = if read_now != read_before {
+            now
+        } else {
+            pace.next_refresh(now, last_io)
+        };
         if let Some(job) = waiter.wait(rx, until) {
             pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
