@@ -425,6 +425,11 @@ fn a_padlock_is_adopted_only_to_the_unit_whose_lock_has_its_mac_with_a_test_unlo
     bluez.wait_for("the test unlock", WAIT, |e| {
         e["ev"] == "unlocked" && e["mac"] == NEW_LOCK && e["via"] == "offline"
     });
+    // The adoption answers once the lock has; its link stays up a moment for what the lock
+    // says after (server packets). The installer's next try comes after that link is closed.
+    bluez.wait_for("the test unlock's link closed", WAIT, |e| {
+        e["ev"] == "disconnected" && e["mac"] == NEW_LOCK
+    });
     gw.manager.run(&[reg]).unwrap();
 
     // A test unlock the padlock refuses (its key was changed behind the site's back): failed.
@@ -435,7 +440,11 @@ fn a_padlock_is_adopted_only_to_the_unit_whose_lock_has_its_mac_with_a_test_unlo
             json!({"candidate": c.id, "unit": "A-103", "test_unlock": true}),
         )
         .unwrap_err();
-    assert!(e.contains("test unlock failed"), "{e}");
+    assert!(
+        e.contains("test unlock failed"),
+        "{e}; the mock's last events: {:#?}",
+        bluez.events().iter().rev().take(20).collect::<Vec<_>>()
+    );
     gw.stop();
     bluez.send(json!({"op": "quit"}));
 }
