@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::{Broker, Subscriber};
+use broker::{Broker, Received, Subscriber};
 use ed25519_dalek::SigningKey;
 use gatehouse::cloud::messages::{Health, Topics};
 use peers::Peer;
@@ -438,28 +438,30 @@ async fn metrics_port_in_use_is_an_error_and_access_goes_on() {
     let port = taken.local_addr().unwrap().port();
     let mut daemon = start_daemon(dir.path(), &b, &link, port);
 
-    // The decisions reach the cloud, the health message says the device answers.
+    // The decisions reach the cloud, the health message says the device answers. Health counts
+    // a decision when it is made and the event is published once it is durable, so either can
+    // arrive first: wait for both.
+    let is_granted = |r: &Received| {
+        r.topic == t.events()
+            && serde_json::from_slice::<Value>(&r.payload)
+                .is_ok_and(|v| v["kind"] == "access_granted")
+    };
     let msgs = sub
         .wait_for(
             |m| {
-                m.iter().any(|r| {
-                    r.topic == t.health()
-                        && serde_json::from_slice::<Health>(&r.payload).is_ok_and(|h| {
-                            h.decisions.granted == 1
-                                && h.buses.get("rs485-io").is_some_and(|b| b.online == 1)
-                        })
-                })
+                m.iter().any(is_granted)
+                    && m.iter().any(|r| {
+                        r.topic == t.health()
+                            && serde_json::from_slice::<Health>(&r.payload).is_ok_and(|h| {
+                                h.decisions.granted == 1
+                                    && h.buses.get("rs485-io").is_some_and(|b| b.online == 1)
+                            })
+                    })
             },
             WAIT,
         )
         .await;
-    let granted = msgs
-        .iter()
-        .filter(|r| r.topic == t.events())
-        .filter(|r| {
-            serde_json::from_slice::<Value>(&r.payload).unwrap()["kind"] == "access_granted"
-        })
-        .count();
+    let granted = msgs.iter().filter(|r| is_granted(r)).count();
     assert_eq!(granted, 1);
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon runs on");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
