@@ -101,6 +101,9 @@ struct Inner {
     device_online: Family<DeviceLabels, Gauge>,
     /// device -> (bus, online): the health message's counts per bus.
     online: Mutex<BTreeMap<String, (String, bool)>>,
+    /// The buses started since the daemon started: each is in the health message, at 0 of 0
+    /// while it has no devices (an empty bus, listening for install mode).
+    buses: Mutex<std::collections::BTreeSet<String>>,
     ble_adverts: Counter,
     ble_lock_ops: Family<ResultLabels, Counter>,
     facts_dropped: Counter,
@@ -344,6 +347,7 @@ impl Metrics {
                 bus_seconds,
                 device_online,
                 online: Mutex::new(BTreeMap::new()),
+                buses: Mutex::default(),
                 ble_adverts,
                 ble_lock_ops,
                 facts_dropped,
@@ -374,6 +378,10 @@ impl Metrics {
             protocol,
         };
         let i = &self.inner;
+        i.buses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bus.to_string());
         BusMetrics {
             transactions: i.bus_transactions.get_or_create_owned(&l),
             timeouts: i.bus_timeouts.get_or_create_owned(&l),
@@ -396,6 +404,23 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(device.to_string(), (bus.to_string(), online));
+    }
+
+    /// A device taken off its bus (a reload without it, the removal of an adopted device): no
+    /// longer counted or exported.
+    pub fn device_removed(&self, device: &str) {
+        let gone = self
+            .inner
+            .online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device);
+        if let Some((bus, _)) = gone {
+            self.inner.device_online.remove(&DeviceLabels {
+                device: device.to_string(),
+                bus,
+            });
+        }
     }
 
     pub fn ble_advert(&self) {
@@ -449,7 +474,13 @@ impl Metrics {
     /// Counters for the `health` message.
     pub fn health(&self) -> HealthCounts {
         let i = &self.inner;
-        let mut buses: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        let mut buses: BTreeMap<String, (u32, u32)> = i
+            .buses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|b| (b.clone(), (0, 0)))
+            .collect();
         for (bus, online) in i.online.lock().unwrap_or_else(|e| e.into_inner()).values() {
             let c = buses.entry(bus.clone()).or_default();
             c.0 += *online as u32;

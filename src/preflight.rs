@@ -65,5 +65,12 @@ pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
         )
         .context("cloud TLS")?;
     }
+    for b in cfg.buses.iter().filter(|b| b.is_empty()) {
+        notes.push(format!(
+            "bus `{}` has no devices: it only listens for install mode until a device is \
+             adopted onto it",
+            b.id
+        ));
+    }
     Ok(notes)
 }

@@ -284,6 +284,31 @@ fn a_bad_metrics_section_is_refused_with_its_line() {
 }
 
 #[test]
+fn a_bus_with_no_devices_passes_check_config_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gatehouse.toml");
+    std::fs::write(
+        &cfg,
+        "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
+         [[bus]]\nid = \"entrance\"\nport = \"/dev/ttyUSB0\"\nprotocol = \"osdp\"\n\
+         [[bus]]\nid = \"io\"\nport = \"/dev/ttyUSB1\"\nprotocol = \"modbus\"\n",
+    )
+    .unwrap();
+    let o = gatehouse(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for bus in ["entrance", "io"] {
+        assert!(
+            out.contains(&format!(
+                "note: bus `{bus}` has no devices: it only listens for install mode"
+            )),
+            "{out}"
+        );
+    }
+    assert!(out.contains(": ok (site `s1`"), "{out}");
+}
+
+#[test]
 fn the_example_and_demo_configs_are_valid() {
     for f in ["config/gatehouse.example.toml", "config/demo.toml"] {
         let path = format!("{}/{f}", env!("CARGO_MANIFEST_DIR"));

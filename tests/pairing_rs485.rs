@@ -4,8 +4,11 @@
 //! configured keypad and relay board keep working; adoption pairs a reader (COMSET to a new
 //! address, KEYSET through the install path) whose code then opens the gate, and moves a board
 //! to a new unit id that is then polled; failures leave the running configuration as it was.
-//! Driven through the `Scan`/`Provisioner` contract with a small test `Scan`.
+//! Driven through the `Scan`/`Provisioner` contract with a small test `Scan`. Buses with no
+//! devices configured: `pairing_rs485/empty_bus.rs`.
 
+#[path = "pairing_rs485/empty_bus.rs"]
+mod empty_bus;
 #[path = "support/peers.rs"]
 mod peers;
 

@@ -159,7 +159,8 @@ pub struct Health {
     pub storage: StorageStatus,
     pub decisions: HealthDecisions,
     /// Devices per bus id (`ble` for BLE devices): how many answer, of those the gateway has
-    /// seen or polled since it started.
+    /// seen or polled since it started and still runs. Every started bus is listed (0 of 0
+    /// while it has no devices).
     pub buses: std::collections::BTreeMap<String, HealthBus>,
     /// Site automation's counters (docs/automation.md).
     pub automation: HealthAutomation,

@@ -154,6 +154,14 @@ impl BusConfig {
         self.port.to_string_lossy().starts_with(SIM_PREFIX)
     }
 
+    /// Whether the bus has no devices: it only listens, for install mode to find its first one.
+    pub fn is_empty(&self) -> bool {
+        match &self.kind {
+            BusKind::Osdp(r) => r.is_empty(),
+            BusKind::Modbus { devices, .. } => devices.is_empty(),
+        }
+    }
+
     /// Every device id on this bus (readers or Modbus devices).
     pub fn device_ids(&self) -> Vec<&str> {
         match &self.kind {
@@ -266,13 +274,6 @@ pub fn check(
                         format!("{baud} is too slow for OSDP (9600 to 230400)"),
                     ));
                 }
-                if b.reader.is_empty() {
-                    return Err(err(
-                        b.id.span(),
-                        &key("reader"),
-                        "an OSDP bus needs at least one [[bus.reader]]".into(),
-                    ));
-                }
                 let mut addrs = HashSet::new();
                 let mut readers = Vec::new();
                 for (ri, r) in b.reader.iter().enumerate() {
@@ -368,13 +369,6 @@ pub fn check(
                         ));
                     }
                 };
-                if b.device.is_empty() {
-                    return Err(err(
-                        b.id.span(),
-                        &key("device"),
-                        "a Modbus bus needs at least one [[bus.device]]".into(),
-                    ));
-                }
                 let mut addrs = HashSet::new();
                 let mut devices = Vec::new();
                 for (di, d) in b.device.iter().enumerate() {
@@ -496,6 +490,19 @@ pub fn check(
                 ));
             }
         };
+        // A bus with no devices is allowed: it only listens, for install mode to find its
+        // first device (docs/rs485.md, *A bus with no devices*). A simulated one has nothing
+        // to simulate.
+        if b.reader.is_empty()
+            && b.device.is_empty()
+            && port.to_string_lossy().starts_with(SIM_PREFIX)
+        {
+            return Err(err(
+                b.port.span(),
+                &key("port"),
+                "a simulated bus (`sim:` port) needs its one device".into(),
+            ));
+        }
         out.push(BusConfig {
             id,
             port,
@@ -505,4 +512,68 @@ pub fn check(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(buses: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[site]\nid = \"s\"\ngateway_id = \"gw\"\n[storage]\ndata_dir = \"data\"\n{buses}"
+        );
+        Config::parse(std::path::Path::new("/etc/gatehouse/g.toml"), &text)
+    }
+
+    #[test]
+    fn a_bus_with_no_devices_is_accepted_for_either_protocol() {
+        let cfg = parse(
+            "[[bus]]\nid = \"entrance\"\nport = \"/dev/ttyUSB0\"\nprotocol = \"osdp\"\n\
+             [[bus]]\nid = \"io\"\nport = \"/dev/ttyUSB1\"\nprotocol = \"modbus\"\n\
+             parity = \"even\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.buses.len(), 2);
+        for b in &cfg.buses {
+            assert!(b.is_empty(), "{b:?}");
+            assert!(b.device_ids().is_empty());
+        }
+        assert!(matches!(&cfg.buses[0].kind, BusKind::Osdp(r) if r.is_empty()));
+        assert!(matches!(
+            &cfg.buses[1].kind,
+            BusKind::Modbus { parity: Parity::Even, devices, .. } if devices.is_empty()
+        ));
+        // The bus's own settings are still checked.
+        let e = parse(
+            "[[bus]]\nid = \"entrance\"\nport = \"/dev/ttyUSB0\"\nprotocol = \"osdp\"\n\
+             baud = 4800\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("too slow for OSDP"), "{e:?}");
+        let e = parse(
+            "[[bus]]\nid = \"entrance\"\nport = \"/dev/ttyUSB0\"\nprotocol = \"osdp\"\n\
+             timeout_ms = 100\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("Modbus buses only"), "{e:?}");
+        // A bus with devices is not empty.
+        let cfg = parse(
+            "[[bus]]\nid = \"io\"\nport = \"/dev/ttyUSB1\"\nprotocol = \"modbus\"\n\
+             [[bus.device]]\nid = \"climate\"\nprofile = \"xy-md02\"\naddress = 7\n",
+        )
+        .unwrap();
+        assert!(!cfg.buses[0].is_empty());
+    }
+
+    #[test]
+    fn a_simulated_bus_with_no_devices_is_refused() {
+        let e = parse(
+            "[demo]\nsimulate_devices = true\n\
+             [[bus]]\nid = \"entrance\"\nport = \"sim:keypad\"\nprotocol = \"osdp\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("bus[0].port"));
+        assert!(e.message.contains("needs its one device"), "{e:?}");
+    }
 }

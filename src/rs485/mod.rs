@@ -383,6 +383,13 @@ impl Rs485 {
             devices = bus.device_ids().len(),
             "bus started"
         );
+        if bus.is_empty() {
+            tracing::warn!(
+                bus = %bus.id,
+                "bus {} has no devices: it only listens for install mode",
+                bus.id
+            );
+        }
         self.running().push(Running {
             cfg: bus.clone(),
             shared,
@@ -507,8 +514,18 @@ impl Rs485 {
             }
             *running = keep;
         }
+        // Devices no bus runs any more leave the counts (a restarted bus's come back).
+        let gone: Vec<String> = to_stop
+            .iter()
+            .flat_map(|r| r.cfg.device_ids())
+            .filter(|d| !buses.iter().any(|b| b.device_ids().contains(d)))
+            .map(String::from)
+            .collect();
         for r in to_stop {
             self.stop_bus(r, deadline);
+        }
+        for d in gone {
+            self.shared.engine.metrics().device_removed(&d);
         }
         for b in buses {
             let running = self.running().iter().any(|r| r.cfg.id == b.id);

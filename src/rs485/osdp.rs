@@ -12,6 +12,12 @@
 //! Reader events (keys, cards, status) come back through a callback into a queue and are handled
 //! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
 //!
+//! A bus with no reader LibOSDP can talk to (an empty `[[bus]]`, waiting for install mode to
+//! find its first reader) runs without a control panel, which LibOSDP cannot build without a
+//! reader: it keeps the port, sends nothing outside install mode, and runs install mode's
+//! probes and the provisioner's exchanges back to back ([`listen`]). Adopting a reader onto it
+//! restarts the bus with one.
+//!
 //! Secure channel (`secure` per reader):
 //! - `key` — the reader's key from the site database; the channel must be secure
 //!   (ENFORCE_SECURE), or the reader stays offline.
@@ -443,13 +449,22 @@ fn session(
         })
         .collect();
     if infos.is_empty() {
-        // Nothing LibOSDP can talk to: keep the port, answer jobs, wait.
-        while !shared.stopping() {
-            fail_jobs(shared, rx, "no usable reader on this bus");
-            prober.turn(shared, &activity, &last_read);
-            shared.sleep(Duration::from_millis(200));
-        }
-        return End::Stopping;
+        // LibOSDP needs at least one reader to build a control panel: with none it can talk to
+        // (an empty bus, or no reader with a key), the bus only listens.
+        let why = if cfgs.is_empty() {
+            "no reader on this bus (it only listens for install mode)"
+        } else {
+            "no usable reader on this bus"
+        };
+        return listen(
+            shared,
+            &mut prober,
+            rx,
+            watch,
+            &readable,
+            (&activity, &last_read),
+            why,
+        );
     }
     let mut cp = match ControlPanelBuilder::new()
         .add_channel(Box::new(chan), infos)
@@ -574,6 +589,43 @@ fn session(
             pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
         }
+    }
+}
+
+/// How often a listening bus ([`listen`]) looks for work when it has none.
+const LISTEN_WAKE: Duration = Duration::from_millis(100);
+
+/// A bus without a control panel (no reader LibOSDP can talk to; see [`session`]): it keeps the
+/// port and sends nothing of its own. Install mode's probes and the provisioner's exchanges run
+/// back to back while there are any ([`scan::Prober`]: the line has no poll to leave room
+/// for); relay jobs are refused with `why`. A reader adopted onto the bus restarts it with a
+/// control panel. A port that goes away ends the session as broken, like one LibOSDP saw fail.
+fn listen(
+    shared: &Arc<Shared>,
+    prober: &mut scan::Prober,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+    watch: &mut PortWatch,
+    port: &serialport::TTYPort,
+    (activity, last_read): (&Mutex<Option<Instant>>, &Mutex<Option<Instant>>),
+    why: &str,
+) -> End {
+    let started = Instant::now();
+    loop {
+        if shared.stopping() {
+            return End::Stopping;
+        }
+        watch.alive();
+        if started.elapsed() >= PORT_STABLE {
+            watch.up(shared);
+        }
+        fail_jobs(shared, rx, why);
+        if prober.turn(shared, activity, last_read) {
+            continue;
+        }
+        if let Err(e) = port.bytes_to_read() {
+            return End::Broken(format!("the port failed: {e}"));
+        }
+        shared.sleep(LISTEN_WAKE);
     }
 }
 

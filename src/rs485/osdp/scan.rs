@@ -83,13 +83,13 @@ impl Prober {
     }
 
     /// One pairing turn of the bus loop: runs the provisioner's next op or one scan step, if
-    /// there is one and the bus has a gap for it.
+    /// there is one and the bus has a gap for it. True if it did (another may follow at once).
     pub(in crate::rs485) fn turn(
         &mut self,
         shared: &Shared,
         activity: &Mutex<Option<Instant>>,
         last_read: &Mutex<Option<Instant>>,
-    ) {
+    ) -> bool {
         let hub = shared.pairing();
         if self.held.is_none() {
             self.held = hub.take(&self.bus);
@@ -105,16 +105,18 @@ impl Prober {
             .and_then(|s| s.rest_until)
             .is_some_and(|t| Instant::now() < t && self.held.is_none());
         if (self.held.is_none() && opts.is_none()) || resting || !self.gap(activity, last_read) {
-            return;
+            return false;
         }
         if let Some(req) = self.held.take() {
             let answer = self.op(&req.op);
             let _ = req.reply.send(answer);
-            return;
+            return true;
         }
         if let Some(o) = opts {
             self.step(scan.as_ref(), o);
+            return true;
         }
+        false
     }
 
     /// Whether a probe may go out now (see the module header); waits the settle time itself.
