@@ -68,9 +68,7 @@ pub fn spawn(
     let Some(p) = sims.rs485.pairing.clone() else {
         return;
     };
-    let ble = sims
-        .ble
-        .map(|b| ble::BlePlan::new(b, sims.store.clone()));
+    let ble = sims.ble.map(|b| ble::BlePlan::new(b, sims.store.clone()));
     let plan = match plan(cfg, p, ble) {
         Ok(plan) => plan,
         Err(e) => {
@@ -160,7 +158,11 @@ fn run(pairing: &Pairing, plan: &Plan, stop: &CancellationToken) -> Result<(), S
             "demo pairing: the keypad and the board are already adopted (registry): not adopting again"
         );
     }
-    todo.extend([&plan.keypad, &plan.board].into_iter().filter(|s| !adopted(s)));
+    todo.extend(
+        [&plan.keypad, &plan.board]
+            .into_iter()
+            .filter(|s| !adopted(s)),
+    );
     if let Some(b) = &plan.ble {
         b.check(adopted(&b.lock))?;
         if adopted(&b.lock) && adopted(&b.sensor) {
@@ -231,7 +233,10 @@ fn adopt_all(
         ));
     }
     for spec in todo {
-        let lock = plan.ble.as_ref().filter(|b| b.lock.candidate == spec.candidate);
+        let lock = plan
+            .ble
+            .as_ref()
+            .filter(|b| b.lock.candidate == spec.candidate);
         if let Some(b) = lock {
             b.assign_lock()?;
             tracing::info!(candidate = %spec.candidate, unit = LOCK_UNIT, "demo pairing: adopting the padlock with a test unlock");
