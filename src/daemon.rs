@@ -191,7 +191,17 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         tracing::error!("adopted RS-485 devices not started: {e}");
     }
     start_control(&cfg, &pairing, &store, &shutdown, &tracker);
-    crate::demo_pairing::spawn(&cfg, &pairing, &sims, &tracker, shutdown.child_token());
+    crate::demo_pairing::spawn(
+        &cfg,
+        &pairing,
+        crate::demo_pairing::Sims {
+            rs485: &sims,
+            ble: ble.as_ref().and_then(|b| b.pair_sims.clone()),
+            store: &store,
+        },
+        &tracker,
+        shutdown.child_token(),
+    );
     // Events appended without a flush become visible (to the cloud link) within a second, and a
     // trim that appends left unfinished goes on: on a blocking thread, never the async workers.
     {
@@ -355,6 +365,8 @@ fn start_control(
 struct BleRunning {
     control: Arc<dyn crate::ble::manager::Control>,
     join: Box<dyn FnOnce() + Send>,
+    /// The demo's unadopted BLE devices (simulated radio, `[demo] pairing`).
+    pair_sims: Option<crate::ble::sim::PairSims>,
 }
 
 impl BleRunning {
@@ -366,6 +378,7 @@ impl BleRunning {
         BleRunning {
             control: m,
             join: Box::new(move || ble.join()),
+            pair_sims: None,
         }
     }
 }
@@ -385,13 +398,20 @@ async fn start_ble(
     match ble_cfg.adapter.clone() {
         Adapter::Simulated => {
             let radio = crate::ble::sim::demo_radio(&engine.store().site().tables);
+            // Installer pairing in the demo: an unadopted padlock and sensor too.
+            let pair = cfg
+                .demo_pairing
+                .then(|| crate::ble::sim::PairSims::add(&radio));
             let m = Manager::new(radio, ble_cfg, engine.clone(), states.clone(), rpc.clone());
             tracker.spawn(crate::ble::sim::demo_script(
                 m.clone(),
+                pair.clone(),
                 shutdown.child_token(),
             ));
             tracing::info!("BLE: simulated padlocks, sensors and fobs (demo)");
-            Some(BleRunning::start(m, shutdown))
+            let mut running = BleRunning::start(m, shutdown);
+            running.pair_sims = pair;
+            Some(running)
         }
         adapter => {
             let name = match &adapter {

@@ -1,12 +1,18 @@
 //! The demo's pairing script (`[demo] pairing = true`, docs/pairing.md, *The demo*): at start,
 //! an installer (`local:demo`) starts install mode, waits for the demo's unconfigured keypad and
-//! relay board (simulated on the demo's OSDP and Modbus PTYs, `rs485::sim_demo`) to be
-//! discovered, adopts them (the keypad to the entry of the bus's configured reader, the board at
-//! a new unit id), ends install mode, then types `[demo] pairing_code` on the new keypad.
+//! relay board (simulated on the demo's OSDP and Modbus PTYs, `rs485::sim_demo`) and, with the
+//! simulated BLE radio, an unadopted padlock and BTHome thermometer ([`ble`]) to be discovered,
+//! adopts them (the keypad to the entry of the bus's configured reader, the board at a new unit
+//! id, the padlock to its unit with a test unlock, the thermometer to a zone with its bind key),
+//! ends install mode, types `[demo] pairing_code` on the new keypad and shows the adopted
+//! thermometer's first reading.
 //!
 //! Everything goes through [`Pairing`], the API the control socket and the signed commands use:
 //! no check is skipped. Devices already in the registry (a restart on the same data dir) are not
-//! adopted again: the script only types the code. A failure is logged and the daemon goes on.
+//! adopted again: the script only types the code and shows a reading. A failure is logged and
+//! the daemon goes on.
+
+mod ble;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +24,12 @@ use crate::config::Config;
 use crate::pairing::{AdoptSpec, Candidate, Pairing, ScanOptions};
 use crate::rs485::config::BusKind;
 use crate::rs485::sim::{DemoSims, PairSims};
+use crate::store::Store;
+pub use ble::{LOCK_ID, LOCK_UNIT, SENSOR_ID, SENSOR_ZONE};
 
 /// Who the script acts as, in the events.
 pub const BY: &str = "local:demo";
-/// Install mode's length (ended by the script once both devices are adopted).
+/// Install mode's length (ended by the script once all the devices are adopted).
 const INSTALL_MINUTES: u32 = 10;
 /// How long the script waits for the candidates, and for the keypad to be online.
 const FIND_TIMEOUT: Duration = Duration::from_secs(180);
@@ -37,20 +45,31 @@ struct Plan {
     keypad: AdoptSpec,
     board: AdoptSpec,
     code: Option<String>,
+    ble: Option<ble::BlePlan>,
+}
+
+/// The demo's simulators the script works with.
+pub struct Sims<'a> {
+    /// RS-485: the unconfigured keypad and board (when `[demo] pairing`).
+    pub rs485: &'a DemoSims,
+    /// BLE: the unadopted padlock and thermometer (simulated radio and `[demo] pairing`).
+    pub ble: Option<crate::ble::sim::PairSims>,
+    pub store: &'a Arc<Store>,
 }
 
 /// Starts the script on a blocking thread of `tracker` when the demo has pairing simulators.
 pub fn spawn(
     cfg: &Config,
     pairing: &Arc<Pairing>,
-    sims: &DemoSims,
+    sims: Sims<'_>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    let Some(p) = sims.pairing.clone() else {
+    let Some(p) = sims.rs485.pairing.clone() else {
         return;
     };
-    let plan = match plan(cfg, p) {
+    let ble = sims.ble.map(|b| ble::BlePlan::new(b, sims.store.clone()));
+    let plan = match plan(cfg, p, ble) {
         Ok(plan) => plan,
         Err(e) => {
             tracing::error!("demo pairing: not started: {e}");
@@ -68,7 +87,7 @@ pub fn spawn(
     });
 }
 
-fn plan(cfg: &Config, sims: PairSims) -> Result<Plan, String> {
+fn plan(cfg: &Config, sims: PairSims, ble: Option<ble::BlePlan>) -> Result<Plan, String> {
     let bus = |id: &str| {
         cfg.buses
             .iter()
@@ -106,6 +125,7 @@ fn plan(cfg: &Config, sims: PairSims) -> Result<Plan, String> {
         },
         code: cfg.demo_pairing_code.clone(),
         sims,
+        ble,
     })
 }
 
@@ -129,19 +149,45 @@ fn run(pairing: &Pairing, plan: &Plan, stop: &CancellationToken) -> Result<(), S
         .into_iter()
         .map(|r| r.candidate)
         .collect();
-    let todo: Vec<&AdoptSpec> = [&plan.keypad, &plan.board]
-        .into_iter()
-        .filter(|s| !registered.contains(&s.candidate))
-        .collect();
-    if todo.is_empty() {
+    let adopted = |s: &AdoptSpec| registered.contains(&s.candidate);
+    let mut todo: Vec<&AdoptSpec> = Vec::new();
+    if adopted(&plan.keypad) && adopted(&plan.board) {
         tracing::info!(
             keypad = %plan.keypad.candidate,
             board = %plan.board.candidate,
             "demo pairing: the keypad and the board are already adopted (registry): not adopting again"
         );
-    } else {
-        adopt_all(pairing, &todo, stop)?;
     }
+    todo.extend(
+        [&plan.keypad, &plan.board]
+            .into_iter()
+            .filter(|s| !adopted(s)),
+    );
+    if let Some(b) = &plan.ble {
+        b.check(adopted(&b.lock))?;
+        if adopted(&b.lock) && adopted(&b.sensor) {
+            tracing::info!(
+                padlock = %b.lock.candidate,
+                sensor = %b.sensor.candidate,
+                "demo pairing: the padlock and the sensor are already adopted (registry): not adopting again"
+            );
+        }
+        todo.extend([&b.lock, &b.sensor].into_iter().filter(|s| !adopted(s)));
+    }
+    // The adopted sensor's readings are looked for from here (a restart: from its start).
+    let cursor = plan.ble.as_ref().map(|b| b.cursor());
+    if !todo.is_empty() {
+        adopt_all(pairing, plan, &todo, stop)?;
+    }
+    type_code(plan, stop)?;
+    if let (Some(b), Some(cursor)) = (&plan.ble, cursor) {
+        b.show_reading(cursor, stop)?;
+    }
+    Ok(())
+}
+
+/// Types `[demo] pairing_code` and `#` on the adopted keypad once it is online.
+fn type_code(plan: &Plan, stop: &CancellationToken) -> Result<(), String> {
     let Some(code) = &plan.code else {
         return Ok(());
     };
@@ -162,6 +208,7 @@ fn run(pairing: &Pairing, plan: &Plan, stop: &CancellationToken) -> Result<(), S
 
 fn adopt_all(
     pairing: &Pairing,
+    plan: &Plan,
     todo: &[&AdoptSpec],
     stop: &CancellationToken,
 ) -> Result<(), String> {
@@ -186,10 +233,22 @@ fn adopt_all(
         ));
     }
     for spec in todo {
+        let lock = plan
+            .ble
+            .as_ref()
+            .filter(|b| b.lock.candidate == spec.candidate);
+        if let Some(b) = lock {
+            b.assign_lock()?;
+            tracing::info!(candidate = %spec.candidate, unit = LOCK_UNIT, "demo pairing: adopting the padlock with a test unlock");
+        }
+        // The spec is not logged: a sensor's holds its bind key.
         let r = pairing
             .adopt(spec, BY)
             .map_err(|e| format!("adopting {} failed: {e}", spec.candidate))?;
-        tracing::info!(device = %r.id, candidate = %spec.candidate, "demo pairing: adopted");
+        tracing::info!(device = %r.id, candidate = %spec.candidate, family = r.family.as_str(), "demo pairing: adopted");
+        if let Some(b) = lock {
+            b.lock_adopted();
+        }
     }
     pairing.stop(BY);
     Ok(())

@@ -1,8 +1,11 @@
 //! The demo's pairing script (`[demo] pairing`, docs/pairing.md, *The demo*): `gatehouse run`
 //! with config/demo.toml (its data dir, control socket and cloud moved out of the checkout)
-//! finds the simulated unconfigured keypad and relay board, adopts them, and the code typed on
-//! the new keypad is granted; a restart on the same data dir adopts nothing again and the code
-//! is granted again. Waits for log lines and reads the event log; no timing assertions.
+//! finds the simulated unconfigured keypad and relay board and the unadopted BLE padlock and
+//! BTHome thermometer, adopts them (the padlock with a test unlock, once the demo's cloud has
+//! assigned it to its unit; the thermometer with its bind key), the code typed on the new keypad
+//! is granted and the adopted thermometer's readings are recorded; a restart on the same data dir
+//! adopts nothing again, the code is granted again and the thermometer reports again. Waits for
+//! log lines and reads the event log; no timing assertions.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -112,6 +115,33 @@ fn count(events: &[gatehouse::store::Event], kind: &str) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
 }
 
+/// The events of `kind` about `device`.
+fn of<'a>(
+    events: &'a [gatehouse::store::Event],
+    kind: &str,
+    device: &str,
+) -> Vec<&'a gatehouse::store::Event> {
+    events
+        .iter()
+        .filter(|e| e.kind == kind && e.payload["device"] == device)
+        .collect()
+}
+
+/// Neither BLE key shows, upper or lower case hex.
+fn assert_no_key(what: &str, text: &str) {
+    use gatehouse::ble::sim::{PAIR_LOCK_KEY, PAIR_SENSOR_KEY};
+    for key in [PAIR_LOCK_KEY, PAIR_SENSOR_KEY] {
+        let hex = hex::encode(key);
+        assert!(
+            !text.to_lowercase().contains(&hex),
+            "a key shows in the {what}"
+        );
+    }
+}
+
+const LOCK: &str = "lock-a104";
+const SENSOR: &str = "sensor-hall-b";
+
 /// The access_granted events of the adopted keypad.
 fn granted_on_new_keypad(events: &[gatehouse::store::Event]) -> usize {
     events
@@ -129,19 +159,41 @@ fn the_demo_finds_adopts_and_uses_a_new_keypad_and_board_and_a_restart_keeps_the
     d.wait_for(&["install mode started", "local:demo"]);
     d.wait_for(&["demo pairing: device discovered", "osdp:rs485-readers:3"]);
     d.wait_for(&["demo pairing: device discovered", "modbus:rs485-io:9"]);
+    d.wait_for(&["demo pairing: device discovered", "ble:D0:1F:A6:44:B3:04"]);
+    d.wait_for(&["demo pairing: device discovered", "ble:3C:2E:F5:00:00:C3"]);
     d.wait_for(&["demo pairing: adopted", "keypad-demo-new"]);
     d.wait_for(&["demo pairing: adopted", "relay-board-demo-new"]);
+    d.wait_for(&["demo pairing: the cloud assigns", LOCK, "A-104"]);
+    d.wait_for(&["demo pairing: adopted", LOCK, "ble_lock"]);
+    d.wait_for(&["demo pairing: adopted", SENSOR, "ble_sensor"]);
     d.wait_for(&["install mode ended", "stopped"]);
     d.wait_for(&["access decided", "keypad-demo-new", "granted=true"]);
+    d.wait_for(&["demo pairing: the adopted sensor reports", SENSOR, "zone-b"]);
     let log = d.stop();
     assert!(log.contains("reader paired"), "{log}");
     assert!(!log.contains("demo pairing: not started"), "{log}");
+    assert!(
+        log.lines().any(|l| l
+            .contains("demo pairing: the simulated padlock opened for the test unlock")
+            && l.contains("unlocks=1")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("demo pairing")),
+        "{log}"
+    );
+    assert_no_key("log", &log);
 
     let ev = events(dir.path());
     let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(count(&ev, "install_mode_started"), 1, "{kinds:?}");
-    assert_eq!(count(&ev, "device_discovered"), 2, "{kinds:?}");
-    assert_eq!(count(&ev, "device_adopted"), 2, "{kinds:?}");
+    assert_eq!(count(&ev, "device_discovered"), 4, "{kinds:?}");
+    assert_eq!(count(&ev, "device_adopted"), 4, "{kinds:?}");
+    assert_no_key(
+        "event log",
+        &ev.iter().map(|e| e.payload.to_string()).collect::<String>(),
+    );
     assert_eq!(count(&ev, "install_mode_ended"), 1, "{kinds:?}");
     assert_eq!(granted_on_new_keypad(&ev), 1, "{kinds:?}");
     let adopted: Vec<&serde_json::Value> = ev
@@ -167,19 +219,71 @@ fn the_demo_finds_adopts_and_uses_a_new_keypad_and_board_and_a_restart_keeps_the
         "{log}"
     );
 
+    // BLE: the padlock, assigned to A-104 by the (demo's) cloud, adopted there after an offline
+    // test unlock the padlock took; the thermometer adopted to zone-b, its key kept out of the
+    // record, and its readings recorded for the zone.
+    let sync = ev
+        .iter()
+        .find(|e| e.kind == "sync_applied" && e.payload["source"] == "demo")
+        .unwrap_or_else(|| panic!("no delta from the demo: {kinds:?}"));
+    assert_eq!(sync.payload["kind"], "delta", "{}", sync.payload);
+    let lock = of(&ev, "device_adopted", LOCK);
+    assert_eq!(lock.len(), 1, "{kinds:?}");
+    let p = &lock[0].payload;
+    assert_eq!(p["family"], "ble_lock", "{p}");
+    assert_eq!(p["candidate"], "ble:D0:1F:A6:44:B3:04", "{p}");
+    assert_eq!(p["settings"]["unit"], "A-104", "{p}");
+    assert!(sync.seq < lock[0].seq, "assigned before adopted");
+    // The test unlock (the adoption answers only once the padlock said success), the only
+    // operation of this padlock. Its event goes through the group commit: no order by `seq`.
+    let unlock = of(&ev, "lock_result", LOCK);
+    assert_eq!(unlock.len(), 1, "{unlock:?}");
+    assert_eq!(unlock[0].payload["via"], "offline", "{unlock:?}");
+    assert_eq!(unlock[0].payload["result"], "success", "{unlock:?}");
+    let sensor = of(&ev, "device_adopted", SENSOR);
+    assert_eq!(sensor.len(), 1, "{kinds:?}");
+    let p = &sensor[0].payload;
+    assert_eq!(p["family"], "ble_sensor", "{p}");
+    assert_eq!(p["candidate"], "ble:3C:2E:F5:00:00:C3", "{p}");
+    assert_eq!(p["settings"]["zone"], "zone-b", "{p}");
+    assert_eq!(p["settings"]["encrypted"], true, "{p}");
+    assert!(p["settings"].get("bind_key").is_none(), "{p}");
+    let readings = of(&ev, "sensor_reading", SENSOR);
+    let first = readings.first().expect("a reading of the adopted sensor");
+    assert_eq!(first.payload["zone"], "zone-b", "{}", first.payload);
+    assert_eq!(first.payload["reading"], "temperature", "{}", first.payload);
+    let c = first.payload["value"].as_f64().unwrap();
+    assert!((18.0..=20.0).contains(&c), "{}", first.payload);
+    let readings_before = readings.len();
+
     // A restart on the same data dir: the registry has both; nothing is adopted again, and the
     // code typed on the (now paired) keypad is granted again.
     let mut d = Daemon::start(&config);
     d.wait_for(&["demo pairing: the keypad and the board are already adopted"]);
+    d.wait_for(&["demo pairing: the padlock and the sensor are already adopted"]);
     d.wait_for(&["access decided", "keypad-demo-new", "granted=true"]);
+    // The adopted thermometer runs again from the registry (its key from the store).
+    d.wait_for(&["demo pairing: the adopted sensor reports", SENSOR, "zone-b"]);
     // The board answers at the unit id it was given (kept by the simulated board).
     d.wait_for(&["device state", "\"relay-board-demo-new\"", "online=true"]);
     let log = d.stop();
     assert!(!log.contains("install mode started"), "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("demo pairing")),
+        "{log}"
+    );
+    assert_no_key("log", &log);
     let ev = events(dir.path());
     assert_eq!(count(&ev, "install_mode_started"), 1);
-    assert_eq!(count(&ev, "device_adopted"), 2);
+    assert_eq!(count(&ev, "device_adopted"), 4);
+    let demo_syncs = ev
+        .iter()
+        .filter(|e| e.kind == "sync_applied" && e.payload["source"] == "demo")
+        .count();
+    assert_eq!(demo_syncs, 1);
     assert_eq!(granted_on_new_keypad(&ev), 2);
+    assert!(of(&ev, "sensor_reading", SENSOR).len() > readings_before);
 }
 
 #[test]

@@ -302,8 +302,11 @@ pub fn demo_radio(tables: &crate::site::Tables) -> SimRadio {
 /// The demo: adverts every two seconds (locks, BTHome sensors with a temperature that drifts
 /// and motion now and then, fobs near the gate), an installer's offline unlock, and an unlock
 /// for a sleeping padlock that waits until the padlock is woken.
+/// With `pair`, the unadopted padlock and sensor advertise too (the padlock only while the
+/// site database does not name it: then it is one of the site's locks above).
 pub async fn demo_script(
     manager: std::sync::Arc<super::Manager<SimRadio>>,
+    pair: Option<PairSims>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     use crate::cloud::commands::{Execution, UnitAction};
@@ -342,15 +345,12 @@ pub async fn demo_script(
                     let mut objects = vec![0x00, round as u8, 0x01, 90, 0x02];
                     objects.extend_from_slice(&temp.to_le_bytes());
                     objects.extend_from_slice(&[0x21, motion]);
-                    let data = match d.key.as_deref().and_then(|k| hex::decode(k).ok()) {
-                        Some(k) if k.len() == 16 => {
-                            let key: [u8; 16] = k.try_into().unwrap_or([0; 16]);
-                            let mac_b = super::bthome::parse_mac(&mac).unwrap_or([0; 6]);
-                            super::bthome::encrypt(&objects, &key, mac_b, round, false)
-                                .unwrap_or_default()
-                        }
-                        _ => super::bthome::encode_plain(&objects, false),
-                    };
+                    let key = d
+                        .key
+                        .as_deref()
+                        .and_then(|k| hex::decode(k).ok())
+                        .and_then(|k| <[u8; 16]>::try_from(k).ok());
+                    let data = bthome_data(&objects, key.as_ref(), &mac, round);
                     radio.advertise_bthome(&mac, "SBMO-003Z", data, -70);
                 }
                 DeviceKind::Fob => {
@@ -359,6 +359,9 @@ pub async fn demo_script(
                     }
                 }
             }
+        }
+        if let Some(p) = &pair {
+            p.advertise(round, &devices);
         }
         if round == 2
             && let Some(id) = &awake_lock
@@ -398,5 +401,81 @@ pub async fn demo_script(
         {
             tracing::info!(outcome = ?r, "demo: the sleeping padlock's unlock was delivered");
         }
+    }
+}
+
+/// A BTHome v2 service data for `objects`: encrypted with `key` (counter `round`), else plain.
+fn bthome_data(objects: &[u8], key: Option<&[u8; 16]>, mac: &str, round: u32) -> Vec<u8> {
+    match key {
+        Some(key) => {
+            let mac_b = super::bthome::parse_mac(mac).unwrap_or([0; 6]);
+            super::bthome::encrypt(objects, key, mac_b, round, false).unwrap_or_default()
+        }
+        None => super::bthome::encode_plain(objects, false),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The demo's unadopted BLE devices (installer pairing, docs/pairing.md, *The demo*)
+
+/// The unadopted padlock: a MAC the demo site database does not name (until the demo's cloud
+/// assigns it to a unit), and its offline key. Fixed, public demo values.
+pub const PAIR_LOCK_MAC: &str = "D0:1F:A6:44:B3:04";
+pub const PAIR_LOCK_KEY: [u8; 16] = *b"demo-new-padlock";
+/// The unadopted BTHome thermometer (encrypted) and its bind key, "printed on its box".
+pub const PAIR_SENSOR_MAC: &str = "3C:2E:F5:00:00:C3";
+pub const PAIR_SENSOR_KEY: [u8; 16] = *b"demo-bind-key-c3";
+
+/// The demo's unadopted BLE devices on the simulated radio. No `Debug`: it holds keys.
+#[derive(Clone)]
+pub struct PairSims {
+    radio: SimRadio,
+    pub lock_mac: String,
+    pub sensor_mac: String,
+}
+
+impl PairSims {
+    /// Puts the unadopted padlock on `radio` (awake; the sensor only advertises).
+    pub fn add(radio: &SimRadio) -> PairSims {
+        let mac = PAIR_LOCK_MAC.to_string();
+        let lock = SimLock::new(&format!("NOKE3P_{}", mac.replace(':', "")), PAIR_LOCK_KEY);
+        radio.add_lock(&mac, lock);
+        PairSims {
+            radio: radio.clone(),
+            lock_mac: mac,
+            sensor_mac: PAIR_SENSOR_MAC.to_string(),
+        }
+    }
+
+    /// The padlock's offline key, as the cloud gives it with the lock's record (hex). A secret.
+    pub fn lock_key_hex(&self) -> String {
+        hex::encode_upper(PAIR_LOCK_KEY)
+    }
+
+    /// The sensor's bind key (hex), as the installer reads it off the box. A secret.
+    pub fn bind_key_hex(&self) -> String {
+        hex::encode_upper(PAIR_SENSOR_KEY)
+    }
+
+    /// How many unlocks the padlock performed (the adoption's test unlock is one).
+    pub fn lock_unlocks(&self) -> u32 {
+        self.radio.unlocks(&self.lock_mac)
+    }
+
+    /// One round of adverts: the padlock (unless `site` names it: then it advertises as one of
+    /// the site's) and the thermometer (a temperature that drifts, its battery; encrypted).
+    fn advertise(&self, round: u32, site: &[crate::sync::Device]) {
+        if !site
+            .iter()
+            .any(|d| d.mac.eq_ignore_ascii_case(&self.lock_mac))
+        {
+            self.radio.advertise_lock(&self.lock_mac, -62);
+        }
+        let temp = 1840 + (round % 8) as i16 * 15;
+        let mut objects = vec![0x01, 87, 0x02];
+        objects.extend_from_slice(&temp.to_le_bytes());
+        let data = bthome_data(&objects, Some(&PAIR_SENSOR_KEY), &self.sensor_mac, round);
+        self.radio
+            .advertise_bthome(&self.sensor_mac, "SBTH-001Z", data, -68);
     }
 }
