@@ -1,14 +1,16 @@
 //! An OSDP bus: a LibOSDP control panel (the reference C implementation, through the `libosdp`
 //! crate) driving the bus's readers and keypads.
 //!
-//! The thread owns the port and the control panel, and calls `refresh()` whenever LibOSDP has
+//! The thread owns the port and the control panel, and refreshes LibOSDP whenever it has
 //! something to do, sleeping otherwise: LibOSDP polls each reader once more than 50 ms have
-//! passed since its last command or reply (`OSDP_PD_POLL_TIMEOUT_MS`; a command queued for a
-//! reader goes out at the next refresh, before the poll), reads a reply when its bytes are
-//! there and gives up on one after 200 ms. So the thread wakes when the port has bytes to read
-//! (`Waiter`, epoll on a second handle of the port), when a job (LED, buzzer, output) arrives,
-//! and when the next poll is due after the last byte the port sent or received: 51 ms while the
-//! bus is in use, 101 ms once its readers have been quiet for 10 s ([`super::pace`]).
+//! passed since its last exchange ended (`OSDP_PD_POLL_TIMEOUT_MS`; a command queued for a
+//! reader goes before the poll), reads a reply when its bytes are there and gives up on one
+//! after 200 ms. It moves one step per refresh (one refresh picks a command, the next sends it;
+//! one reads a reply, the next acts on what ends it), so each wake refreshes in a burst until
+//! two refreshes in a row move no byte (`burst`). The thread wakes when the port has bytes to
+//! read (`Waiter`, epoll on a second handle of the port), when a job (LED, buzzer, output)
+//! arrives, and when the next poll is due after the last byte or the last exchange's end: 51 ms
+//! while the bus is in use, 101 ms once its readers have been quiet for 10 s ([`super::pace`]).
 //! Reader events (keys, cards, status) come back through a callback into a queue and are handled
 //! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
 //!
@@ -72,6 +74,9 @@ pub(crate) const PORT_STABLE: Duration = Duration::from_secs(3);
 /// would wait 5 minutes); doubling up to `RETRY_MAX` while it stays away.
 const RETRY_MIN: Duration = Duration::from_secs(15);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// The most refreshes in one burst (a reply's bytes trickling in keep a burst going).
+const BURST_MAX: usize = 16;
 
 /// The serial port as a LibOSDP channel. An I/O error other than "nothing to read" marks the
 /// port broken; the bus thread then tears the control panel down and reopens the port.
@@ -485,19 +490,24 @@ fn session(
         Ok(w) => w,
         Err(e) => return End::Broken(format!("cannot watch the port: {e}")),
     };
+    // When LibOSDP last finished an exchange (the burst that read its reply).
+    let mut settled: Option<Instant> = None;
     loop {
         if shared.stopping() {
             return End::Stopping;
         }
         watch.alive();
-        let read_before = *last_read.lock().unwrap_or_else(|e| e.into_inner());
-        cp.refresh();
-        let read_now = *last_read.lock().unwrap_or_else(|e| e.into_inner());
+        if burst(&mut cp, &activity, &last_read) {
+            settled = Some(Instant::now());
+        }
         if let Some(e) = broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return End::Broken(e);
         }
+        // Commands queued by this turn (a decision's LED and buzzer, a job) go out at once.
+        let mut queued = false;
         if handle_events(&mut cp, &erx, &mut readers, bus, shared) {
             pace.used(Instant::now());
+            queued = true;
         }
         let now = Instant::now();
         if now.duration_since(started) >= PORT_STABLE {
@@ -565,26 +575,21 @@ fn session(
         while let Ok(job) = rx.try_recv() {
             pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
+            queued = true;
         }
         prober.turn(shared, &activity, &last_read);
         if retry {
             tracing::info!(bus = %bus.id, "a reader is still offline: restarting the control panel");
             return End::Retry;
         }
-        // Sleep until LibOSDP has something to do: a reply's bytes, a command to send, or
-        // the next poll (see the header).
-        let last_io = *activity.lock().unwrap_or_else(|e| e.into_inner());
+        if queued {
+            continue;
+        }
+        // Sleep until LibOSDP has something to do: a reply's bytes, a job, or the next poll (see
+        // the header), due from the last byte or the end of the last exchange.
+        let last_io = (*activity.lock().unwrap_or_else(|e| e.into_inner())).max(settled);
         let now = Instant::now();
-        // A poll due earlier was sent by the refresh just made (or waits for the channel,
-        // and goes out when the reply in progress has come in).
-        // LibOSDP acts on a reply (a key, a card: the decision) in the refresh after the one
-        // that read its bytes: when this one read any, the next goes at once, not at the next
-        // poll (which cost every code up to a poll interval).
-        let until = if read_now != read_before {
-            now
-        } else {
-            pace.next_refresh(now, last_io)
-        };
+        let until = pace.next_refresh(now, last_io);
         if let Some(job) = waiter.wait(rx, until) {
             pace.used(Instant::now());
             output(&mut cp, &readers, shared, job);
@@ -627,6 +632,35 @@ fn listen(
         }
         shared.sleep(LISTEN_WAKE);
     }
+}
+
+/// Refreshes LibOSDP until two refreshes in a row move no byte (at most [`BURST_MAX`]); true if
+/// any read bytes. LibOSDP takes a step per refresh: one picks the next command (a poll once
+/// 50 ms have passed since the last exchange ended, or a queued one) and the next sends it; the
+/// one that reads a reply acts on it (events, the end of the exchange) and the next picks what
+/// follows. Refreshing only once per wake left a chosen poll unsent until the next wake, a whole
+/// poll interval later.
+fn burst(
+    cp: &mut ControlPanel,
+    activity: &Mutex<Option<Instant>>,
+    last_read: &Mutex<Option<Instant>>,
+) -> bool {
+    let get = |m: &Mutex<Option<Instant>>| *m.lock().unwrap_or_else(|e| e.into_inner());
+    let read_before = get(last_read);
+    let mut quiet = 0;
+    for _ in 0..BURST_MAX {
+        let before = get(activity);
+        cp.refresh();
+        if get(activity) == before {
+            quiet += 1;
+            if quiet == 2 {
+                break;
+            }
+        } else {
+            quiet = 0;
+        }
+    }
+    get(last_read) != read_before
 }
 
 /// Waits for the first of: bytes to read on the port, a job, a deadline. One per session,

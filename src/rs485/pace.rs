@@ -2,8 +2,8 @@
 //!
 //! LibOSDP polls a reader at a refresh when more than 50 ms have passed since its last command or
 //! reply (`OSDP_PD_POLL_TIMEOUT_MS`, fixed in the library), so the bus thread sets the poll rate
-//! by when it refreshes: at [`ACTIVE_DUE`] after the last byte on the wire the next poll goes
-//! out at once. Each poll cycle of two readers costs three wakes of the thread (the timer, then
+//! by when it refreshes: at [`ACTIVE_DUE`] after the last exchange ended the next poll goes
+//! out (picked by one refresh of the wake's burst, sent by the next). Each poll cycle of two readers costs three wakes of the thread (the timer, then
 //! each reader's reply), which made OSDP the daemon's biggest source of wakeups at rest.
 //!
 //! So the bus polls at LibOSDP's rate only while something happens — for [`ACTIVE_FOR`] after a

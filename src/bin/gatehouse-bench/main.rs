@@ -16,6 +16,9 @@
 //! with two buses, ten BLE devices and the metrics endpoint (see `idle.rs`).
 //! `gatehouse-bench pairing`: install-mode scans on the RS-485 buses and what they cost a
 //! configured reader (see `pairing.rs`).
+//!
+//! With `RUST_LOG` set (e.g. `RUST_LOG=gatehouse=debug`), the gatehouse code a bench runs in
+//! process logs to stderr, so a slow sample can be traced; stdout keeps its one JSON line.
 
 mod automation;
 mod ble;
@@ -48,6 +51,13 @@ const DECISIONS: usize = 200_000;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("access") => access(),
