@@ -600,6 +600,7 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
             "zone": "zone-a", "encrypted": false}),
         adopted_at: chrono::Utc::now(),
         adopted_by: "local:installer".into(),
+        replaces: None,
     };
     provisioner.run(std::slice::from_ref(&adopted)).unwrap();
     write(&ble_config("", &[("porch", NEW_PLAIN, "unit = \"A-103\"")]));

@@ -51,6 +51,9 @@ pub enum AdoptedDevice {
 pub struct Adopted {
     pub bus: String,
     pub device: AdoptedDevice,
+    /// The configured device it stands in for ([`Registered::replaces`]): left out of the
+    /// configured buses while this one runs.
+    pub replaces: Option<String>,
 }
 
 impl Adopted {
@@ -62,12 +65,34 @@ impl Adopted {
     }
 }
 
-/// The configured buses with the adopted devices added to theirs. Refused (nothing merged) when
-/// an adopted device's bus is gone, its id is used by the configuration (or twice), or its
-/// address is taken on its bus.
-pub fn merge(base: &[BusConfig], adopted: &[Adopted]) -> Result<Vec<BusConfig>, String> {
+/// The configured buses without the devices `replaced` names (a name the configuration no
+/// longer has is ignored).
+fn without(base: &[BusConfig], replaced: &HashSet<&str>) -> Vec<BusConfig> {
     let mut out = base.to_vec();
-    let mut ids: HashSet<String> = base
+    if replaced.is_empty() {
+        return out;
+    }
+    for bus in &mut out {
+        match &mut bus.kind {
+            BusKind::Osdp(readers) => readers.retain(|r| !replaced.contains(r.id.as_str())),
+            BusKind::Modbus { devices, .. } => {
+                devices.retain(|d| !replaced.contains(d.id.as_str()))
+            }
+        }
+    }
+    out
+}
+
+/// The configured buses with the adopted devices added to theirs, and without the configured
+/// devices they replace. Refused (nothing merged) when an adopted device's bus is gone, its id
+/// is used by the configuration (or twice), or its address is taken on its bus.
+pub fn merge(base: &[BusConfig], adopted: &[Adopted]) -> Result<Vec<BusConfig>, String> {
+    let replaced: HashSet<&str> = adopted
+        .iter()
+        .filter_map(|a| a.replaces.as_deref())
+        .collect();
+    let mut out = without(base, &replaced);
+    let mut ids: HashSet<String> = out
         .iter()
         .flat_map(|b| {
             std::iter::once(b.id.clone()).chain(b.device_ids().into_iter().map(String::from))
@@ -172,7 +197,55 @@ pub fn adopted_from(reg: &Registered, profiles: &Profiles) -> Result<Adopted, St
             ));
         }
     };
-    Ok(Adopted { bus, device })
+    Ok(Adopted {
+        bus,
+        device,
+        replaces: reg.replaces.clone(),
+    })
+}
+
+/// The RS-485 devices of `registered` (the registry), checked as the configuration's own.
+pub fn adopted_of(registered: &[Registered], profiles: &Profiles) -> Result<Vec<Adopted>, String> {
+    registered
+        .iter()
+        .filter(|r| matches!(r.family, Family::OsdpReader | Family::ModbusDevice))
+        .map(|r| adopted_from(r, profiles))
+        .collect()
+}
+
+/// Starts the buses with the registry's adopted devices already merged in, so that registering
+/// the provisioner afterwards (which runs the same set) restarts no bus: the configured devices
+/// come online once. When the adopted devices cannot be merged (a bus gone, a bad record) the
+/// buses start with the configured devices only and the reason is logged (the registry was
+/// checked against the config before: `Pairing::open`).
+pub fn start(
+    buses: &[BusConfig],
+    registered: &[Registered],
+    profiles: &Profiles,
+    engine: Arc<crate::access::AccessEngine>,
+) -> anyhow::Result<Rs485> {
+    let adopted = match adopted_of(registered, profiles).and_then(|a| merge(buses, &a).map(|_| a)) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("adopted RS-485 devices not started: {e}");
+            Vec::new()
+        }
+    };
+    Rs485::start_adopted(buses, adopted, super::Shared::new(engine))
+}
+
+/// Where an adoption goes ([`Rs485Provisioner::place`]).
+struct Placed {
+    /// The adopted devices that keep running (without the one replaced).
+    adopted: Vec<Adopted>,
+    /// The candidate's bus as it runs (without the device replaced).
+    bus: BusConfig,
+    /// The new device's id.
+    id: String,
+    /// The candidate's address.
+    address: u8,
+    /// The configured device the new one stands in for.
+    replaces: Option<String>,
 }
 
 /// Adopts OSDP readers and Modbus devices on the running buses.
@@ -236,13 +309,13 @@ impl Rs485Provisioner {
     }
 
     /// The running buses, the bus of `candidate`, and a device id for it (given or derived),
-    /// checked unique.
+    /// checked unique; without the device `spec` replaces.
     fn place(
         &self,
         candidate: &Candidate,
         spec: &AdoptSpec,
         derived: String,
-    ) -> Result<(Vec<Adopted>, BusConfig, String, u8), String> {
+    ) -> Result<Placed, String> {
         let bus_id = candidate
             .bus
             .as_deref()
@@ -250,8 +323,18 @@ impl Rs485Provisioner {
         let address = candidate
             .address
             .ok_or_else(|| format!("candidate `{}` has no address", candidate.id))?;
-        let adopted = self.rs.adopted();
-        let merged = merge(&self.rs.base(), &adopted)?;
+        // What it replaces is left out: the adopted device (the new one stands in for the
+        // configured one that one replaced), or the configured device.
+        let mut adopted = self.rs.adopted();
+        let mut replaces = None;
+        if let Some(old) = &spec.replaces {
+            match adopted.iter().position(|a| a.id() == old) {
+                Some(i) => replaces = adopted.remove(i).replaces,
+                None => replaces = Some(old.clone()),
+            }
+        }
+        let gone: HashSet<&str> = replaces.as_deref().into_iter().collect();
+        let merged = merge(&without(&self.rs.base(), &gone), &adopted)?;
         let bus = merged
             .iter()
             .find(|b| b.id == bus_id)
@@ -269,7 +352,13 @@ impl Rs485Provisioner {
         {
             return Err(format!("device id `{id}` is already used"));
         }
-        Ok((adopted, bus, id, address))
+        Ok(Placed {
+            adopted,
+            bus,
+            id,
+            address,
+            replaces,
+        })
     }
 
     async fn adopt_reader(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
@@ -278,7 +367,15 @@ impl Rs485Provisioner {
             "reader-{bus_id}-{}",
             spec.address.or(c.address).unwrap_or(0)
         );
-        let (adopted, bus, id, address) = self.place(c, spec, derived)?;
+        // What runs now, to go back to when the reader does not take its key.
+        let before = self.rs.adopted();
+        let Placed {
+            adopted,
+            bus,
+            id,
+            address,
+            replaces,
+        } = self.place(c, spec, derived)?;
         let BusKind::Osdp(readers) = &bus.kind else {
             return Err(format!("bus `{bus_id}` is not an OSDP bus"));
         };
@@ -334,6 +431,7 @@ impl Rs485Provisioner {
             settings,
             adopted_at: Utc::now(),
             adopted_by: String::new(),
+            replaces,
         };
         let mut trial = adopted.clone();
         trial.push(adopted_from(&reg, &self.profiles)?);
@@ -382,7 +480,29 @@ impl Rs485Provisioner {
         }
         // The secure channel: the install path on the bus, until the reader runs on its key.
         let store = self.rs.shared().store.clone();
-        self.apply(trial).await?;
+        // A replacement under the same id: the old reader's key is not the new reader's (the
+        // install path keys it afresh); it is put back when the new reader does not take one.
+        let old_key = if spec.replaces.as_deref() == Some(id.as_str()) {
+            let key = store
+                .reader_key(&id)
+                .map_err(|e| format!("reading the key of the reader replaced: {e:#}"))?;
+            store
+                .clear_reader_key(&id)
+                .map_err(|e| format!("forgetting the key of the reader replaced: {e:#}"))?;
+            key
+        } else {
+            None
+        };
+        let restore_key = || {
+            let _ = store.clear_reader_key(&id);
+            if let Some((key, confirmed)) = &old_key {
+                let _ = store.set_reader_key(&id, key, *confirmed);
+            }
+        };
+        if let Err(e) = self.apply(trial).await {
+            restore_key();
+            return Err(e);
+        }
         let end = Instant::now() + self.pair_timeout;
         loop {
             if matches!(store.reader_key(&id), Ok(Some((_, true)))) {
@@ -393,8 +513,8 @@ impl Rs485Provisioner {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let back = self.apply(adopted).await;
-        let _ = store.clear_reader_key(&id);
+        restore_key();
+        let back = self.apply(before).await;
         Err(format!(
             "the reader did not take its new key (KEYSET not acknowledged, or no secure channel \
              on it) within {} s; it was taken off the bus{}",
@@ -408,7 +528,13 @@ impl Rs485Provisioner {
     async fn adopt_device(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
         let bus_id = c.bus.clone().unwrap_or_default();
         let unit0 = spec.address.or(c.address).unwrap_or(0);
-        let (adopted, bus, id, unit) = self.place(c, spec, format!("modbus-{bus_id}-{unit0}"))?;
+        let Placed {
+            adopted,
+            bus,
+            id,
+            address: unit,
+            replaces,
+        } = self.place(c, spec, format!("modbus-{bus_id}-{unit0}"))?;
         let BusKind::Modbus { devices, .. } = &bus.kind else {
             return Err(format!("bus `{bus_id}` is not a Modbus bus"));
         };
@@ -465,6 +591,7 @@ impl Rs485Provisioner {
             settings,
             adopted_at: Utc::now(),
             adopted_by: String::new(),
+            replaces,
         };
         let mut trial = adopted;
         trial.push(adopted_from(&reg, &self.profiles)?);
@@ -527,11 +654,7 @@ impl Provisioner for Rs485Provisioner {
     }
 
     fn run(&self, registered: &[Registered]) -> Result<(), String> {
-        let adopted = registered
-            .iter()
-            .filter(|r| self.families().contains(&r.family))
-            .map(|r| adopted_from(r, &self.profiles))
-            .collect::<Result<Vec<_>, _>>()?;
+        let adopted = adopted_of(registered, &self.profiles)?;
         self.rs
             .apply_adopted(adopted, RESTART_DEADLINE)
             .map(|_| ())
@@ -552,6 +675,7 @@ mod tests {
             settings,
             adopted_at: Utc::now(),
             adopted_by: "local:test".into(),
+            replaces: None,
         }
     }
 
@@ -686,5 +810,30 @@ mod tests {
             json!({"id": "b2"}),
             "not an RS-485 device",
         );
+    }
+
+    #[test]
+    fn an_adopted_device_replacing_a_configured_one_takes_its_place() {
+        let p = Profiles::embedded();
+        let mut r = reg(
+            Family::OsdpReader,
+            "readers",
+            json!({"id": "keypad-1", "address": 3, "entry": "gate-1"}),
+        );
+        // The configured keypad's id: a conflict unless it replaces it.
+        let e = merge(&base(), &[adopted_from(&r, &p).unwrap()]).unwrap_err();
+        assert!(e.contains("device id `keypad-1`"), "{e}");
+        r.replaces = Some("keypad-1".into());
+        let merged = merge(&base(), &[adopted_from(&r, &p).unwrap()]).unwrap();
+        let BusKind::Osdp(readers) = &merged[0].kind else {
+            panic!()
+        };
+        let ids: Vec<_> = readers.iter().map(|r| (r.id.as_str(), r.address)).collect();
+        assert_eq!(ids, vec![("keypad-1", 3)]);
+        // The other bus is untouched; a name the configuration no longer has is ignored.
+        assert_eq!(format!("{:?}", merged[1]), format!("{:?}", base()[1]));
+        r.replaces = Some("gone".into());
+        let merged = merge(&base(), &[adopted_from(&r, &p).unwrap()]);
+        assert!(merged.unwrap_err().contains("device id `keypad-1`"));
     }
 }
