@@ -157,9 +157,13 @@ impl Site {
     /// Starts the wiring; `before_register` runs once the buses run and before the provisioner
     /// registers (a daemon's start does other work there: the BLE manager, the cloud link).
     fn wire(&self, before_register: impl FnOnce(&Arc<Rs485>)) -> Wired {
-        self.store
-            .set_reader_key("keypad-gate-1", &hex_key(KEY_A), true)
-            .unwrap();
+        // The configured keypad's key, the first time (a reader replacing it under its id has
+        // its own key afterwards).
+        if self.store.reader_key("keypad-gate-1").unwrap().is_none() {
+            self.store
+                .set_reader_key("keypad-gate-1", &hex_key(KEY_A), true)
+                .unwrap();
+        }
         let cfg = config(self.dir.path(), &self.body());
         let rt = rt();
         let pairing = {
