@@ -18,6 +18,7 @@
 //! - [`sim`]: a simulated keypad and relay board on PTYs for the demo and the benchmark, spoken
 //!   to through the same bus code as real devices.
 
+pub mod adopted;
 pub mod config;
 pub mod modbus;
 pub mod osdp;
