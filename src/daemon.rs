@@ -86,8 +86,14 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
     engine.set_facts(facts);
     // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
     let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
-    // Always there (maybe with no bus): a reload can add buses.
-    let rs485 = Arc::new(crate::rs485::Rs485::start(&buses, engine.clone())?);
+    // Always there (maybe with no bus): a reload can add buses. The adopted devices run from
+    // the start (registering the provisioner below then restarts no bus).
+    let rs485 = Arc::new(crate::rs485::provision::start(
+        &buses,
+        &pairing.registered(),
+        &cfg.profiles,
+        engine.clone(),
+    )?);
     let typed = sims.type_demo_codes(&cfg.demo_attempts);
     sims.hold_door_open(
         0,
@@ -175,7 +181,8 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         reloader.add_part(Arc::new(crate::ble::manager::LivePart(b.control.clone())));
     }
     // Install mode's timer and recorder; the drivers scan through `pairing` (`Arc<dyn Scan>`)
-    // and adopt through their provisioners, which take the registered devices at once.
+    // and adopt through their provisioners, which take the registered devices at once (those
+    // already running are left alone).
     tracker.spawn(pairing.clone().run(shutdown.child_token()));
     reloader.add_part(Arc::new(crate::pairing::ReloadCheck(pairing.clone())));
     if let Some(b) = &ble {

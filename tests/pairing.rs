@@ -79,6 +79,7 @@ impl Provisioner for TestProvisioner {
                 settings,
                 adopted_at: Utc::now(),
                 adopted_by: String::new(),
+                replaces: None,
             })
         })
     }
@@ -109,6 +110,7 @@ fn configured() -> Vec<InUse> {
         bus: Some("bus-1".into()),
         address: Some(1),
         mac: None,
+        family: Some(Family::OsdpReader),
         place: "config `gatehouse.toml`, [[bus]] `bus-1`, [[bus.reader]] `r1`".into(),
     }]
 }
@@ -623,6 +625,7 @@ async fn signed_install_mode_discovery_adoption_and_restart_over_mqtt() {
         bus: Some("bus-3".into()),
         address: Some(4),
         mac: None,
+        family: Some(Family::OsdpReader),
         place: "config `gatehouse.toml`, [[bus]] `bus-3`, [[bus.reader]] `keypad-2`".into(),
     });
     let e = Pairing::open(store.clone(), clash, vec![])
@@ -934,6 +937,7 @@ fn a_registry_conflicting_with_the_config_stops_the_daemon_at_start() {
                 settings: json!({"address": 5, "entry": "gate-1"}),
                 adopted_at: Utc::now(),
                 adopted_by: "local:installer".into(),
+                replaces: None,
             })
             .unwrap();
     }

@@ -600,6 +600,7 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
             "zone": "zone-a", "encrypted": false}),
         adopted_at: chrono::Utc::now(),
         adopted_by: "local:installer".into(),
+        replaces: None,
     };
     provisioner.run(std::slice::from_ref(&adopted)).unwrap();
     write(&ble_config("", &[("porch", NEW_PLAIN, "unit = \"A-103\"")]));
@@ -623,6 +624,55 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
     bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "026C07"}));
     wait_event(&store, from, "sensor_reading", WAIT, |p| {
         p["device"] == "vault" && p["value"] == 19.0
+    });
+
+    // An adopted sensor replacing the configured `vault`: `vault` is no longer run (its
+    // readings are not recorded), a reload of the config that still lists it is accepted and
+    // keeps it out, and the replacement removed brings it back.
+    let vault_config = ble_config(
+        "",
+        &[(
+            "vault",
+            NEW_ENC,
+            &format!("zone = \"zone-b\"\nkey = \"{BIND_KEY}\""),
+        )],
+    );
+    let replacing = gatehouse::pairing::Registered {
+        id: "porch-2".into(),
+        candidate: Candidate::ble_id(NEW_PLAIN),
+        family: Family::BleSensor,
+        bus: None,
+        settings: json!({"id": "porch-2", "kind": "sensor", "mac": NEW_PLAIN,
+            "zone": "zone-b", "encrypted": false}),
+        adopted_at: chrono::Utc::now(),
+        adopted_by: "local:installer".into(),
+        replaces: Some("vault".into()),
+    };
+    provisioner.run(std::slice::from_ref(&replacing)).unwrap();
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "02D007"}));
+    write(&vault_config);
+    let out = gw.rt.block_on(reloader.reload());
+    assert!(matches!(out, Outcome::Reloaded { .. }), "{out:?}");
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "023408"}));
+    bluez.send(json!({"op": "sensor", "mac": NEW_PLAIN, "hex": "400005016402D809"}));
+    wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "porch-2" && p["zone"] == "zone-b"
+    });
+    let vault: Vec<_> = peers::logged(&store)
+        .into_iter()
+        .filter(|e| e.seq > from && e.payload["device"] == "vault")
+        .map(|e| e.payload)
+        .collect();
+    assert!(
+        vault.is_empty(),
+        "the replaced sensor still runs: {vault:?}"
+    );
+    provisioner.run(&[]).unwrap();
+    let from = peers::last_seq(&store);
+    bluez.send(json!({"op": "sensor", "mac": NEW_ENC, "objects": "029808"}));
+    wait_event(&store, from, "sensor_reading", WAIT, |p| {
+        p["device"] == "vault" && p["value"] == 22.0
     });
 
     // Settings apply live; the adapter waits for a restart.

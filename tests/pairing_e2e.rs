@@ -9,7 +9,9 @@
 //!   to a new address and keyed, then a code typed on it opens the gate; the sensor board moved
 //!   to a new unit id and polled; the BTHome sensor reporting for its unit); refusals (outside
 //!   install mode, unknown candidate, adopted twice) answer once with their reason; after a
-//!   restart all three still run, no candidate survives and install mode is not resumed; a
+//!   restart all three still run (and the configured devices neither go offline nor come
+//!   online twice: the buses start with the adopted devices), no candidate survives and
+//!   install mode is not resumed; a
 //!   SIGHUP reload keeps them running; what `gatehouse devices export` prints, pasted into a
 //!   config, loads; the published documents, events and results match their schemas.
 //! - The same core flow through the `gatehouse` CLI on the daemon's control socket.
@@ -481,7 +483,7 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
         p["reason"] == "shutdown"
     })
     .await;
-    for d in ["keypad-2", "climate-1", "keypad-gate-1"] {
+    for d in ["keypad-2", "climate-1", "keypad-gate-1", "relay-board-1"] {
         wait_event(&sub, &t, from, "device_online", |p| p["device"] == d).await;
     }
     wait_event(&sub, &t, from, "sensor_reading", |p| {
@@ -489,6 +491,23 @@ async fn signed_install_mode_finds_adopts_and_runs_a_reader_a_board_and_a_sensor
     })
     .await;
     code_opens_the_gate(&sub, &t, &mut osdp, 5, &board, "keypad-2").await;
+    code_opens_the_gate(&sub, &t, &mut osdp, 0, &board, "keypad-gate-1").await;
+    // The buses started with the adopted devices: the configured ones came online once and
+    // never went offline (registering the provisioner restarted no bus).
+    let msgs = sub.messages();
+    for d in ["keypad-gate-1", "relay-board-1"] {
+        let of = |kind| {
+            events_of(&msgs, &t, from, kind)
+                .iter()
+                .filter(|e| e["payload"]["device"] == d)
+                .count()
+        };
+        assert_eq!(
+            (of("device_offline"), of("device_online")),
+            (0, 1),
+            "`{d}` after the restart: (offline, online) events"
+        );
+    }
     // The sensor: advertised (new packet ids) until heard by the new daemon.
     let end = Instant::now() + WAIT;
     let mut pid = 10u8;

@@ -4,7 +4,11 @@
 //! configured keypad and relay board keep working; adoption pairs a reader (COMSET to a new
 //! address, KEYSET through the install path) whose code then opens the gate, and moves a board
 //! to a new unit id that is then polled; failures leave the running configuration as it was.
-//! Driven through the `Scan`/`Provisioner` contract with a small test `Scan`. Buses with no
+//! Driven through the `Scan`/`Provisioner` contract with a small test `Scan`; and through the
+//! daemon's own wiring of the registry (`Pairing` on the store, the buses started with the
+//! adopted devices merged, the provisioner registered) across an in-process restart: the
+//! configured devices do not blink when the adopted ones are added, and a configured reader
+//! replaced by an adopted one is no longer polled. Buses with no
 //! devices configured: `pairing_rs485/empty_bus.rs`.
 
 #[path = "pairing_rs485/empty_bus.rs"]
@@ -17,14 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse::access::AccessEngine;
-use gatehouse::pairing::{AdoptSpec, Candidate, Provisioner, Scan, ScanOptions};
+use gatehouse::pairing::{AdoptSpec, Candidate, Pairing, Provisioner, Scan, ScanOptions};
 use gatehouse::profiles::Profiles;
 use gatehouse::rs485::Rs485;
 use gatehouse::rs485::config::BusKind;
-use gatehouse::rs485::provision::Rs485Provisioner;
+use gatehouse::rs485::provision::{self, Rs485Provisioner};
 use gatehouse::store::Store;
 use peers::*;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 const SCAN_WAIT: Duration = Duration::from_secs(90);
@@ -139,6 +144,106 @@ poll_interval_ms = 200
         });
         rs
     }
+}
+
+/// The daemon's wiring of the registry and the buses (`daemon::run`), in process: the registry
+/// opened against the config, the buses started with its adopted devices merged, install mode's
+/// timer and recorder, and the RS-485 provisioner registered.
+struct Wired {
+    pairing: Arc<Pairing>,
+    rs: Arc<Rs485>,
+    stop: CancellationToken,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Site {
+    /// Starts the wiring; `before_register` runs once the buses run and before the provisioner
+    /// registers (a daemon's start does other work there: the BLE manager, the cloud link).
+    fn wire(&self, before_register: impl FnOnce(&Arc<Rs485>)) -> Wired {
+        // The configured keypad's key, the first time (a reader replacing it under its id has
+        // its own key afterwards).
+        if self.store.reader_key("keypad-gate-1").unwrap().is_none() {
+            self.store
+                .set_reader_key("keypad-gate-1", &hex_key(KEY_A), true)
+                .unwrap();
+        }
+        let cfg = config(self.dir.path(), &self.body());
+        let rt = rt();
+        let pairing = {
+            let _in = rt.enter();
+            Pairing::open(
+                self.store.clone(),
+                gatehouse::pairing::registry::configured(&cfg),
+                Vec::new(),
+            )
+            .unwrap()
+        };
+        let engine = Arc::new(AccessEngine::new(self.store.clone(), None));
+        let rs = Arc::new(
+            provision::start(&cfg.buses, &pairing.registered(), &cfg.profiles, engine).unwrap(),
+        );
+        rs.set_pairing(pairing.clone(), cfg.profiles.clone());
+        let stop = CancellationToken::new();
+        rt.spawn(pairing.clone().run(stop.clone()));
+        before_register(&rs);
+        let prov = Rs485Provisioner::new(rs.clone(), cfg.profiles.clone());
+        pairing.register(Arc::new(prov)).unwrap();
+        Wired {
+            pairing,
+            rs,
+            stop,
+            rt,
+        }
+    }
+}
+
+impl Wired {
+    /// Install mode on, until `candidate` is recorded (adoptable).
+    fn discover(&self, candidate: &str) {
+        self.pairing
+            .start_for(
+                Duration::from_secs(600),
+                "local:test",
+                ScanOptions {
+                    all_bauds: false,
+                    modbus_units: 1..=3,
+                },
+            )
+            .unwrap();
+        eventually(&format!("candidate `{candidate}`"), SCAN_WAIT, || {
+            self.pairing
+                .candidates()
+                .iter()
+                .any(|c| c.id == candidate)
+                .then_some(())
+        });
+    }
+
+    /// What a daemon's stop does to these parts.
+    fn stop(self) {
+        self.stop.cancel();
+        self.rs.stop(Duration::from_secs(5));
+        self.rt.shutdown_timeout(Duration::from_secs(5));
+    }
+}
+
+/// The events of `kind` about `device` after `after`.
+fn events_about(s: &Site, after: u64, kind: &str, device: &str) -> Vec<Value> {
+    logged(&s.store)
+        .into_iter()
+        .filter(|e| e.seq > after && e.kind == kind && e.payload["device"] == device)
+        .map(|e| e.payload)
+        .collect()
+}
+
+/// The PD's own view of whether it is polled (LibOSDP: a frame addressed to it within 8 s),
+/// from its last `online` event.
+fn pd_polled(pd: &Peer, address: u64) -> Option<bool> {
+    pd.events()
+        .iter()
+        .rev()
+        .find(|e| e["ev"] == "online" && e["pd"] == address)
+        .and_then(|e| e["online"].as_bool())
 }
 
 fn hex_key(k: &str) -> [u8; 16] {
@@ -554,4 +659,178 @@ fn devices_gone_or_refusing_the_key_leave_the_configuration_unchanged() {
     online_again(&s, "keypad-gate-1", seq);
     code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
     rs.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn after_a_restart_the_adopted_reader_runs_and_the_configured_devices_never_blink() {
+    let s = site();
+    let mut pd = Peer::start(
+        "osdp_pd.py",
+        &s.link("osdp"),
+        &[
+            "--pd".into(),
+            format!("0:{KEY_A}:enforce"),
+            "--pd".into(),
+            "5:install".into(),
+        ],
+    );
+    let board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
+    // First run: the reader at 5 is adopted next to the configured keypad.
+    let w = s.wire(|_| {});
+    w.discover("osdp:readers:5");
+    let spec = AdoptSpec {
+        candidate: "osdp:readers:5".into(),
+        device: Some("keypad-new".into()),
+        entry: Some("gate-1".into()),
+        ..Default::default()
+    };
+    let reg = w.pairing.adopt(&spec, "local:test").unwrap();
+    assert_eq!(reg.replaces, None);
+    code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-new");
+    w.stop();
+
+    // Restart. The buses run the adopted reader from the start; the configured devices are
+    // online before the provisioner registers (as in a daemon, whose start goes on meanwhile),
+    // and registering it restarts nothing.
+    let seq = last_seq(&s.store);
+    let w = s.wire(|rs| {
+        assert_eq!(
+            readers_of(rs),
+            vec![
+                ("keypad-gate-1".to_string(), 0),
+                ("keypad-new".to_string(), 5)
+            ]
+        );
+        for d in ["keypad-gate-1", "relay-board-1", "keypad-new"] {
+            wait_event(&s.store, seq, "device_online", WAIT, |p| p["device"] == d);
+        }
+    });
+    assert_eq!(
+        readers_of(&w.rs),
+        vec![
+            ("keypad-gate-1".to_string(), 0),
+            ("keypad-new".to_string(), 5)
+        ]
+    );
+    assert_eq!(w.pairing.registered().len(), 1);
+    code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-new");
+    code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
+    for d in ["keypad-gate-1", "relay-board-1", "keypad-new"] {
+        assert_eq!(
+            events_about(&s, seq, "device_offline", d),
+            Vec::<Value>::new(),
+            "`{d}` went offline after the restart"
+        );
+        assert_eq!(
+            events_about(&s, seq, "device_online", d).len(),
+            1,
+            "`{d}` came online more than once after the restart"
+        );
+    }
+    w.stop();
+}
+
+#[test]
+fn a_configured_reader_replaced_by_an_adopted_one_is_no_longer_polled_across_a_restart() {
+    let s = site();
+    let mut pd = Peer::start(
+        "osdp_pd.py",
+        &s.link("osdp"),
+        &[
+            "--pd".into(),
+            format!("0:{KEY_A}:enforce"),
+            "--pd".into(),
+            "5:install".into(),
+        ],
+    );
+    let board = Peer::start(
+        "modbus_dev.py",
+        &s.link("modbus"),
+        &["--device".into(), "1:relay8".into()],
+    );
+    let w = s.wire(|_| {});
+    wait_event(&s.store, 0, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
+    code_opens_the_gate(&s, &mut pd, 0, &board, "keypad-gate-1");
+    w.discover("osdp:readers:5");
+    // Another family cannot replace it; `remove` of a configured device stays refused.
+    let e = w.pairing.remove("keypad-gate-1", "local:test").unwrap_err();
+    assert_eq!(e.reason.as_str(), "configured", "{e}");
+    let e = w
+        .pairing
+        .adopt(
+            &AdoptSpec {
+                candidate: "osdp:readers:5".into(),
+                entry: Some("gate-1".into()),
+                replaces: Some("relay-board-1".into()),
+                ..Default::default()
+            },
+            "local:test",
+        )
+        .unwrap_err();
+    assert_eq!(e.reason.as_str(), "bad_spec", "{e}");
+
+    // The new reader takes over the configured keypad's id (the default), keyed afresh.
+    let seq = last_seq(&s.store);
+    let reg = w
+        .pairing
+        .adopt(
+            &AdoptSpec {
+                candidate: "osdp:readers:5".into(),
+                entry: Some("gate-1".into()),
+                replaces: Some("keypad-gate-1".into()),
+                ..Default::default()
+            },
+            "local:test",
+        )
+        .unwrap();
+    assert_eq!(reg.id, "keypad-gate-1");
+    assert_eq!(reg.replaces.as_deref(), Some("keypad-gate-1"));
+    let stored = s.store.registry_list().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].replaces.as_deref(), Some("keypad-gate-1"));
+    pd.wait_for("KEYSET", WAIT, |e| e["ev"] == "keyset" && e["pd"] == 5);
+    let adopted = wait_event(&s.store, seq, "device_adopted", WAIT, |_| true);
+    assert_eq!(adopted.payload["replaces"], "keypad-gate-1");
+    let removed = wait_event(&s.store, seq, "device_removed", WAIT, |_| true);
+    assert_eq!(removed.payload["device"], "keypad-gate-1");
+    assert_eq!(removed.payload["replaced_by"], "keypad-gate-1");
+    assert_eq!(readers_of(&w.rs), vec![("keypad-gate-1".to_string(), 5)]);
+    code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-gate-1");
+    // Install mode off (its scan would probe the free address 0): the old reader hears nothing.
+    w.pairing.stop("local:test");
+    eventually("the old reader no longer polled", WAIT, || {
+        (pd_polled(&pd, 0) == Some(false)).then_some(())
+    });
+    w.stop();
+
+    // Restart with the TOML unchanged: the old reader stays out, the new one runs.
+    let seq = last_seq(&s.store);
+    let from = pd.len();
+    let w = s.wire(|_| {});
+    assert_eq!(readers_of(&w.rs), vec![("keypad-gate-1".to_string(), 5)]);
+    wait_event(&s.store, seq, "device_online", WAIT, |p| {
+        p["device"] == "keypad-gate-1"
+    });
+    code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-gate-1");
+    // Codes typed on the old reader open nothing (it is not polled, its keys never read).
+    pd.send(json!({"op": "keys", "pd": 0, "digits": "123456#"}));
+    code_opens_the_gate(&s, &mut pd, 5, &board, "keypad-gate-1");
+    assert_eq!(pd_polled(&pd, 0), Some(false));
+    assert_eq!(
+        pd.count_since(from, |e| e["ev"] == "online" && e["pd"] == 0),
+        0,
+        "the old reader was polled after the restart"
+    );
+    assert_eq!(
+        pd.count_since(from, |e| e["ev"] == "delivered" && e["pd"] == 0),
+        0,
+        "the old reader's keys were read"
+    );
+    w.stop();
 }

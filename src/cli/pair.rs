@@ -110,7 +110,8 @@ pub(super) struct AdoptArgs {
     /// BLE lock: an offline test unlock as part of the adoption.
     #[arg(long)]
     test_unlock: bool,
-    /// The adopted device this one replaces (it takes over its entry/unit and settings).
+    /// The adopted or configured device this one replaces (it takes over its entry/unit and
+    /// settings; a configured one is no longer run).
     #[arg(long, value_name = "DEVICE")]
     replaces: Option<String>,
     #[command(flatten)]

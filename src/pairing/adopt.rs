@@ -10,7 +10,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::install::{Inner, PairError, PairReason, Pairing};
-use super::registry::{InUse, clash, clash_message, of_registered};
+use super::registry::{InUse, clash, clash_message, of_registered, running};
 use super::{AdoptSpec, Candidate, Family, Provisioner, Registered};
 use crate::events::EventKind;
 
@@ -42,8 +42,9 @@ impl Pairing {
             .cloned()
     }
 
-    /// What `mine` would clash with (the config, the registry outside `except` — the device it
-    /// replaces —, and the other adoptions under way, outside `candidate`'s own).
+    /// What `mine` would clash with (the configured devices that run — not those an adopted
+    /// device replaces —, the registry, both outside `except` — the device it replaces —, and
+    /// the other adoptions under way, outside `candidate`'s own).
     fn in_use(
         &self,
         g: &Inner,
@@ -52,9 +53,11 @@ impl Pairing {
         candidate: &str,
     ) -> Option<String> {
         let registry: Vec<InUse> = g.registry.iter().map(of_registered).collect();
-        self.configured()
+        let configured = running(&self.configured(), &g.registry);
+        configured
             .iter()
-            .chain(registry.iter().filter(|r| Some(r.id.as_str()) != except))
+            .chain(registry.iter())
+            .filter(|o| Some(o.id.as_str()) != except)
             .chain(
                 g.adopting
                     .iter()
@@ -65,8 +68,12 @@ impl Pairing {
     }
 
     /// Checks an adoption before anything is done: install mode, the candidate, the device
-    /// id, the address, what it replaces. Returns the candidate and the device id.
-    fn check_adopt(&self, spec: &AdoptSpec) -> Result<(Candidate, String), PairError> {
+    /// id, the address, what it replaces. Returns the candidate, the device id and the
+    /// configured device the new record stands in for ([`Registered::replaces`]).
+    fn check_adopt(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(Candidate, String, Option<String>), PairError> {
         let refuse = |r: PairReason, d: String| Err(PairError::new(r, d));
         let cand = crate::redact::name(&spec.candidate);
         let mut g = self.lock();
@@ -97,38 +104,49 @@ impl Pairing {
                 );
             }
         };
-        let replaced = match &spec.replaces {
-            None => None,
+        // What it replaces: an adopted device, or a configured one that runs (one an adopted
+        // device replaces already is not: that one is named instead). `toml` is the configured
+        // device the new record stands in for (inherited through an adopted one).
+        let (replaced, toml) = match &spec.replaces {
+            None => (None, None),
             Some(old) => {
-                let Some(r) = g.registry.iter().find(|r| &r.id == old) else {
+                let name = crate::redact::name(old);
+                let (family, toml) = if let Some(r) = g.registry.iter().find(|r| &r.id == old) {
+                    (Some(r.family), r.replaces.clone())
+                } else if let Some(c) = running(&self.configured(), &g.registry)
+                    .into_iter()
+                    .find(|c| &c.id == old)
+                {
+                    (c.family, Some(c.id))
+                } else {
+                    let by = g
+                        .registry
+                        .iter()
+                        .find(|r| r.replaces.as_ref() == Some(old))
+                        .map(|r| format!("`{}`", r.id));
                     drop(g);
-                    let why = if self.configured().iter().any(|c| &c.id == old) {
-                        (
-                            PairReason::Configured,
-                            format!(
-                                "device {} is in the TOML config: edit the config to replace it",
-                                crate::redact::name(old)
+                    return refuse(
+                        PairReason::UnknownDevice,
+                        match by {
+                            Some(by) => format!(
+                                "device {name} of the TOML config is replaced by {by} already: \
+                                 replace that one"
                             ),
-                        )
-                    } else {
-                        (
-                            PairReason::UnknownDevice,
-                            format!("no adopted device {}", crate::redact::name(old)),
-                        )
-                    };
-                    return refuse(why.0, why.1);
+                            None => format!("no adopted or configured device {name}"),
+                        },
+                    );
                 };
-                if r.family != candidate.family {
+                if family != Some(candidate.family) {
                     return refuse(
                         PairReason::BadSpec,
                         format!(
                             "a {} cannot replace a {}",
                             candidate.family.as_str(),
-                            r.family.as_str()
+                            family.map_or("device of another kind", |f| f.as_str())
                         ),
                     );
                 }
-                Some(r.id.clone())
+                (Some(old.clone()), toml)
             }
         };
         drop(g);
@@ -151,6 +169,7 @@ impl Pairing {
             bus: candidate.bus.clone(),
             address: spec.address.or(candidate.address),
             mac: candidate.mac.as_ref().map(|m| m.to_ascii_uppercase()),
+            family: Some(candidate.family),
             place: format!("the adoption of {cand}"),
         };
         // Checked and reserved under one lock: a concurrent adoption sees the reservation.
@@ -165,13 +184,13 @@ impl Pairing {
             return refuse(PairReason::InUse, msg);
         }
         g.adopting.insert(spec.candidate.clone(), mine);
-        Ok((candidate, device))
+        Ok((candidate, device, toml))
     }
 
     /// Adopts a candidate as `spec` asks; `by` is `command:<id>` or `local:<user>`. Blocking
     /// (the provisioner's work, flushes): call it from a blocking thread.
     pub fn adopt(&self, spec: &AdoptSpec, by: &str) -> Result<Registered, PairError> {
-        let (candidate, device) = self.check_adopt(spec)?;
+        let (candidate, device, toml) = self.check_adopt(spec)?;
         let _adopting = Adopting {
             pairing: self,
             candidate: spec.candidate.clone(),
@@ -203,15 +222,27 @@ impl Pairing {
         record.family = candidate.family;
         record.adopted_by = by.to_string();
         record.adopted_at = Utc::now();
-        // The record as the driver returned it must not clash either (a new address).
+        record.replaces = toml.clone();
+        // The record as the driver returned it must not clash either (a new address), and no
+        // other adoption may have replaced the same configured device meanwhile.
         let clash = {
             let g = self.lock();
-            self.in_use(
-                &g,
-                &of_registered(&record),
-                spec.replaces.as_deref(),
-                &candidate.id,
-            )
+            let twice = toml.as_ref().and_then(|t| {
+                g.registry
+                    .iter()
+                    .find(|r| {
+                        r.replaces.as_ref() == Some(t) && spec.replaces.as_ref() != Some(&r.id)
+                    })
+                    .map(|r| format!("configured device `{t}` is replaced by `{}` already", r.id))
+            });
+            twice.or_else(|| {
+                self.in_use(
+                    &g,
+                    &of_registered(&record),
+                    spec.replaces.as_deref(),
+                    &candidate.id,
+                )
+            })
         };
         if let Some(msg) = clash {
             return Err(PairError::new(PairReason::InUse, msg));
@@ -264,11 +295,26 @@ impl Pairing {
                 format!("running {} failed: {e}", record.id),
             ));
         }
-        if let Some(old) = &replaced {
-            let payload = json!({"device": old.id, "family": old.family, "removed_by": by,
+        // The device replaced leaves: an adopted one, or a configured one (no longer run).
+        let gone = match (&replaced, &spec.replaces) {
+            (Some(old), _) => Some((old.id.clone(), old.family)),
+            (None, Some(old)) => Some((old.clone(), record.family)),
+            (None, None) => None,
+        };
+        if let Some((old, family)) = &gone {
+            let payload = json!({"device": old, "family": family, "removed_by": by,
                                  "replaced_by": record.id});
             if let Err(e) = self.store.record_flushed(EventKind::DeviceRemoved, payload) {
                 tracing::error!("recording device_removed: {e:#}");
+            }
+            if replaced.is_none() {
+                tracing::warn!(
+                    device = %record.id,
+                    replaces = %old,
+                    "the adopted device replaces a device of the TOML config, which is no longer \
+                     run: remove it from the config (`gatehouse devices export` prints the \
+                     adopted devices as tables to paste)"
+                );
             }
         }
         let mut payload = json!({
@@ -278,8 +324,8 @@ impl Pairing {
         if let Some(bus) = &record.bus {
             payload["bus"] = json!(bus);
         }
-        if let Some(old) = &replaced {
-            payload["replaces"] = json!(old.id);
+        if let Some((old, _)) = &gone {
+            payload["replaces"] = json!(old);
         }
         self.store
             .record_flushed(EventKind::DeviceAdopted, payload)
@@ -307,7 +353,8 @@ impl Pairing {
     }
 
     /// Removes an adopted device: the registry record (flushed), then its provisioner runs the
-    /// rest, then `device_removed`. Devices of the TOML config are refused (`configured`).
+    /// rest, then `device_removed`. Devices of the TOML config are refused (`configured`); a
+    /// configured device the removed one replaced runs again (if the config still has it).
     pub fn remove(&self, device: &str, by: &str) -> Result<Registered, PairError> {
         let found = self
             .lock()
@@ -399,6 +446,7 @@ mod tests {
                     settings: json!({"address": c.address, "profile": "p"}),
                     adopted_at: Utc::now(),
                     adopted_by: String::new(),
+                    replaces: None,
                 })
             })
         }
@@ -437,6 +485,26 @@ mod tests {
     );
 
     fn setup() -> Rig {
+        setup_with(Vec::new())
+    }
+
+    /// The config declares `board-1` (Modbus, unit 1 on `bus-2`) and `r1` (OSDP reader).
+    fn configured() -> Vec<InUse> {
+        let dev = |id: &str, address, family, kind: &str| InUse {
+            id: id.into(),
+            bus: Some("bus-2".into()),
+            address: Some(address),
+            mac: None,
+            family: Some(family),
+            place: format!("config `g.toml`, [[bus]] `bus-2`, {kind} `{id}`"),
+        };
+        vec![
+            dev("board-1", 1, Family::ModbusDevice, "[[bus.device]]"),
+            dev("r1", 2, Family::OsdpReader, "[[bus.reader]]"),
+        ]
+    }
+
+    fn setup_with(configured: Vec<InUse>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100_000).unwrap());
         let (entered_tx, entered_rx) = channel();
@@ -447,7 +515,7 @@ mod tests {
             fail_run: false.into(),
             runs: Mutex::new(Vec::new()),
         });
-        let p = Pairing::open(store.clone(), Vec::new(), vec![prov.clone()]).unwrap();
+        let p = Pairing::open(store.clone(), configured, vec![prov.clone()]).unwrap();
         p.start_for(Duration::from_secs(600), "local:t", ScanOptions::default())
             .unwrap();
         for unit in [7, 8] {
@@ -455,6 +523,26 @@ mod tests {
             p.record_found(&Candidate::modbus_id("bus-2", unit));
         }
         (dir, store, p, prov, entered_rx, go_tx)
+    }
+
+    fn replacing(unit: u8, device: Option<&str>, old: &str) -> AdoptSpec {
+        AdoptSpec {
+            candidate: Candidate::modbus_id("bus-2", unit),
+            device: device.map(str::to_string),
+            replaces: Some(old.into()),
+            ..Default::default()
+        }
+    }
+
+    fn events(store: &Store, kind: &str) -> Vec<serde_json::Value> {
+        store
+            .events()
+            .read_from(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.payload)
+            .collect()
     }
 
     fn spec(unit: u8, device: &str) -> AdoptSpec {
@@ -507,5 +595,97 @@ mod tests {
         go.send(()).unwrap();
         p.adopt(&spec(7, "board"), "local:a").unwrap();
         assert_eq!(store.registry_list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_configured_device_is_replaced_and_left_out_until_its_replacement_goes() {
+        let (_dir, store, p, prov, _entered, go) = setup_with(configured());
+        // `remove` of a configured device stays refused; a reader cannot replace a board.
+        let e = p.remove("board-1", "local:a").unwrap_err();
+        assert_eq!(e.reason, PairReason::Configured, "{e}");
+        let e = p.adopt(&replacing(7, None, "r1"), "local:a").unwrap_err();
+        assert_eq!(e.reason, PairReason::BadSpec, "{e}");
+        assert!(e.detail.contains("cannot replace a osdp_reader"), "{e}");
+        let e = p.adopt(&replacing(7, None, "nope"), "local:a").unwrap_err();
+        assert_eq!(e.reason, PairReason::UnknownDevice, "{e}");
+
+        // Replaced: the new board takes the configured one's id; the record names it.
+        go.send(()).unwrap();
+        let r = p.adopt(&replacing(7, None, "board-1"), "local:a").unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.replaces.as_deref()),
+            ("board-1", Some("board-1"))
+        );
+        assert_eq!(p.registered()[0].replaces.as_deref(), Some("board-1"));
+        let adopted = events(&store, "device_adopted");
+        assert_eq!(adopted[0]["replaces"], "board-1");
+        let removed = events(&store, "device_removed");
+        assert_eq!(
+            (&removed[0]["device"], &removed[0]["replaced_by"]),
+            (&json!("board-1"), &json!("board-1"))
+        );
+        assert_eq!(*prov.runs.lock().unwrap(), vec![0, 1]);
+        // Its address (unit 1) is free now: another device may take it.
+        assert!(
+            p.in_use(&p.lock(), &in_use("other", 1), None, "x")
+                .is_none()
+        );
+        // The replacement replaced: the configured device stays left out (inherited).
+        go.send(()).unwrap();
+        let r = p
+            .adopt(&replacing(8, Some("board-8"), "board-1"), "local:a")
+            .unwrap();
+        assert_eq!(r.replaces.as_deref(), Some("board-1"));
+        let reg = store.registry_list().unwrap();
+        assert_eq!(reg.len(), 1);
+        assert_eq!(
+            (reg[0].id.as_str(), reg[0].replaces.as_deref()),
+            ("board-8", Some("board-1"))
+        );
+        // The configured device's id is free now (it is not run); naming it again is refused:
+        // its replacement is named instead.
+        assert!(
+            p.in_use(&p.lock(), &in_use("board-1", 9), None, "x")
+                .is_none()
+        );
+        p.discovered(candidate(9));
+        p.record_found(&Candidate::modbus_id("bus-2", 9));
+        let e = p
+            .adopt(&replacing(9, None, "board-1"), "local:a")
+            .unwrap_err();
+        assert_eq!(e.reason, PairReason::UnknownDevice, "{e}");
+        assert!(e.detail.contains("replaced by `board-8` already"), "{e}");
+
+        // After a restart the merge leaves it out again (no conflict at its address or id).
+        drop(p);
+        let p = Pairing::open(store.clone(), configured(), vec![prov.clone()]).unwrap();
+        assert_eq!(p.registered().len(), 1);
+        assert_eq!(prov.runs.lock().unwrap().last(), Some(&1));
+        // The config edited to drop the device: nothing breaks.
+        drop(p);
+        let cleaned: Vec<InUse> = configured()
+            .into_iter()
+            .filter(|c| c.id != "board-1")
+            .collect();
+        Pairing::open(store.clone(), cleaned, vec![]).unwrap();
+
+        // Its replacement removed: the configured device is back in use (runs again).
+        let p = Pairing::open(store.clone(), configured(), vec![prov.clone()]).unwrap();
+        p.remove("board-8", "local:a").unwrap();
+        assert!(
+            p.in_use(&p.lock(), &in_use("other", 1), None, "x")
+                .is_some()
+        );
+    }
+
+    fn in_use(id: &str, unit: u8) -> InUse {
+        InUse {
+            id: id.into(),
+            bus: Some("bus-2".into()),
+            address: Some(unit),
+            mac: None,
+            family: Some(Family::ModbusDevice),
+            place: "test".into(),
+        }
     }
 }

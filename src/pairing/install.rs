@@ -70,9 +70,10 @@ pub enum PairReason {
     AlreadyAdopted,
     /// The device id, bus address or MAC is used by the config or the registry.
     InUse,
-    /// `remove`/`replaces`: no adopted device of that id.
+    /// `remove`: no adopted device of that id; `replaces`: no adopted or configured device of
+    /// that id (or a configured one already replaced).
     UnknownDevice,
-    /// `remove`/`replaces` names a device of the TOML config: edit the config instead.
+    /// `remove` names a device of the TOML config: edit the config instead.
     Configured,
     /// The request does not fit the candidate (missing entry, bad id, …).
     BadSpec,
@@ -185,8 +186,9 @@ pub struct Pairing {
 
 impl Pairing {
     /// Reads the registry, checks it against the configured devices (a conflict is an error
-    /// naming both places: the daemon does not start), and hands each provisioner the adopted
-    /// devices of its families.
+    /// naming both places: the daemon does not start; a configured device an adopted one
+    /// replaces is left out, with a warning), and hands each provisioner the adopted devices of
+    /// its families.
     pub fn open(
         store: Arc<Store>,
         configured: Vec<InUse>,
@@ -196,6 +198,9 @@ impl Pairing {
         super::registry::merge(&configured, &registry).map_err(|e| {
             anyhow::anyhow!("the registry of adopted devices conflicts with the config: {e}")
         })?;
+        for w in super::registry::replaced_warnings(&configured, &registry) {
+            tracing::warn!("{w}");
+        }
         let (found_tx, found_rx) = tokio::sync::mpsc::channel(MAX_CANDIDATES);
         let p = Arc::new(Pairing {
             inner: Mutex::new(Inner {
@@ -552,8 +557,10 @@ impl Scan for Pairing {
             return;
         }
         candidate.identity = bounded_identity(std::mem::take(&mut candidate.identity));
-        // A configured device is never a candidate (a driver should not report one anyway).
-        let configured = self.configured().iter().any(|c| {
+        // A configured device is never a candidate (a driver should not report one anyway); one
+        // an adopted device replaces is not run, and its address is free.
+        let running = super::registry::running(&self.configured(), &self.registered());
+        let configured = running.iter().any(|c| {
             (c.bus.is_some() && c.bus == candidate.bus && c.address == candidate.address)
                 || (c.mac.is_some()
                     && c.mac.as_deref()
@@ -625,7 +632,8 @@ impl Scan for Pairing {
 
 /// A configuration reload ([`crate::reload::Part`]): a new config that conflicts with an adopted
 /// device (same id, bus and address, or MAC) is refused whole, naming both places; an accepted
-/// one becomes what adoptions are checked against.
+/// one becomes what adoptions are checked against (a device in it that an adopted one replaces
+/// is left out again, with the start's warning).
 pub struct ReloadCheck(pub Arc<Pairing>);
 
 impl crate::reload::Part for ReloadCheck {
@@ -644,8 +652,11 @@ impl crate::reload::Part for ReloadCheck {
         _old: &crate::config::Config,
         new: &crate::config::Config,
     ) -> anyhow::Result<Vec<String>> {
-        *self.0.configured.write().unwrap_or_else(|e| e.into_inner()) =
-            super::registry::configured(new);
+        let configured = super::registry::configured(new);
+        for w in super::registry::replaced_warnings(&configured, &self.0.registered()) {
+            tracing::warn!("{w}");
+        }
+        *self.0.configured.write().unwrap_or_else(|e| e.into_inner()) = configured;
         Ok(Vec::new())
     }
 }
@@ -679,6 +690,7 @@ mod reload_tests {
                 settings: json!({"id": "board", "profile": "xy-md02", "address": 7}),
                 adopted_at: Utc::now(),
                 adopted_by: "local:root".into(),
+                replaces: None,
             })
             .unwrap();
         let old = config(dir.path(), 4);

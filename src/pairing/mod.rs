@@ -184,7 +184,8 @@ pub struct AdoptSpec {
     /// BLE lock: an offline test unlock as part of the adoption.
     #[serde(default)]
     pub test_unlock: bool,
-    /// `replace`: the adopted or configured device this one takes over (entry/unit, settings).
+    /// `replace`: the adopted device, or the device of the TOML config, this one takes over
+    /// (entry/unit, settings; by default its id).
     #[serde(default)]
     pub replaces: Option<String>,
 }
@@ -207,6 +208,11 @@ pub struct Registered {
     pub adopted_at: DateTime<Utc>,
     /// `command:<id>` or `local:<user>`.
     pub adopted_by: String,
+    /// The device of the TOML config this one stands in for (an adoption that `replaces` a
+    /// configured device, or an adopted device that did): while this record is in the registry,
+    /// every merge with the config (start, reload) leaves that device out: it is not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// Adopts candidates of some families: implemented by the RS-485 buses and the BLE manager.
@@ -222,6 +228,8 @@ pub trait Provisioner: Send + Sync {
         spec: &'a AdoptSpec,
     ) -> BoxFuture<'a, Result<Registered, String>>;
     /// Runs the registered devices of its families from now on (after an adoption, a removal,
-    /// and at start): the full set, so a device missing from it stops.
+    /// and at start): the full set, so a device missing from it stops, and a configured device
+    /// a record [`Registered::replaces`] is not run. A device already running as given is left
+    /// alone (not restarted).
     fn run(&self, registered: &[Registered]) -> Result<(), String>;
 }

@@ -17,6 +17,8 @@ pub struct InUse {
     pub address: Option<u8>,
     /// Upper case.
     pub mac: Option<String>,
+    /// What kind of device it is (a replacement must be of the same family).
+    pub family: Option<Family>,
     /// `config `/etc/gatehouse/gatehouse.toml`, [[bus]] `bus-1`, reader `r1`` or
     /// `registry (adopted … by …)`.
     pub place: String,
@@ -27,13 +29,15 @@ pub fn configured(cfg: &Config) -> Vec<InUse> {
     let file = cfg.path.display();
     let mut out = Vec::new();
     for bus in &cfg.buses {
-        let (kind, devices): (&str, Vec<(&str, u8)>) = match &bus.kind {
+        let (kind, family, devices): (&str, Family, Vec<(&str, u8)>) = match &bus.kind {
             BusKind::Osdp(readers) => (
                 "[[bus.reader]]",
+                Family::OsdpReader,
                 readers.iter().map(|r| (r.id.as_str(), r.address)).collect(),
             ),
             BusKind::Modbus { devices, .. } => (
                 "[[bus.device]]",
+                Family::ModbusDevice,
                 devices.iter().map(|d| (d.id.as_str(), d.address)).collect(),
             ),
         };
@@ -43,6 +47,7 @@ pub fn configured(cfg: &Config) -> Vec<InUse> {
                 bus: Some(bus.id.clone()),
                 address: Some(address),
                 mac: None,
+                family: Some(family),
                 place: format!("config `{file}`, [[bus]] `{}`, {kind} `{id}`", bus.id),
             });
         }
@@ -53,6 +58,11 @@ pub fn configured(cfg: &Config) -> Vec<InUse> {
             bus: None,
             address: None,
             mac: Some(d.mac.to_ascii_uppercase()),
+            family: Some(match d.kind {
+                crate::sync::DeviceKind::Sensor => Family::BleSensor,
+                crate::sync::DeviceKind::Fob => Family::BleFob,
+                _ => Family::BleLock,
+            }),
             place: format!("config `{file}`, [[ble.device]] `{}`", d.id),
         });
     }
@@ -81,6 +91,7 @@ pub fn of_registered(r: &Registered) -> InUse {
             .and_then(|a| a.as_u64())
             .and_then(|a| u8::try_from(a).ok()),
         mac: if rs485 { None } else { mac_of(r) },
+        family: Some(r.family),
         place: format!(
             "registry (`{}`, adopted {} by {})",
             r.id,
@@ -121,11 +132,62 @@ pub fn clash_message(what: &str, a: &InUse, b: &InUse) -> String {
     )
 }
 
+/// The configured devices that run beside the registry: those an adopted device
+/// [`Registered::replaces`] are left out.
+pub fn running(configured: &[InUse], registered: &[Registered]) -> Vec<InUse> {
+    configured
+        .iter()
+        .filter(|c| {
+            !registered
+                .iter()
+                .any(|r| r.replaces.as_ref() == Some(&c.id))
+        })
+        .cloned()
+        .collect()
+}
+
+/// One warning per configured device an adopted device replaces: the TOML still lists it, it is
+/// not run, and how to clean it up.
+pub fn replaced_warnings(configured: &[InUse], registered: &[Registered]) -> Vec<String> {
+    configured
+        .iter()
+        .filter_map(|c| {
+            let r = registered
+                .iter()
+                .find(|r| r.replaces.as_ref() == Some(&c.id))?;
+            Some(format!(
+                "{} is replaced by the adopted device `{}` (adopted {} by {}): it is not run. \
+                 Remove it from the config; `gatehouse devices export` prints the adopted \
+                 devices as tables to paste in its place (then `gatehouse pair remove` them)",
+                c.place,
+                r.id,
+                r.adopted_at.to_rfc3339(),
+                r.adopted_by
+            ))
+        })
+        .collect()
+}
+
 /// Checks the registry against the config and itself: `Ok` when every adopted device can run
-/// beside the configured ones; else the first conflict, naming both places (the daemon refuses
-/// to start: remove the device from one of them).
+/// beside the configured ones it does not replace ([`running`]); else the first conflict,
+/// naming both places (the daemon refuses to start: remove the device from one of them). Two
+/// adopted devices replacing the same configured one are a conflict too. A record replacing a
+/// device the config no longer has is fine (the config was cleaned up).
 pub fn merge(configured: &[InUse], registered: &[Registered]) -> Result<(), String> {
-    let mut seen: Vec<InUse> = configured.to_vec();
+    let mut seen: Vec<InUse> = running(configured, registered);
+    let mut replacing: Vec<&Registered> = Vec::new();
+    for r in registered {
+        if let Some(old) = &r.replaces {
+            if let Some(other) = replacing.iter().find(|o| o.replaces.as_ref() == Some(old)) {
+                return Err(format!(
+                    "configured device `{old}` is replaced twice: by {} and by {}",
+                    of_registered(other).place,
+                    of_registered(r).place
+                ));
+            }
+            replacing.push(r);
+        }
+    }
     for r in registered {
         let mine = of_registered(r);
         if let Some((what, other)) = seen
@@ -166,6 +228,12 @@ fn table(out: &mut String, name: &str, r: &Registered) {
         _ => toml::map::Map::new(),
     };
     t.remove("id");
+    if let Some(old) = &r.replaces {
+        let _ = writeln!(
+            out,
+            "# replaces `{old}` of the config: remove that table when pasting this one"
+        );
+    }
     let _ = writeln!(out, "[[{name}]]");
     let _ = writeln!(out, "id = {}", toml::Value::String(r.id.clone()));
     // Plain keys first, then sub-tables (`[[bus.device.inputs]]`), as TOML wants.
@@ -259,6 +327,7 @@ mod tests {
             settings,
             adopted_at: chrono::DateTime::UNIX_EPOCH,
             adopted_by: "local:root".into(),
+            replaces: None,
         }
     }
 
@@ -268,6 +337,7 @@ mod tests {
             bus: Some(bus.into()),
             address: Some(address),
             mac: None,
+            family: Some(Family::OsdpReader),
             place: format!("config `g.toml`, [[bus]] `{bus}`, [[bus.reader]] `{id}`"),
         }
     }
@@ -334,5 +404,66 @@ mod tests {
         assert_eq!(d["address"].as_integer(), Some(7));
         assert_eq!(d["inputs"][0]["role"].as_str(), Some("door_contact"));
         assert!(text.contains("# ---- under [[bus]] id = \"bus-2\""));
+    }
+
+    #[test]
+    fn a_configured_device_an_adopted_one_replaces_is_left_out_with_a_warning() {
+        let c = [cfg("r1", "bus-1", 1), cfg("r2", "bus-1", 2)];
+        // The same id and address as `r1`: a conflict, unless it replaces `r1`.
+        let mut new = reg(
+            "r1",
+            Family::OsdpReader,
+            Some("bus-1"),
+            json!({"address": 1}),
+        );
+        assert!(merge(&c, std::slice::from_ref(&new)).is_err());
+        new.replaces = Some("r1".into());
+        merge(&c, std::slice::from_ref(&new)).unwrap();
+        let run: Vec<_> = running(&c, std::slice::from_ref(&new))
+            .into_iter()
+            .map(|u| u.id)
+            .collect();
+        assert_eq!(run, vec!["r2"]);
+        let w = replaced_warnings(&c, std::slice::from_ref(&new));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("[[bus.reader]] `r1` is replaced by the adopted device `r1`")
+                && w[0].contains("Remove it from the config")
+                && w[0].contains("gatehouse devices export"),
+            "{w:?}"
+        );
+        // Still a conflict with the devices it does not replace.
+        let mut at_r2 = reg(
+            "r9",
+            Family::OsdpReader,
+            Some("bus-1"),
+            json!({"address": 2}),
+        );
+        at_r2.replaces = Some("r1".into());
+        assert!(
+            merge(&c, &[at_r2.clone()])
+                .unwrap_err()
+                .contains("bus address 2")
+        );
+        // Two replacing the same device: refused, both named.
+        let mut other = reg(
+            "r8",
+            Family::OsdpReader,
+            Some("bus-1"),
+            json!({"address": 8}),
+        );
+        other.replaces = Some("r1".into());
+        let e = merge(&c, &[new.clone(), other]).unwrap_err();
+        assert!(
+            e.contains("`r1` is replaced twice") && e.contains("registry (`r8`"),
+            "{e}"
+        );
+        // The config cleaned up (no `r1` any more): fine, and no warning.
+        merge(&c[1..], std::slice::from_ref(&new)).unwrap();
+        assert!(replaced_warnings(&c[1..], std::slice::from_ref(&new)).is_empty());
+        // The export says what to remove.
+        let text = export_toml(&[new]);
+        assert!(text.contains("# replaces `r1` of the config"), "{text}");
+        toml::from_str::<toml::Value>(&text).unwrap();
     }
 }

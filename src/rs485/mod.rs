@@ -18,6 +18,7 @@
 //! - [`sim`]: a simulated keypad and relay board on PTYs for the demo and the benchmark, spoken
 //!   to through the same bus code as real devices.
 
+pub mod adopted;
 pub mod config;
 pub mod modbus;
 pub mod osdp;
@@ -333,15 +334,28 @@ impl Rs485 {
     }
 
     pub fn start_with(buses: &[BusConfig], shared: Arc<Shared>) -> anyhow::Result<Rs485> {
+        Self::start_adopted(buses, Vec::new(), shared)
+    }
+
+    /// Starts one thread per bus, each already running the devices adopted in install mode on
+    /// it ([`provision::merge`]; a conflict is an error and nothing starts): registering the
+    /// provisioner afterwards with the same devices then restarts nothing
+    /// ([`provision::start`]).
+    pub fn start_adopted(
+        buses: &[BusConfig],
+        adopted: Vec<provision::Adopted>,
+        shared: Arc<Shared>,
+    ) -> anyhow::Result<Rs485> {
+        let merged = provision::merge(buses, &adopted).map_err(|e| anyhow::anyhow!(e))?;
         // Not from a bus thread, which may run at real-time priority (rt.rs): threads inherit it.
         shared.store.start_recording();
         let rs = Rs485 {
             shared,
             buses: Mutex::new(Vec::new()),
             base: Mutex::new(buses.to_vec()),
-            adopted: Mutex::new(Vec::new()),
+            adopted: Mutex::new(adopted),
         };
-        for bus in buses {
+        for bus in &merged {
             rs.start_bus(bus)?;
         }
         Ok(rs)
@@ -424,7 +438,7 @@ impl Rs485 {
             tracing::warn!(bus = %r.cfg.id, "bus thread did not stop in time");
         }
         // Only the devices seen online go offline: a bus restarted before its devices answered
-        // (at start, when the adopted devices are added to it) reports nothing for them.
+        // reports nothing for them.
         for d in r.cfg.device_ids() {
             if self.shared.is_online(d) == Some(true) {
                 self.shared
@@ -457,7 +471,8 @@ impl Rs485 {
     }
 
     /// Runs the configured buses with `adopted` on top (the provisioner's `run`); on a
-    /// conflict nothing changes.
+    /// conflict nothing changes. A bus that already runs exactly that is not touched (at start,
+    /// the buses run the registry's devices already: [`Rs485::start_adopted`]).
     pub(crate) fn apply_adopted(
         &self,
         adopted: Vec<provision::Adopted>,

@@ -1,5 +1,4 @@
-//! Adoption of RS-485 candidates ([`Provisioner`] for the buses) and the merge of adopted
-//! devices with the configured buses (docs/rs485.md, *Pairing*).
+//! Adoption of RS-485 candidates ([`Provisioner`] for the buses; docs/rs485.md, *Pairing*).
 //!
 //! - OSDP reader: the candidate must still answer its ID; an address or rate change is sent as
 //!   COMSET and checked by the reader answering at its new address; then the reader is added to
@@ -14,10 +13,10 @@
 //! Every check that needs no device comes first; a failure leaves the running configuration as
 //! it was (a device already moved by COMSET or an address write stays where it was moved).
 //! `Registered.settings` is the `[[bus.reader]]`/`[[bus.device]]` table as JSON; [`merge`]
-//! refuses an adopted device whose id or address the configuration also uses, naming both.
+//! (`adopted.rs`, re-exported here) refuses an adopted device whose id or address the
+//! configuration also uses, naming both, and leaves out the configured devices one replaces.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,9 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use super::Rs485;
-use super::config::{BusConfig, BusKind, DeviceConfig, RawBus, ReaderConfig};
+use super::adopted::without;
+pub use super::adopted::{Adopted, AdoptedDevice, adopted_from, adopted_of, merge, start};
+use super::config::{BusConfig, BusKind};
 use super::pairing::{Answer, Op, RegFn, pdcap_secure};
 use crate::pairing::{AdoptSpec, Candidate, Family, Provisioner, Registered};
 use crate::profiles::Profiles;
@@ -40,139 +41,18 @@ const RESTART_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a reader has to take its key (KEYSET) and run a secure channel on it.
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A device adopted in install mode, as its bus runs it.
-#[derive(Debug, Clone)]
-pub enum AdoptedDevice {
-    Reader(ReaderConfig),
-    Device(DeviceConfig),
-}
-
-#[derive(Debug, Clone)]
-pub struct Adopted {
-    pub bus: String,
-    pub device: AdoptedDevice,
-}
-
-impl Adopted {
-    fn id(&self) -> &str {
-        match &self.device {
-            AdoptedDevice::Reader(r) => &r.id,
-            AdoptedDevice::Device(d) => &d.id,
-        }
-    }
-}
-
-/// The configured buses with the adopted devices added to theirs. Refused (nothing merged) when
-/// an adopted device's bus is gone, its id is used by the configuration (or twice), or its
-/// address is taken on its bus.
-pub fn merge(base: &[BusConfig], adopted: &[Adopted]) -> Result<Vec<BusConfig>, String> {
-    let mut out = base.to_vec();
-    let mut ids: HashSet<String> = base
-        .iter()
-        .flat_map(|b| {
-            std::iter::once(b.id.clone()).chain(b.device_ids().into_iter().map(String::from))
-        })
-        .collect();
-    for a in adopted {
-        let id = a.id();
-        let Some(bus) = out.iter_mut().find(|b| b.id == a.bus) else {
-            return Err(format!(
-                "adopted device `{id}` is on bus `{}`, which the configuration does not have",
-                a.bus
-            ));
-        };
-        if !ids.insert(id.to_string()) {
-            return Err(format!(
-                "device id `{id}` is both in the configuration (or adopted twice) and in the \
-                 registry of adopted devices"
-            ));
-        }
-        match (&mut bus.kind, &a.device) {
-            (BusKind::Osdp(readers), AdoptedDevice::Reader(r)) => {
-                if let Some(x) = readers.iter().find(|x| x.address == r.address) {
-                    return Err(format!(
-                        "OSDP address {} on bus `{}` is used by reader `{}` and by adopted reader `{id}`",
-                        r.address, a.bus, x.id
-                    ));
-                }
-                readers.push(r.clone());
-            }
-            (BusKind::Modbus { devices, .. }, AdoptedDevice::Device(d)) => {
-                if let Some(x) = devices.iter().find(|x| x.address == d.address) {
-                    return Err(format!(
-                        "unit id {} on bus `{}` is used by device `{}` and by adopted device `{id}`",
-                        d.address, a.bus, x.id
-                    ));
-                }
-                devices.push(d.clone());
-            }
-            _ => {
-                return Err(format!(
-                    "adopted device `{id}` does not speak the protocol of bus `{}`",
-                    a.bus
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A registered device's settings checked as the configuration's own `[[bus.reader]]` /
-/// `[[bus.device]]` table would be.
-pub fn adopted_from(reg: &Registered, profiles: &Profiles) -> Result<Adopted, String> {
-    let bus = reg
-        .bus
-        .clone()
-        .ok_or_else(|| format!("adopted device `{}` names no bus", reg.id))?;
-    let (protocol, table) = match reg.family {
-        Family::OsdpReader => ("osdp", "reader"),
-        Family::ModbusDevice => ("modbus", "device"),
-        f => return Err(format!("`{}` is not an RS-485 device", f.as_str())),
-    };
-    let settings = toml::Value::try_from(&reg.settings)
-        .map_err(|e| format!("adopted device `{}`: settings: {e}", reg.id))?;
-    let doc = json!({"bus": [{"id": bus, "port": "/dev/null", "protocol": protocol}]});
-    let mut doc = toml::Value::try_from(&doc).map_err(|e| e.to_string())?;
-    if let Some(b) = doc
-        .get_mut("bus")
-        .and_then(|b| b.as_array_mut())
-        .and_then(|a| a.first_mut())
-        .and_then(|b| b.as_table_mut())
-    {
-        b.insert(table.into(), toml::Value::Array(vec![settings]));
-    }
-    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
-    #[derive(serde::Deserialize)]
-    struct Doc {
-        bus: Vec<RawBus>,
-    }
-    let raw: Doc = toml::from_str(&text)
-        .map_err(|e| format!("adopted device `{}`: {}", reg.id, e.message()))?;
-    let err = |_: std::ops::Range<usize>, key: &str, message: String| crate::config::ConfigError {
-        file: PathBuf::from("registry"),
-        line: 0,
-        key: Some(key.to_string()),
-        message,
-    };
-    let checked = super::config::check(&raw.bus, &|p| PathBuf::from(p), &err, false, profiles)
-        .map_err(|e| {
-            let key = e.key.unwrap_or_default();
-            let key = key.split_once("].").map_or(key.as_str(), |k| k.1);
-            format!("adopted device `{}`: {key}: {}", reg.id, e.message)
-        })?;
-    let device = match checked.into_iter().next().map(|b| b.kind) {
-        Some(BusKind::Osdp(mut r)) if r.len() == 1 => AdoptedDevice::Reader(r.remove(0)),
-        Some(BusKind::Modbus { mut devices, .. }) if devices.len() == 1 => {
-            AdoptedDevice::Device(devices.remove(0))
-        }
-        _ => {
-            return Err(format!(
-                "adopted device `{}`: no device in its settings",
-                reg.id
-            ));
-        }
-    };
-    Ok(Adopted { bus, device })
+/// Where an adoption goes ([`Rs485Provisioner::place`]).
+struct Placed {
+    /// The adopted devices that keep running (without the one replaced).
+    adopted: Vec<Adopted>,
+    /// The candidate's bus as it runs (without the device replaced).
+    bus: BusConfig,
+    /// The new device's id.
+    id: String,
+    /// The candidate's address.
+    address: u8,
+    /// The configured device the new one stands in for.
+    replaces: Option<String>,
 }
 
 /// Adopts OSDP readers and Modbus devices on the running buses.
@@ -236,13 +116,13 @@ impl Rs485Provisioner {
     }
 
     /// The running buses, the bus of `candidate`, and a device id for it (given or derived),
-    /// checked unique.
+    /// checked unique; without the device `spec` replaces.
     fn place(
         &self,
         candidate: &Candidate,
         spec: &AdoptSpec,
         derived: String,
-    ) -> Result<(Vec<Adopted>, BusConfig, String, u8), String> {
+    ) -> Result<Placed, String> {
         let bus_id = candidate
             .bus
             .as_deref()
@@ -250,8 +130,18 @@ impl Rs485Provisioner {
         let address = candidate
             .address
             .ok_or_else(|| format!("candidate `{}` has no address", candidate.id))?;
-        let adopted = self.rs.adopted();
-        let merged = merge(&self.rs.base(), &adopted)?;
+        // What it replaces is left out: the adopted device (the new one stands in for the
+        // configured one that one replaced), or the configured device.
+        let mut adopted = self.rs.adopted();
+        let mut replaces = None;
+        if let Some(old) = &spec.replaces {
+            match adopted.iter().position(|a| a.id() == old) {
+                Some(i) => replaces = adopted.remove(i).replaces,
+                None => replaces = Some(old.clone()),
+            }
+        }
+        let gone: HashSet<&str> = replaces.as_deref().into_iter().collect();
+        let merged = merge(&without(&self.rs.base(), &gone), &adopted)?;
         let bus = merged
             .iter()
             .find(|b| b.id == bus_id)
@@ -269,7 +159,13 @@ impl Rs485Provisioner {
         {
             return Err(format!("device id `{id}` is already used"));
         }
-        Ok((adopted, bus, id, address))
+        Ok(Placed {
+            adopted,
+            bus,
+            id,
+            address,
+            replaces,
+        })
     }
 
     async fn adopt_reader(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
@@ -278,7 +174,15 @@ impl Rs485Provisioner {
             "reader-{bus_id}-{}",
             spec.address.or(c.address).unwrap_or(0)
         );
-        let (adopted, bus, id, address) = self.place(c, spec, derived)?;
+        // What runs now, to go back to when the reader does not take its key.
+        let before = self.rs.adopted();
+        let Placed {
+            adopted,
+            bus,
+            id,
+            address,
+            replaces,
+        } = self.place(c, spec, derived)?;
         let BusKind::Osdp(readers) = &bus.kind else {
             return Err(format!("bus `{bus_id}` is not an OSDP bus"));
         };
@@ -334,6 +238,7 @@ impl Rs485Provisioner {
             settings,
             adopted_at: Utc::now(),
             adopted_by: String::new(),
+            replaces,
         };
         let mut trial = adopted.clone();
         trial.push(adopted_from(&reg, &self.profiles)?);
@@ -382,7 +287,29 @@ impl Rs485Provisioner {
         }
         // The secure channel: the install path on the bus, until the reader runs on its key.
         let store = self.rs.shared().store.clone();
-        self.apply(trial).await?;
+        // A replacement under the same id: the old reader's key is not the new reader's (the
+        // install path keys it afresh); it is put back when the new reader does not take one.
+        let old_key = if spec.replaces.as_deref() == Some(id.as_str()) {
+            let key = store
+                .reader_key(&id)
+                .map_err(|e| format!("reading the key of the reader replaced: {e:#}"))?;
+            store
+                .clear_reader_key(&id)
+                .map_err(|e| format!("forgetting the key of the reader replaced: {e:#}"))?;
+            key
+        } else {
+            None
+        };
+        let restore_key = || {
+            let _ = store.clear_reader_key(&id);
+            if let Some((key, confirmed)) = &old_key {
+                let _ = store.set_reader_key(&id, key, *confirmed);
+            }
+        };
+        if let Err(e) = self.apply(trial).await {
+            restore_key();
+            return Err(e);
+        }
         let end = Instant::now() + self.pair_timeout;
         loop {
             if matches!(store.reader_key(&id), Ok(Some((_, true)))) {
@@ -393,8 +320,8 @@ impl Rs485Provisioner {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let back = self.apply(adopted).await;
-        let _ = store.clear_reader_key(&id);
+        restore_key();
+        let back = self.apply(before).await;
         Err(format!(
             "the reader did not take its new key (KEYSET not acknowledged, or no secure channel \
              on it) within {} s; it was taken off the bus{}",
@@ -408,7 +335,13 @@ impl Rs485Provisioner {
     async fn adopt_device(&self, c: &Candidate, spec: &AdoptSpec) -> Result<Registered, String> {
         let bus_id = c.bus.clone().unwrap_or_default();
         let unit0 = spec.address.or(c.address).unwrap_or(0);
-        let (adopted, bus, id, unit) = self.place(c, spec, format!("modbus-{bus_id}-{unit0}"))?;
+        let Placed {
+            adopted,
+            bus,
+            id,
+            address: unit,
+            replaces,
+        } = self.place(c, spec, format!("modbus-{bus_id}-{unit0}"))?;
         let BusKind::Modbus { devices, .. } = &bus.kind else {
             return Err(format!("bus `{bus_id}` is not a Modbus bus"));
         };
@@ -465,6 +398,7 @@ impl Rs485Provisioner {
             settings,
             adopted_at: Utc::now(),
             adopted_by: String::new(),
+            replaces,
         };
         let mut trial = adopted;
         trial.push(adopted_from(&reg, &self.profiles)?);
@@ -527,164 +461,10 @@ impl Provisioner for Rs485Provisioner {
     }
 
     fn run(&self, registered: &[Registered]) -> Result<(), String> {
-        let adopted = registered
-            .iter()
-            .filter(|r| self.families().contains(&r.family))
-            .map(|r| adopted_from(r, &self.profiles))
-            .collect::<Result<Vec<_>, _>>()?;
+        let adopted = adopted_of(registered, &self.profiles)?;
         self.rs
             .apply_adopted(adopted, RESTART_DEADLINE)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reg(family: Family, bus: &str, settings: Value) -> Registered {
-        Registered {
-            id: settings["id"].as_str().unwrap_or("x").to_string(),
-            candidate: "c".into(),
-            family,
-            bus: Some(bus.into()),
-            settings,
-            adopted_at: Utc::now(),
-            adopted_by: "local:test".into(),
-        }
-    }
-
-    fn base() -> Vec<BusConfig> {
-        let p = Profiles::embedded();
-        let reader = reg(
-            Family::OsdpReader,
-            "readers",
-            json!({"id": "keypad-1", "address": 0, "entry": "gate-1"}),
-        );
-        let device = reg(
-            Family::ModbusDevice,
-            "io",
-            json!({"id": "relay-1", "profile": "waveshare-relay-8ch", "address": 1}),
-        );
-        let bus = |a: Adopted, kind: BusKind| BusConfig {
-            id: a.bus,
-            port: PathBuf::from("/dev/null"),
-            baud: 9600,
-            kind,
-            realtime: crate::rs485::rt::Realtime::default(),
-        };
-        let r = adopted_from(&reader, &p).unwrap();
-        let AdoptedDevice::Reader(rc) = r.device.clone() else {
-            panic!()
-        };
-        let d = adopted_from(&device, &p).unwrap();
-        let AdoptedDevice::Device(dc) = d.device.clone() else {
-            panic!()
-        };
-        vec![
-            bus(r, BusKind::Osdp(vec![rc])),
-            bus(
-                d,
-                BusKind::Modbus {
-                    parity: super::super::profile::Parity::None,
-                    timeout: Duration::from_millis(200),
-                    devices: vec![dc],
-                },
-            ),
-        ]
-    }
-
-    fn check(family: Family, bus: &str, settings: Value, expected: &str) {
-        let p = Profiles::embedded();
-        let r = adopted_from(&reg(family, bus, settings), &p).and_then(|a| merge(&base(), &[a]));
-        match r {
-            Ok(_) => assert_eq!("ok", expected),
-            Err(e) => assert!(e.contains(expected), "`{e}` lacks `{expected}`"),
-        }
-    }
-
-    #[test]
-    fn adopted_devices_merge_unless_they_conflict_with_the_configuration() {
-        use Family::{ModbusDevice as M, OsdpReader as O};
-        check(
-            O,
-            "readers",
-            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
-            "ok",
-        );
-        check(
-            O,
-            "readers",
-            json!({"id": "k2", "address": 0, "entry": "gate-1"}),
-            "OSDP address 0 on bus `readers` is used by reader `keypad-1` and by adopted reader `k2`",
-        );
-        check(
-            O,
-            "readers",
-            json!({"id": "relay-1", "address": 5, "entry": "gate-1"}),
-            "device id `relay-1` is both in the configuration",
-        );
-        check(
-            O,
-            "gone",
-            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
-            "bus `gone`, which the configuration does not have",
-        );
-        check(
-            O,
-            "io",
-            json!({"id": "k2", "address": 5, "entry": "gate-1"}),
-            "does not speak the protocol",
-        );
-        check(
-            O,
-            "readers",
-            json!({"id": "k2", "address": 200, "entry": "gate-1"}),
-            "out of range",
-        );
-        check(
-            O,
-            "readers",
-            json!({"id": "k2", "address": 5, "entry": "gate-1", "secure": "maybe"}),
-            "expected key, install or none",
-        );
-        check(
-            O,
-            "readers",
-            json!({"id": "k2", "address": 5, "entry": "gate-1", "surprise": 1}),
-            "surprise",
-        );
-        check(
-            M,
-            "io",
-            json!({"id": "b2", "profile": "xy-md02", "address": 7}),
-            "ok",
-        );
-        check(
-            M,
-            "io",
-            json!({"id": "b2", "profile": "xy-md02", "address": 1}),
-            "unit id 1 on bus `io` is used by device `relay-1`",
-        );
-        check(
-            M,
-            "io",
-            json!({"id": "b2", "profile": "nope", "address": 7}),
-            "no profile `nope`",
-        );
-        check(
-            M,
-            "io",
-            json!({"id": "b2", "profile": "waveshare-relay-8ch-d", "address": 7,
-                   "inputs": [{"channel": 0, "role": "door_contact"}]}),
-            "needs an entry",
-        );
-        check(
-            Family::BleLock,
-            "io",
-            json!({"id": "b2"}),
-            "not an RS-485 device",
-        );
     }
 }

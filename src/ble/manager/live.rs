@@ -17,20 +17,26 @@ use crate::ble::config::BleDevice;
 pub(super) struct Extra {
     configured: Vec<BleDevice>,
     registered: Vec<BleDevice>,
+    /// The `[[ble.device]]` ids an adopted device replaces: not run.
+    replaced: Vec<String>,
     /// Bumped on every change (the MAC index is rebuilt then).
     pub(super) generation: u64,
 }
 
 impl Extra {
-    fn all(&self) -> impl Iterator<Item = &BleDevice> {
+    /// The `[[ble.device]]` devices that run: those an adopted device replaces are left out.
+    fn configured(&self) -> impl Iterator<Item = &BleDevice> {
         self.configured
             .iter()
-            .chain(self.registered.iter().filter(|r| {
-                !self
-                    .configured
-                    .iter()
-                    .any(|c| c.id == r.id || c.mac == r.mac)
-            }))
+            .filter(|c| !self.replaced.contains(&c.id))
+    }
+
+    fn all(&self) -> impl Iterator<Item = &BleDevice> {
+        self.configured().chain(
+            self.registered
+                .iter()
+                .filter(|r| !self.configured().any(|c| c.id == r.id || c.mac == r.mac)),
+        )
     }
 
     /// As site database records (no lock keys: a lock's come from the site database).
@@ -112,10 +118,11 @@ impl<R: Radio> Manager<R> {
         changed
     }
 
-    /// A `[[ble.device]]` that names an adopted device's id or MAC: the reason, naming both.
+    /// A `[[ble.device]]` that names an adopted device's id or MAC: the reason, naming both (one
+    /// an adopted device replaces is not run, so it conflicts with nothing).
     pub fn config_conflict(&self, devices: &[BleDevice]) -> Option<String> {
         let extra = lock(&self.extra);
-        for c in devices {
+        for c in devices.iter().filter(|c| !extra.replaced.contains(&c.id)) {
             if let Some(r) = extra
                 .registered()
                 .iter()
@@ -146,9 +153,14 @@ impl<R: Radio> Manager<R> {
         extra.generation += 1;
     }
 
-    /// Runs these adopted devices from now on (the full set: one missing stops); the bind keys
-    /// of sensors no longer in it are forgotten.
-    pub(super) fn set_registered(&self, devices: Vec<BleDevice>) -> Vec<String> {
+    /// Runs these adopted devices from now on (the full set: one missing stops), and not the
+    /// `[[ble.device]]` devices `replaced` names; the bind keys of sensors no longer in it are
+    /// forgotten.
+    pub(super) fn set_registered(
+        &self,
+        devices: Vec<BleDevice>,
+        replaced: Vec<String>,
+    ) -> Vec<String> {
         let mut errors = Vec::new();
         let devices = self.with_stored_keys(devices, &mut errors);
         let gone: Vec<String> = {
@@ -160,6 +172,7 @@ impl<R: Radio> Manager<R> {
                 .map(|o| o.id.clone())
                 .collect();
             extra.registered = devices;
+            extra.replaced = replaced;
             extra.generation += 1;
             gone
         };

@@ -209,6 +209,7 @@ impl<R: Radio> Manager<R> {
             adopted_at: Utc::now(),
             // Who asked is the pairing module's to say (it has the command id or local user).
             adopted_by: String::new(),
+            replaces: None,
         })
     }
 
@@ -397,7 +398,12 @@ impl<R: Radio> Manager<R> {
                 offline_after_s: s.offline_after_s,
             });
         }
-        errors.extend(self.set_registered(devices));
+        let replaced = registered
+            .iter()
+            .filter(|r| matches!(r.family, Family::BleLock | Family::BleSensor))
+            .filter_map(|r| r.replaces.clone())
+            .collect();
+        errors.extend(self.set_registered(devices, replaced));
         if errors.is_empty() {
             Ok(())
         } else {
