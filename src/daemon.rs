@@ -83,6 +83,8 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         crate::automation::facts::FACT_QUEUE,
         engine.metrics().facts_dropped(),
     );
+    // Sensors placed by an installer (adopted, `[[ble.device]]`): set by the BLE manager.
+    let placed = facts.placements().clone();
     engine.set_facts(facts);
     // Simulated RS-485 devices (demo): started before the buses, which then open their PTYs.
     let (buses, sims) = crate::rs485::sim::start_for_demo(&cfg)?;
@@ -140,6 +142,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
         store.clone(),
         relays.clone(),
         facts_rx,
+        placed,
         alerts.clone(),
         engine.metrics().automation(),
         shutdown.child_token(),

@@ -87,6 +87,7 @@ fn a_failed_trigger_off_is_retried_until_the_relay_is_off_and_unknown_facts_are_
         store.clone(),
         board.clone(),
         rx,
+        sink.placements().clone(),
         alerts.clone(),
         counters.clone(),
         stop.clone(),

@@ -12,7 +12,10 @@
 
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
+use std::sync::Arc;
+
 use super::RawFact;
+use super::placed::Placements;
 
 /// How many facts wait for the runner before new ones are dropped.
 pub const FACT_QUEUE: usize = 4096;
@@ -108,6 +111,9 @@ pub type DropCounter = prometheus_client::metrics::counter::Counter;
 pub struct FactSink {
     tx: Option<SyncSender<Observed>>,
     dropped: DropCounter,
+    /// Where the sensors the site database does not list are (adopted ones): shared with the
+    /// runner, replaced whole by the BLE manager (never through the bounded queue).
+    placements: Arc<Placements>,
 }
 
 impl std::fmt::Debug for FactSink {
@@ -133,6 +139,7 @@ impl FactSink {
             FactSink {
                 tx: Some(tx),
                 dropped,
+                placements: Arc::default(),
             },
             rx,
         )
@@ -154,6 +161,12 @@ impl FactSink {
     /// Whether a runner listens (drivers may skip building a fact when not).
     pub fn is_connected(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// The placed sensors this sink's runner reads (give it to [`super::runner::start`]); a
+    /// driver that runs sensors the site database does not list sets them here.
+    pub fn placements(&self) -> &Arc<Placements> {
+        &self.placements
     }
 
     /// Facts dropped so far because the channel was full.

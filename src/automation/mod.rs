@@ -8,7 +8,7 @@
 //! ([`resolve`]), executes actions, and keeps the alert lifecycle durable.
 //!
 //! Memory is bounded: state is kept per subject the site knows (units, entries, users, sensors
-//! of units), never per fact; facts from unknown devices are dropped by [`resolve`] (and counted
+//! of units, sensors placed by an installer: [`placed`]), never per fact; facts from unknown devices are dropped by [`resolve`] (and counted
 //! by the caller); a motion window holds at most `motion_alert_events` (≤ 1000) instants.
 
 pub mod facts;
@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod loitering;
 pub mod manual_release;
 pub mod motion;
+pub mod placed;
 pub mod runner;
 pub mod temperature;
 pub mod zone;
@@ -28,6 +29,7 @@ use serde_json::Value;
 
 use crate::site::Tables;
 use crate::sync;
+use placed::{Place, Placed};
 
 /// Milliseconds on a monotonic clock (the rules never read a clock themselves).
 pub type Millis = u64;
@@ -264,13 +266,50 @@ fn sensor_unit<'t>(
     Some((t.units.get(unit)?, *front))
 }
 
+/// The unit a placed sensor (adopted or `[[ble.device]]`, BLE: no channel) is in, when the
+/// site database does not name the device and knows the unit.
+fn placed_unit<'t>(
+    t: &'t Tables,
+    placed: &Placed,
+    device: &str,
+    channel: Option<u16>,
+) -> Option<&'t sync::Unit> {
+    if channel.is_some() || t.devices.contains_key(device) {
+        return None;
+    }
+    match placed.get(device)? {
+        Place::Unit(u) => t.units.get(&**u),
+        Place::Zone(_) => None,
+    }
+}
+
+/// The unit whose sensor `device` is, and whether it is the front one: the site database's
+/// units first; else the unit an installer placed it in (never the front sensor).
+fn sensor_or_placed_unit<'t>(
+    t: &'t Tables,
+    placed: &Placed,
+    device: &str,
+    channel: Option<u16>,
+) -> Option<(&'t sync::Unit, bool)> {
+    sensor_unit(t, device, channel)
+        .or_else(|| Some((placed_unit(t, placed, device, channel)?, false)))
+}
+
+/// Matches a raw fact to the site, with no placed sensors ([`resolve_placed`]).
+pub fn resolve(t: &Tables, raw: &RawFact<'_>) -> Option<Fact> {
+    resolve_placed(t, &Placed::default(), raw)
+}
+
 /// Matches a raw fact to the site. `None`: a device, entry or unit the site does not know (the
 /// caller counts it and moves on). A temperature sensor outside every unit is its own subject
-/// when it is a BLE device of the site, or any Modbus reading (the gateway's config names it).
-pub fn resolve(t: &Tables, raw: &RawFact<'_>) -> Option<Fact> {
+/// when it is a BLE device of the site, any Modbus reading (the gateway's config names it), or
+/// a sensor `placed` in a zone (or in a unit the site database does not have). A sensor the
+/// site database does not name but `placed` puts in a unit is that unit's sensor (motion and
+/// temperature), with the unit's settings; the site database wins when it names the device.
+pub fn resolve_placed(t: &Tables, placed: &Placed, raw: &RawFact<'_>) -> Option<Fact> {
     Some(match *raw {
         RawFact::Motion { device, channel } => {
-            let (u, front) = sensor_unit(t, device, channel)?;
+            let (u, front) = sensor_or_placed_unit(t, placed, device, channel)?;
             Fact::Motion {
                 unit: arc(&u.id),
                 front,
@@ -287,17 +326,22 @@ pub fn resolve(t: &Tables, raw: &RawFact<'_>) -> Option<Fact> {
             if !celsius.is_finite() {
                 return None;
             }
-            match sensor_unit(t, device, channel) {
+            match sensor_or_placed_unit(t, placed, device, channel) {
                 Some((u, _)) => Fact::Temperature {
                     subject: Subject::Unit(arc(&u.id)),
                     celsius,
                     monitored: u.monitor_temperature,
                 },
-                None if channel.is_some() || t.devices.contains_key(device) => Fact::Temperature {
-                    subject: Subject::Device(arc(device)),
-                    celsius,
-                    monitored: true,
-                },
+                None if channel.is_some()
+                    || t.devices.contains_key(device)
+                    || placed.get(device).is_some() =>
+                {
+                    Fact::Temperature {
+                        subject: Subject::Device(arc(device)),
+                        celsius,
+                        monitored: true,
+                    }
+                }
                 None => return None,
             }
         }

@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::facts::Observed;
 use super::lifecycle::{ActiveAlert, Lifecycle, RelayOp as Op};
-use super::{Fact, Millis, Rules, Settings, resolve, unit_of_device};
+use super::placed::Placements;
+use super::{Action, Fact, Millis, Rules, Settings, Subject, resolve_placed, unit_of_device};
 use crate::cloud::commands::{Execution, Online, RelayOp, Relays};
 use crate::site::Tables;
 use crate::store::Store;
@@ -96,11 +97,13 @@ impl Running {
 /// Restores the durable state (active alerts into the rules, relay offs due now switched off),
 /// publishes the restored set to `board`, and starts the runner thread. Fails when the stored
 /// state cannot be read (a damaged record is named): the daemon does not start without it,
-/// since a forgotten timer could leave a relay on.
+/// since a forgotten timer could leave a relay on. `placed`: the sink's
+/// ([`super::facts::FactSink::placements`]), read for every fact.
 pub fn start(
     store: Arc<Store>,
     relays: Arc<dyn Relays>,
     facts: Receiver<Observed>,
+    placed: Arc<Placements>,
     board: Arc<AlertBoard>,
     counters: RunnerCounters,
     stop: CancellationToken,
@@ -130,6 +133,7 @@ pub fn start(
         counters,
         rules,
         life,
+        placed,
         settings: None,
         changes: 0,
         ticket: None,
@@ -152,6 +156,8 @@ struct Runner {
     counters: RunnerCounters,
     rules: Rules,
     life: Lifecycle,
+    /// Sensors the site database does not list, placed in a unit or zone (adopted ones).
+    placed: Arc<Placements>,
     /// The settings, read again when the site's tables change.
     settings: Option<(Arc<Tables>, Settings)>,
     /// The lifecycle's change count last handed to the board (or waiting for its ticket).
@@ -211,7 +217,9 @@ impl Runner {
             Observed::UnlockCommanded { device } => {
                 unit_of_device(&t, device, None).map(|u| Fact::RemoteUnlock { unit: Arc::from(u) })
             }
-            other => other.raw().and_then(|raw| resolve(&t, &raw)),
+            other => other
+                .raw()
+                .and_then(|raw| resolve_placed(&t, &self.placed.snapshot(), &raw)),
         };
         let Some(fact) = fact else {
             self.counters.unknown.inc();
@@ -237,9 +245,25 @@ impl Runner {
         }
     }
 
-    fn apply(&mut self, actions: Vec<super::Action>, now: Millis) {
+    fn apply(&mut self, mut actions: Vec<Action>, now: Millis) {
         if actions.is_empty() {
             return;
+        }
+        // A sensor placed in a zone raises as its own subject: the alert names the zone.
+        let placed = self.placed.snapshot();
+        if !placed.is_empty() {
+            for a in &mut actions {
+                if let Action::Raise {
+                    subject: Subject::Device(d),
+                    detail,
+                    ..
+                } = a
+                    && let Some(z) = placed.zone_of(d)
+                    && let Some(o) = detail.as_object_mut()
+                {
+                    o.insert("zone".into(), serde_json::Value::from(&**z));
+                }
+            }
         }
         match self.life.apply(&self.store, actions, now, Utc::now()) {
             Ok(ops) => self.relay_ops(ops),

@@ -59,6 +59,19 @@ impl Extra {
         }
     }
 
+    /// Where the devices that run are, for automation (the site database's devices win there).
+    fn placed(&self) -> crate::automation::placed::Placed {
+        use crate::automation::placed::{Place, Placed};
+        Placed::new(self.all().filter_map(|d| {
+            let place = match (&d.unit, &d.zone) {
+                (Some(u), _) => Place::Unit(u.as_str().into()),
+                (_, Some(z)) => Place::Zone(z.as_str().into()),
+                _ => return None,
+            };
+            Some((d.id.clone(), place))
+        }))
+    }
+
     pub(super) fn has_id(&self, id: &str) -> bool {
         self.all().any(|d| d.id == id)
     }
@@ -148,9 +161,22 @@ impl<R: Radio> Manager<R> {
         for e in errors {
             tracing::error!("[[ble.device]]: {e}");
         }
-        let mut extra = lock(&self.extra);
-        extra.configured = devices;
-        extra.generation += 1;
+        let placed = {
+            let mut extra = lock(&self.extra);
+            extra.configured = devices;
+            extra.generation += 1;
+            extra.placed()
+        };
+        self.place_for_automation(placed);
+    }
+
+    /// Tells automation where the extra devices are (a sensor in a unit is that unit's sensor
+    /// for its rules): a short mutex, not the bounded fact queue.
+    fn place_for_automation(&self, placed: crate::automation::placed::Placed) {
+        let facts = self.engine.facts();
+        if facts.is_connected() {
+            facts.placements().set(placed);
+        }
     }
 
     /// Runs these adopted devices from now on (the full set: one missing stops), and not the
@@ -163,7 +189,7 @@ impl<R: Radio> Manager<R> {
     ) -> Vec<String> {
         let mut errors = Vec::new();
         let devices = self.with_stored_keys(devices, &mut errors);
-        let gone: Vec<String> = {
+        let (gone, placed): (Vec<String>, _) = {
             let mut extra = lock(&self.extra);
             let gone = extra
                 .registered()
@@ -174,8 +200,9 @@ impl<R: Radio> Manager<R> {
             extra.registered = devices;
             extra.replaced = replaced;
             extra.generation += 1;
-            gone
+            (gone, extra.placed())
         };
+        self.place_for_automation(placed);
         for id in gone {
             if let Err(e) = self.store.clear_ble_key(&id) {
                 errors.push(format!("forgetting the bind key of `{id}`: {e:#}"));
