@@ -91,6 +91,17 @@ impl Gateway {
     }
 
     fn start_with(store: Arc<Store>, scan: Arc<TestScan>, cfg: BleConfig) -> Gateway {
+        let engine = Arc::new(AccessEngine::new(store.clone(), None));
+        Gateway::start_engine(store, scan, cfg, engine)
+    }
+
+    /// With this access engine (its fact sink: what the drivers hand automation).
+    fn start_engine(
+        store: Arc<Store>,
+        scan: Arc<TestScan>,
+        cfg: BleConfig,
+        engine: Arc<AccessEngine>,
+    ) -> Gateway {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -99,7 +110,6 @@ impl Gateway {
         let stop = tokio_util::sync::CancellationToken::new();
         let (manager, ble) = rt.block_on(async {
             let radio = Bluez::open(Some("hci0")).await.expect("the mock's adapter");
-            let engine = Arc::new(AccessEngine::new(store.clone(), None));
             let m = Manager::new(
                 radio,
                 cfg,
@@ -706,5 +716,202 @@ fn a_reload_adds_and_removes_ble_devices_live_and_an_invalid_one_changes_nothing
         other => panic!("{other:?}"),
     }
     gw.stop();
+    bluez.send(json!({"op": "quit"}));
+}
+
+/// The demo site's unit A-104 lists no sensor; zone `zone-b` has no sensor rules.
+const NEW_ZONE: &str = "3C:2E:F5:00:00:C4";
+const NEW_CFG: &str = "3C:2E:F5:00:00:C5";
+
+/// BTHome v2 service data, plain: packet id `pid`, motion on or off.
+fn bthome_motion(pid: u8, on: bool) -> String {
+    format!("4000{pid:02x}21{:02x}", u8::from(on))
+}
+
+/// BTHome v2 service data, plain: packet id `pid`, a temperature in 0.01 °C.
+fn bthome_temp(pid: u8, centi: i16) -> String {
+    let [lo, hi] = centi.to_le_bytes();
+    format!("4000{pid:02x}02{lo:02x}{hi:02x}")
+}
+
+/// The active alert of this kind and subject on the board (the durable set).
+fn active(
+    board: &gatehouse::automation::runner::AlertBoard,
+    kind: &str,
+    subject: Value,
+) -> Option<gatehouse::automation::lifecycle::ActiveAlert> {
+    board
+        .snapshot()
+        .1
+        .iter()
+        .find(|a| a.kind.as_str() == kind && serde_json::to_value(&a.subject).unwrap() == subject)
+        .cloned()
+}
+
+/// Sends packets from `mac` (a fresh packet id each, from `pid`) until `found` answers.
+fn until<T>(
+    bluez: &mut peers::Peer,
+    mac: &str,
+    pid: &mut u8,
+    what: &str,
+    packets: impl Fn(u8) -> Vec<String>,
+    found: impl Fn() -> Option<T>,
+) -> T {
+    peers::eventually(what, WAIT, || {
+        for hex in packets(*pid) {
+            bluez.send(json!({"op": "sensor", "mac": mac, "hex": hex}));
+            *pid = pid.wrapping_add(1);
+        }
+        let f = found();
+        if f.is_none() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        f
+    })
+}
+
+#[test]
+fn a_sensor_adopted_to_a_unit_raises_the_units_alerts_and_one_in_a_zone_names_it() {
+    use gatehouse::automation::facts::{DropCounter, FactSink};
+    use gatehouse::automation::runner::{self, AlertBoard, RunnerCounters};
+    let Some(bus) =
+        in_child("a_sensor_adopted_to_a_unit_raises_the_units_alerts_and_one_in_a_zone_names_it")
+    else {
+        return;
+    };
+    let mut bluez = mock(
+        &bus,
+        &[
+            format!("--sensor={NEW_PLAIN}"),
+            format!("--sensor={NEW_ZONE}"),
+            format!("--sensor={NEW_CFG}"),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Demo automation settings: motion 2 in 1 minute; temperature above 22.5 °C at once.
+    let store = peers::demo_store(dir.path());
+    // As the daemon wires it: the engine's sink, the runner reading its placements.
+    let engine = Arc::new(AccessEngine::new(store.clone(), None));
+    let (sink, rx) = FactSink::bounded(64, DropCounter::default());
+    let placed = sink.placements().clone();
+    engine.set_facts(sink);
+    let board = AlertBoard::new();
+    let counters = RunnerCounters::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = runner::start(
+        store.clone(),
+        Arc::new(gatehouse::cloud::commands::NoDevices),
+        rx,
+        placed.clone(),
+        board.clone(),
+        counters.clone(),
+        stop.clone(),
+    )
+    .unwrap();
+    let scan = Arc::new(TestScan::default());
+    scan.active.store(true, Ordering::SeqCst);
+    let gw = Gateway::start_engine(store.clone(), scan.clone(), BleConfig::default(), engine);
+    discovering(&bluez, 1);
+    let mut pid = 10u8;
+    // Heard: candidates. Before adoption their facts reach nobody's rules.
+    let pir = scan.candidate(NEW_PLAIN);
+    let thermo = scan.candidate(NEW_ZONE);
+    let reg = gw
+        .adopt(
+            &pir,
+            json!({"candidate": pir.id, "unit": "A-104", "device": "pir-a104"}),
+        )
+        .unwrap();
+    let reg_zone = gw
+        .adopt(
+            &thermo,
+            json!({"candidate": thermo.id, "zone": "zone-b", "device": "thermo-b"}),
+        )
+        .unwrap();
+    gw.manager.run(&[reg.clone(), reg_zone.clone()]).unwrap();
+
+    // Motion, no motion, motion: A-104's motion alert, from a sensor the site database does
+    // not list (the unit's alarm_enabled applies: on by default).
+    let unit = json!({"type": "unit", "id": "A-104"});
+    let raised = until(
+        &mut bluez,
+        NEW_PLAIN,
+        &mut pid,
+        "A-104's motion_alert",
+        |p| {
+            vec![
+                bthome_motion(p, true),
+                bthome_motion(p.wrapping_add(100), false),
+            ]
+        },
+        || active(&board, "motion_alert", unit.clone()),
+    );
+    assert_eq!(raised.detail["device"], "pir-a104", "{:?}", raised.detail);
+    let e = wait_event(&store, 0, "alert_raised", WAIT, |p| {
+        p["kind"] == "motion_alert"
+    });
+    assert_eq!(e.payload["subject"], unit);
+    // 23.00 °C from the same sensor: the unit's temperature monitoring.
+    let high = until(
+        &mut bluez,
+        NEW_PLAIN,
+        &mut pid,
+        "A-104's temperature_high",
+        |p| vec![bthome_temp(p, 2300)],
+        || active(&board, "temperature_high", unit.clone()),
+    );
+    assert_eq!(high.detail["celsius"], 23.0);
+
+    // The zone's thermometer: its own subject, the alert names the zone.
+    let dev = json!({"type": "device", "id": "thermo-b"});
+    let zone_high = until(
+        &mut bluez,
+        NEW_ZONE,
+        &mut pid,
+        "thermo-b's temperature_high",
+        |p| vec![bthome_temp(p, 2400)],
+        || active(&board, "temperature_high", dev.clone()),
+    );
+    assert_eq!(zone_high.detail["zone"], "zone-b", "{:?}", zone_high.detail);
+    // Back inside by the hysteresis: cleared.
+    until(
+        &mut bluez,
+        NEW_ZONE,
+        &mut pid,
+        "thermo-b's temperature_high cleared",
+        |p| vec![bthome_temp(p, 2000)],
+        || {
+            active(&board, "temperature_high", dev.clone())
+                .is_none()
+                .then_some(())
+        },
+    );
+
+    // Removal applies live: the pir leaves automation's placements with the registry.
+    assert!(placed.snapshot().get("pir-a104").is_some());
+    gw.manager.run(std::slice::from_ref(&reg_zone)).unwrap();
+    assert!(placed.snapshot().get("pir-a104").is_none());
+    assert!(placed.snapshot().get("thermo-b").is_some());
+
+    // A `[[ble.device]]` with a unit, added by a reload: A-102's sensor from then on.
+    let cfg = peers::config(
+        dir.path(),
+        &ble_config("", &[("cfg-thermo", NEW_CFG, "unit = \"A-102\"")]),
+    );
+    gw.manager.apply_config(cfg.ble.as_ref().unwrap());
+    let a102 = json!({"type": "unit", "id": "A-102"});
+    until(
+        &mut bluez,
+        NEW_CFG,
+        &mut pid,
+        "A-102's temperature_high",
+        |p| vec![bthome_temp(p, 2500)],
+        || active(&board, "temperature_high", a102.clone()),
+    );
+    assert!(counters.facts.get() > 0);
+
+    gw.stop();
+    stop.cancel();
+    running.join();
     bluez.send(json!({"op": "quit"}));
 }
