@@ -13,6 +13,8 @@
 
 #[path = "pairing_rs485/empty_bus.rs"]
 mod empty_bus;
+#[path = "pairing_rs485/give_way.rs"]
+mod give_way;
 #[path = "support/peers.rs"]
 mod peers;
 

@@ -429,10 +429,16 @@ impl Bus<'_> {
                     }
                 }
                 _ => {
-                    match self.pairing_turn(due.map(|d| d.1)).await {
+                    match self.pairing_turn(due.map(|d| d.1), rx).await {
                         scan::Turn::Idle => {}
                         scan::Turn::Busy => continue,
                         scan::Turn::Broken(p) => return Some(p),
+                        scan::Turn::Job(job) => {
+                            if let Some(p) = self.job(job).await {
+                                return Some(p);
+                            }
+                            continue;
+                        }
                     }
                     let wake = [due.map(|d| d.1), next_off]
                         .into_iter()

@@ -6,11 +6,11 @@
 //! passed since its last exchange ended (`OSDP_PD_POLL_TIMEOUT_MS`; a command queued for a
 //! reader goes before the poll), reads a reply when its bytes are there and gives up on one
 //! after 200 ms. It moves one step per refresh (one refresh picks a command, the next sends it;
-//! one reads a reply, the next acts on what ends it), so each wake refreshes in a burst until
-//! two refreshes in a row move no byte (`burst`). The thread wakes when the port has bytes to
+//! one reads a reply, the next may pick what follows), so each wake refreshes in a short burst
+//! (`burst`). The thread wakes when the port has bytes to
 //! read (`Waiter`, epoll on a second handle of the port), when a job (LED, buzzer, output)
 //! arrives, and when the next poll is due after the last byte or the last exchange's end: 51 ms
-//! while the bus is in use, 101 ms once its readers have been quiet for 10 s ([`super::pace`]).
+//! while the bus is in use, 201 ms once its readers have been quiet for 10 s ([`super::pace`]).
 //! Reader events (keys, cards, status) come back through a callback into a queue and are handled
 //! on the same thread between refreshes, so nothing here needs a lock around LibOSDP.
 //!
@@ -634,12 +634,14 @@ fn listen(
     }
 }
 
-/// Refreshes LibOSDP until two refreshes in a row move no byte (at most [`BURST_MAX`]); true if
-/// any read bytes. LibOSDP takes a step per refresh: one picks the next command (a poll once
-/// 50 ms have passed since the last exchange ended, or a queued one) and the next sends it; the
-/// one that reads a reply acts on it (events, the end of the exchange) and the next picks what
-/// follows. Refreshing only once per wake left a chosen poll unsent until the next wake, a whole
-/// poll interval later.
+/// Refreshes LibOSDP as many times as one wake needs (at most [`BURST_MAX`]); true if any read
+/// bytes. LibOSDP takes a step per refresh: one picks the next command (a poll once 50 ms have
+/// passed since the last exchange ended, or a queued one) and the next sends it; the one that
+/// reads a reply acts on it (events, the end of the exchange) and the next may pick what
+/// follows. So the burst goes on after a read, stops once a command went out (the line is busy
+/// until its reply, which wakes the thread), and stops after two refreshes in a row that moved
+/// no byte (the second would have sent what the first picked). Refreshing only once per wake
+/// left a chosen poll unsent until the next wake, a whole poll interval later.
 fn burst(
     cp: &mut ControlPanel,
     activity: &Mutex<Option<Instant>>,
@@ -649,15 +651,17 @@ fn burst(
     let read_before = get(last_read);
     let mut quiet = 0;
     for _ in 0..BURST_MAX {
-        let before = get(activity);
+        let (io, rd) = (get(activity), get(last_read));
         cp.refresh();
-        if get(activity) == before {
+        if get(last_read) != rd {
+            quiet = 0;
+        } else if get(activity) != io {
+            break;
+        } else {
             quiet += 1;
             if quiet == 2 {
                 break;
             }
-        } else {
-            quiet = 0;
         }
     }
     get(last_read) != read_before

@@ -9,7 +9,7 @@
 //! So the bus polls at LibOSDP's rate only while something happens — for [`ACTIVE_FOR`] after a
 //! reader reported anything (a key, a card, a status), after a job (LED, buzzer, output) and
 //! after the session started (pairing, secure channel set-up) — and otherwise every
-//! [`IDLE_DUE`]: a reader that has been quiet for a while is polled ten times a second. The first
+//! [`IDLE_DUE`]: a reader that has been quiet for a while is polled five times a second. The first
 //! key or card after a quiet spell therefore waits up to [`IDLE_DUE`] for its poll instead of
 //! 50 ms; the rest of a code, and the reader's answer, go at the full rate. Nothing else in
 //! LibOSDP needs a faster refresh: a reply is read when its bytes arrive (the port wakes the
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// millisecond (its comparison is strict).
 pub const ACTIVE_DUE: Duration = Duration::from_millis(51);
 /// After the last byte on the wire, while the bus is quiet.
-pub const IDLE_DUE: Duration = Duration::from_millis(101);
+pub const IDLE_DUE: Duration = Duration::from_millis(201);
 /// How long the bus stays active after the last sign of use.
 pub const ACTIVE_FOR: Duration = Duration::from_secs(10);
 

@@ -8,7 +8,10 @@
 //! transaction slot at a time). A probe is a read of holding register 0, framed here: a unit
 //! must start its answer within [`FIRST_BYTE`] of the request's end (then it has the whole
 //! reply's time plus a margin to finish it); any answer, an exception included, means a device.
-//! The short window is what a relay job arriving meanwhile waits at most. A unit that missed
+//! A relay job arriving meanwhile waits at most for the request to be on the wire: the probe
+//! then gives way, unless an answer has started, and its unit is probed again next, that time
+//! to the end of its window (a stream of jobs cannot stall the sweep; a job arriving during
+//! that second probe waits out its window). A unit that missed
 //! the window is found by the next sweep, or configured by hand. Its identification reads
 //! (under the bus timeout) come one per turn; the candidate is reported with the profiles it
 //! matched and what was read.
@@ -21,6 +24,7 @@ use serde_json::{Map, Value, json};
 use super::super::pairing::{self as p, Answer, Op, RegFn, Step};
 use super::{Bus, exception_name};
 use crate::pairing::{Candidate, Family, Scan, ScanOptions};
+use crate::rs485::Job;
 use tokio_modbus::client::{Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
@@ -41,6 +45,15 @@ pub(super) enum Turn {
     Busy,
     /// The port broke.
     Broken(String),
+    /// A relay job came while a probe waited for its first byte: the probe gave way (its unit
+    /// is probed again next), and the job goes now.
+    Job(Job),
+}
+
+/// How a probe ended.
+enum Probe {
+    Answered(bool),
+    GaveWay(Job),
 }
 
 /// The scan position of one bus.
@@ -56,6 +69,9 @@ struct Sweep {
     i: usize,
     ident: Option<Ident>,
     rest_until: Option<Instant>,
+    /// The unit whose probe last gave way to a relay job: probed again next, to its end (so
+    /// that a stream of jobs cannot stall the sweep).
+    gave_way: Option<u8>,
 }
 
 /// A unit that answered, being identified.
@@ -80,8 +96,14 @@ impl Bus<'_> {
         self.wire_time(8) + FIRST_BYTE
     }
 
-    /// Whether anything answers at `unit` (a read of holding register 0; see the header).
-    async fn probe(&mut self, unit: u8) -> Result<bool, String> {
+    /// Whether anything answers at `unit` (a read of holding register 0; see the header). With
+    /// `jobs`, a relay job that arrives once the request is on the wire, before any byte of an
+    /// answer, ends the probe there: the job does not wait out the window.
+    async fn probe(
+        &mut self,
+        unit: u8,
+        jobs: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Job>>,
+    ) -> Result<Probe, String> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let frame = super::wire::modbus_frame(unit, 0x03, &[0, 0, 0, 1]);
         self.port
@@ -90,14 +112,30 @@ impl Bus<'_> {
         let mut io = self.port.clone();
         let first = self.probe_timeout();
         let rest = self.wire_time(7) + REPLY_MARGIN;
+        let request = self.wire_time(8);
         let exchange = async move {
             io.write_all(&frame).await?;
             io.flush().await?;
             let mut got = Vec::with_capacity(8);
             let mut buf = [0u8; 8];
-            match tokio::time::timeout(first, io.read(&mut buf)).await {
-                Err(_) => return Ok(got),
-                Ok(r) => got.extend_from_slice(&buf[..r?]),
+            let job = async {
+                let Some(jobs) = jobs else {
+                    return std::future::pending().await;
+                };
+                tokio::time::sleep(request).await;
+                match jobs.recv().await {
+                    Some(job) => job,
+                    // Every sender gone (stopping): never give way.
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                r = tokio::time::timeout(first, io.read(&mut buf)) => match r {
+                    Err(_) => return Ok(Err(got)),
+                    Ok(r) => got.extend_from_slice(&buf[..r?]),
+                },
+                job = job => return Ok(Ok(job)),
             }
             // Started: the rest of a 7-byte answer or a 5-byte exception.
             let _ = tokio::time::timeout(rest, async {
@@ -113,9 +151,12 @@ impl Bus<'_> {
                 Ok::<_, std::io::Error>(())
             })
             .await;
-            Ok::<_, std::io::Error>(got)
+            Ok::<_, std::io::Error>(Err(got))
         };
-        let got = exchange.await.map_err(|e| e.to_string())?;
+        let got = match exchange.await.map_err(|e| e.to_string())? {
+            Ok(job) => return Ok(Probe::GaveWay(job)),
+            Err(got) => got,
+        };
         let n = if got.len() >= 5 && got[1] & 0x80 != 0 {
             5
         } else {
@@ -127,10 +168,14 @@ impl Bus<'_> {
         if !got.is_empty() && !answered {
             tracing::debug!(bus = %self.cfg.id, unit, bytes = got.len(), "garbled answer to a probe");
         }
-        Ok(answered)
+        Ok(Probe::Answered(answered))
     }
 
-    pub(super) async fn pairing_turn(&mut self, next_slot: Option<Instant>) -> Turn {
+    pub(super) async fn pairing_turn(
+        &mut self,
+        next_slot: Option<Instant>,
+        jobs: &mut tokio::sync::mpsc::UnboundedReceiver<Job>,
+    ) -> Turn {
         let hub = self.shared.pairing();
         if let Some(req) = hub.take(&self.cfg.id) {
             let r = self.pair_op(&req.op).await;
@@ -171,6 +216,7 @@ impl Bus<'_> {
                 i: 0,
                 ident: None,
                 rest_until: None,
+                gave_way: None,
             });
         }
         let Some(s) = self.pairing.sweep.as_mut() else {
@@ -219,8 +265,16 @@ impl Bus<'_> {
         let unit = s.units[s.i];
         s.i += 1;
         let (done, total) = (s.i as u32, s.units.len() as u32);
-        let answered = match self.probe(unit).await {
-            Ok(a) => a,
+        let jobs = (s.gave_way.take() != Some(unit)).then_some(jobs);
+        let answered = match self.probe(unit, jobs).await {
+            Ok(Probe::Answered(a)) => a,
+            Ok(Probe::GaveWay(job)) => {
+                if let Some(s) = self.pairing.sweep.as_mut() {
+                    s.i = s.i.saturating_sub(1);
+                    s.gave_way = Some(unit);
+                }
+                return Turn::Job(job);
+            }
             Err(e) => return Turn::Broken(e),
         };
         scan.progress(&format!("modbus:{}", self.cfg.id), done, total);
