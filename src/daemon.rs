@@ -208,6 +208,7 @@ pub async fn run(cfg: Config, logging: Option<crate::logging::Logging>) -> anyho
             rs485: &sims,
             ble: ble.as_ref().and_then(|b| b.pair_sims.clone()),
             store: &store,
+            states: &states,
         },
         &tracker,
         shutdown.child_token(),

@@ -55,6 +55,7 @@ pub struct Sims<'a> {
     /// BLE: the unadopted padlock and thermometer (simulated radio and `[demo] pairing`).
     pub ble: Option<crate::ble::sim::PairSims>,
     pub store: &'a Arc<Store>,
+    pub states: &'a Arc<crate::devstate::DeviceStates>,
 }
 
 /// Starts the script on a blocking thread of `tracker` when the demo has pairing simulators.
@@ -68,7 +69,9 @@ pub fn spawn(
     let Some(p) = sims.rs485.pairing.clone() else {
         return;
     };
-    let ble = sims.ble.map(|b| ble::BlePlan::new(b, sims.store.clone()));
+    let ble = sims
+        .ble
+        .map(|b| ble::BlePlan::new(b, sims.store.clone(), sims.states.clone()));
     let plan = match plan(cfg, p, ble) {
         Ok(plan) => plan,
         Err(e) => {
@@ -174,14 +177,12 @@ fn run(pairing: &Pairing, plan: &Plan, stop: &CancellationToken) -> Result<(), S
         }
         todo.extend([&b.lock, &b.sensor].into_iter().filter(|s| !adopted(s)));
     }
-    // The adopted sensor's readings are looked for from here (a restart: from its start).
-    let cursor = plan.ble.as_ref().map(|b| b.cursor());
     if !todo.is_empty() {
         adopt_all(pairing, plan, &todo, stop)?;
     }
     type_code(plan, stop)?;
-    if let (Some(b), Some(cursor)) = (&plan.ble, cursor) {
-        b.show_reading(cursor, stop)?;
+    if let Some(b) = &plan.ble {
+        b.show_reading(stop)?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! BTHome thermometer on the simulated radio (`ble::sim::PairSims`) are discovered in the same
 //! install mode as the keypad and the board, then adopted through [`Pairing`]: the padlock to
 //! unit `A-104` with an offline test unlock, the thermometer to zone `zone-b` with its bind key.
-//! Then the script waits for the adopted thermometer's first reading in the event log.
+//! Then the script waits for the adopted thermometer's first reading (its live device state).
 //!
 //! A BLE lock is a candidate only while the site database does not name its MAC, and it is
 //! adopted only to the unit whose site-database lock has that MAC (the cloud assigns locks and
@@ -33,12 +33,19 @@ const READING_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) struct BlePlan {
     sims: PairSims,
     store: Arc<Store>,
+    /// The devices' live state (where the sensor's readings show, whether or not the cloud link
+    /// has already delivered, and so deleted, their events).
+    states: Arc<crate::devstate::DeviceStates>,
     pub lock: AdoptSpec,
     pub sensor: AdoptSpec,
 }
 
 impl BlePlan {
-    pub fn new(sims: PairSims, store: Arc<Store>) -> BlePlan {
+    pub fn new(
+        sims: PairSims,
+        store: Arc<Store>,
+        states: Arc<crate::devstate::DeviceStates>,
+    ) -> BlePlan {
         BlePlan {
             lock: AdoptSpec {
                 candidate: Candidate::ble_id(&sims.lock_mac),
@@ -57,6 +64,7 @@ impl BlePlan {
             },
             sims,
             store,
+            states,
         }
     }
 
@@ -141,42 +149,30 @@ impl BlePlan {
         );
     }
 
-    /// The event log's next sequence number (where to look for the sensor's readings from).
-    pub fn cursor(&self) -> u64 {
-        self.store.events().next_seq()
-    }
-
-    /// Waits for a `sensor_reading` of the adopted sensor recorded from `cursor` on and logs
-    /// it.
-    pub fn show_reading(&self, mut cursor: u64, stop: &CancellationToken) -> Result<(), String> {
+    /// Waits for the adopted sensor's first reading (its live state; its `sensor_reading`
+    /// events go to the cloud, which deletes them from the log once delivered) and logs it.
+    pub fn show_reading(&self, stop: &CancellationToken) -> Result<(), String> {
         let mut found = None;
         super::wait(stop, READING_TIMEOUT, || {
-            let Ok(events) = self.store.events().read_from(cursor, 1000) else {
-                return false;
-            };
-            if let Some(last) = events.last() {
-                cursor = last.seq + 1;
-            }
-            found = events
-                .into_iter()
-                .find(|e| e.kind == "sensor_reading" && e.payload["device"] == SENSOR_ID);
+            found = self
+                .states
+                .get(SENSOR_ID)
+                .and_then(|s| s.get("temperature").and_then(serde_json::Value::as_f64));
             found.is_some()
         });
-        let Some(e) = found else {
+        let Some(celsius) = found else {
             return Err(format!(
                 "no reading of the adopted sensor `{SENSOR_ID}` within {} s",
                 READING_TIMEOUT.as_secs()
             ));
         };
-        let p = &e.payload;
         tracing::info!(
             device = SENSOR_ID,
-            zone = %p["zone"].as_str().unwrap_or("?"),
-            reading = %p["reading"].as_str().unwrap_or("?"),
-            value = %p["value"],
-            unit = %p["unit"].as_str().unwrap_or("?"),
-            seq = e.seq,
-            "demo pairing: the adopted sensor reports (sensor_reading event)"
+            zone = SENSOR_ZONE,
+            reading = "temperature",
+            value = celsius,
+            unit = "celsius",
+            "demo pairing: the adopted sensor reports"
         );
         Ok(())
     }
