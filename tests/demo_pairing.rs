@@ -290,34 +290,29 @@ fn the_demo_finds_adopts_and_uses_a_new_keypad_and_board_and_a_restart_keeps_the
 fn demo_pairing_without_simulated_devices_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("g.toml");
-    std::fs::write(
-        &config,
-        "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
-         [demo]\npairing = true\n",
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["check-config", "--config", config.to_str().unwrap()])
-        .output()
+    // check-config on `[site]`, `[storage]` and these `[demo]` lines: refused, its stderr.
+    let refused = |demo: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
+                 [demo]\n{demo}"
+            ),
+        )
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+        let o = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["check-config", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = refused("pairing = true\n");
     assert!(
         err.contains("demo.pairing") && err.contains("needs demo.simulate_devices = true"),
         "{err}"
     );
-    std::fs::write(
-        &config,
-        "[site]\nid = \"s1\"\ngateway_id = \"g1\"\n[storage]\ndata_dir = \"data\"\n\
-         [demo]\nsimulate_devices = true\npairing_code = \"12a\"\n",
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["check-config", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let err = refused("simulate_devices = true\npairing_code = \"12a\"\n");
     assert!(
         err.contains("demo.pairing_code") && err.contains("is not a code"),
         "{err}"
